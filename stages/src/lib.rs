@@ -1,0 +1,31 @@
+//! pipe-stages: the contract between pipe's engine and the work a stage does, plus the
+//! built-in stage kinds.
+//!
+//! The engine (crate `pipe`) builds a [`Registry`] of [`Stage`]s once and never names a
+//! concrete kind. A stage sees only what [`StageContext`] hands it: its typed parameters,
+//! input paths, an output directory, a durable checkpoint directory, a cancel token and a
+//! reporter for progress and log lines. It never sees the DAG or the store. Heavy ML work
+//! is delegated to `pipe-train`.
+#![warn(missing_docs)]
+
+pub mod command;
+mod contract;
+pub mod fsio;
+mod params;
+mod registry;
+pub mod split;
+
+pub use contract::{
+    CancelToken, InputDecl, OutputDecl, OutputLocation, Outcome, Reporter, Signature, Stage,
+    StageContext, StageError,
+};
+pub use params::{parse_params, suggest, ParamError};
+pub use registry::Registry;
+
+/// The registry of every built-in stage kind, ready to hand to the engine.
+pub fn builtin() -> Registry {
+    let mut registry = Registry::new();
+    registry.register(command::CommandStage);
+    registry.register(split::SplitStage);
+    registry
+}
