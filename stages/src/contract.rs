@@ -27,6 +27,13 @@ pub trait Stage: Send + Sync {
     /// must be cheap and must not touch the inputs.
     fn declare(&self, params: &Value) -> Result<Signature, ParamError>;
 
+    /// The part of the params that determines the outputs, which is what the fingerprint
+    /// covers. Params that only change how the work is done (a parser, a progress
+    /// interval) can be dropped here so that changing them does not invalidate results.
+    fn key_params(&self, params: &Value) -> Value {
+        params.clone()
+    }
+
     /// Does the work. Outputs go under [`StageContext::out_dir`] at the paths declared by
     /// [`Signature::outputs`]; long loops should poll [`StageContext::cancel`] and keep
     /// resumable state in [`StageContext::checkpoint_dir`].
