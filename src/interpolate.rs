@@ -45,7 +45,11 @@ fn walk(
     lookup: &mut dyn FnMut(&str) -> Result<Resolved, LookupError>,
 ) -> Result<Value, InterpError> {
     Ok(match value {
-        Value::String(s) => render(s, lookup).map_err(|(message, help)| InterpError { path: path.clone(), message, help })?,
+        Value::String(s) => render(s, lookup).map_err(|(message, help)| InterpError {
+            path: path.clone(),
+            message,
+            help,
+        })?,
         Value::Array(items) => {
             let mut out = Vec::with_capacity(items.len());
             for (i, item) in items.iter().enumerate() {
@@ -87,7 +91,10 @@ fn pieces(s: &str) -> Result<Vec<Piece<'_>>, LookupError> {
         text.push_str(&rest[..pos]);
         let after = &rest[pos + 2..];
         let end = after.find('}').ok_or_else(|| {
-            (format!("unclosed `${{` in `{s}`"), Some("write `${name}`, or `$${` for a literal `${`".to_owned()))
+            (
+                format!("unclosed `${{` in `{s}`"),
+                Some("write `${name}`, or `$${` for a literal `${`".to_owned()),
+            )
         })?;
         if !text.is_empty() {
             out.push(Piece::Text(std::mem::take(&mut text)));
@@ -103,7 +110,10 @@ fn pieces(s: &str) -> Result<Vec<Piece<'_>>, LookupError> {
 }
 
 /// Interpolates one string.
-pub fn render(s: &str, lookup: &mut dyn FnMut(&str) -> Result<Resolved, LookupError>) -> Result<Value, LookupError> {
+pub fn render(
+    s: &str,
+    lookup: &mut dyn FnMut(&str) -> Result<Resolved, LookupError>,
+) -> Result<Value, LookupError> {
     if !s.contains("${") {
         return Ok(Value::String(s.to_owned()));
     }
@@ -121,14 +131,23 @@ pub fn render(s: &str, lookup: &mut dyn FnMut(&str) -> Result<Resolved, LookupEr
             Piece::Expr(expr) => match lookup(expr)? {
                 Resolved::Deferred => out.push_str(&format!("${{{expr}}}")),
                 Resolved::Value(Value::String(v)) => out.push_str(&v),
-                Resolved::Value(v @ (Value::Number(_) | Value::Bool(_))) => out.push_str(&v.to_string()),
+                Resolved::Value(v @ (Value::Number(_) | Value::Bool(_))) => {
+                    out.push_str(&v.to_string())
+                }
                 Resolved::Value(Value::Null) => {
-                    return Err((format!("`${{{expr}}}` is null and cannot be part of a string"), None))
+                    return Err((
+                        format!("`${{{expr}}}` is null and cannot be part of a string"),
+                        None,
+                    ))
                 }
                 Resolved::Value(_) => {
                     return Err((
-                        format!("`${{{expr}}}` is a list or mapping and cannot be part of a string"),
-                        Some(format!("use `${{{expr}}}` as the whole value to insert it as is")),
+                        format!(
+                            "`${{{expr}}}` is a list or mapping and cannot be part of a string"
+                        ),
+                        Some(format!(
+                            "use `${{{expr}}}` as the whole value to insert it as is"
+                        )),
                     ))
                 }
             },
@@ -176,7 +195,9 @@ pub fn expressions(value: &Value) -> Vec<(Vec<String>, String)> {
 pub fn substitute(value: &Value, replacement: &dyn Fn(&str) -> Option<String>) -> Value {
     match value {
         Value::String(s) if s.contains("${") => {
-            let Ok(ps) = pieces(s) else { return value.clone() };
+            let Ok(ps) = pieces(s) else {
+                return value.clone();
+            };
             let mut out = String::new();
             for p in ps {
                 match p {
@@ -189,8 +210,14 @@ pub fn substitute(value: &Value, replacement: &dyn Fn(&str) -> Option<String>) -
             }
             Value::String(out)
         }
-        Value::Array(items) => Value::Array(items.iter().map(|v| substitute(v, replacement)).collect()),
-        Value::Object(map) => Value::Object(map.iter().map(|(k, v)| (k.clone(), substitute(v, replacement))).collect()),
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|v| substitute(v, replacement)).collect())
+        }
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), substitute(v, replacement)))
+                .collect(),
+        ),
         other => other.clone(),
     }
 }
@@ -212,13 +239,21 @@ mod tests {
 
     #[test]
     fn whole_string_keeps_type() {
-        let v = interpolate(&json!({"a": "${params.n}", "b": "${params.m}"}), &mut lookup).unwrap();
+        let v = interpolate(
+            &json!({"a": "${params.n}", "b": "${params.m}"}),
+            &mut lookup,
+        )
+        .unwrap();
         assert_eq!(v, json!({"a": 3, "b": {"a": 1}}));
     }
 
     #[test]
     fn embedded_and_escaped() {
-        let v = interpolate(&json!("n=${params.n}-${params.s} $${params.n}"), &mut lookup).unwrap();
+        let v = interpolate(
+            &json!("n=${params.n}-${params.s} $${params.n}"),
+            &mut lookup,
+        )
+        .unwrap();
         assert_eq!(v, json!("n=3-x ${params.n}"));
     }
 

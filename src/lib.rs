@@ -40,7 +40,9 @@ pub mod exit {
 
     /// The exit code for an error that ended a command.
     pub fn code_for(err: &anyhow::Error) -> u8 {
-        if err.downcast_ref::<LoadError>().is_some() || err.downcast_ref::<crate::pipeline::SpecError>().is_some() {
+        if err.downcast_ref::<LoadError>().is_some()
+            || err.downcast_ref::<crate::pipeline::SpecError>().is_some()
+        {
             INVALID
         } else if err.downcast_ref::<crate::commands::UsageError>().is_some() {
             INVALID
@@ -70,7 +72,11 @@ pub fn init_tracing(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("PIPE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
 }
 
 /// Runs one parsed command line and returns its exit code.

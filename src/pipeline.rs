@@ -17,9 +17,28 @@ use sha2::{Digest as _, Sha256};
 use crate::interpolate::{self, LookupError, Resolved};
 use crate::source_map::{SourceMap, Span};
 
-const TOP_KEYS: &[&str] = &["name", "description", "workdir", "params", "profiles", "stages"];
-const STAGE_KEYS: &[&str] =
-    &["uses", "run", "with", "inputs", "deps", "outs", "env", "needs", "resources", "foreach", "matrix", "desc"];
+const TOP_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "workdir",
+    "params",
+    "profiles",
+    "stages",
+];
+const STAGE_KEYS: &[&str] = &[
+    "uses",
+    "run",
+    "with",
+    "inputs",
+    "deps",
+    "outs",
+    "env",
+    "needs",
+    "resources",
+    "foreach",
+    "matrix",
+    "desc",
+];
 const PROFILE_KEYS: &[&str] = &["params", "stages"];
 
 /// How to load a pipeline: the profile and the overrides given on the command line.
@@ -123,7 +142,11 @@ pub struct StageSpec {
 impl StageSpec {
     /// Upstream stages, data and ordering dependencies together, without repeats.
     pub fn upstream(&self) -> BTreeSet<&str> {
-        self.inputs.values().map(|r| r.stage.as_str()).chain(self.needs.iter().map(String::as_str)).collect()
+        self.inputs
+            .values()
+            .map(|r| r.stage.as_str())
+            .chain(self.needs.iter().map(String::as_str))
+            .collect()
     }
 }
 
@@ -148,19 +171,38 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Loads and validates `file`.
-    pub fn load(file: &Path, options: &LoadOptions, registry: &Registry) -> Result<Pipeline, LoadError> {
-        let text = std::fs::read_to_string(file)
-            .map_err(|source| LoadError::Read { path: file.display().to_string(), source })?;
+    pub fn load(
+        file: &Path,
+        options: &LoadOptions,
+        registry: &Registry,
+    ) -> Result<Pipeline, LoadError> {
+        let text = std::fs::read_to_string(file).map_err(|source| LoadError::Read {
+            path: file.display().to_string(),
+            source,
+        })?;
         let shown = file.display().to_string();
         let mut doc = parse_yaml(&shown, &text)?;
         let mut map = SourceMap::parse(&shown, &text);
         let mut diag = Vec::new();
 
-        let top = as_object(&doc, &map, &[], "the pipeline file", "a mapping with `stages:`")?;
-        check_keys(top, TOP_KEYS, &map, &[] as &[&str], "at the top level", &mut diag);
+        let top = as_object(
+            &doc,
+            &map,
+            &[],
+            "the pipeline file",
+            "a mapping with `stages:`",
+        )?;
+        check_keys(
+            top,
+            TOP_KEYS,
+            &map,
+            &[] as &[&str],
+            "at the top level",
+            &mut diag,
+        );
         if !top.contains_key("stages") {
             diag.push(SpecError {
-                span: map.value::<&str>(&[]),
+                span: map.start(),
                 message: "missing `stages:`; a pipeline needs at least one stage".into(),
                 help: None,
             });
@@ -179,21 +221,50 @@ impl Pipeline {
 
         let top = doc.as_object().expect("checked above");
         let name = match top.get("name") {
-            None => file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into()),
+            None => file
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "pipeline".into()),
             Some(Value::String(s)) if valid_name(s) => s.clone(),
             Some(_) => {
-                return Err(err(&map, &["name"], "expected `name:` to be a word of letters, digits, `_` or `-`").into())
+                return Err(err(
+                    &map,
+                    &["name"],
+                    "expected `name:` to be a word of letters, digits, `_` or `-`",
+                )
+                .into())
             }
         };
-        let base_dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base_dir = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let workdir = match top.get("workdir") {
             None => base_dir.to_path_buf(),
             Some(Value::String(s)) => base_dir.join(s),
-            Some(_) => return Err(err(&map, &["workdir"], "expected `workdir:` to be a path relative to the file").into()),
+            Some(_) => {
+                return Err(err(
+                    &map,
+                    &["workdir"],
+                    "expected `workdir:` to be a path relative to the file",
+                )
+                .into())
+            }
         };
-        let params = resolve_params(top.get("params").cloned().unwrap_or(Value::Object(Map::new())), &map)?;
+        let params = resolve_params(
+            top.get("params")
+                .cloned()
+                .unwrap_or(Value::Object(Map::new())),
+            &map,
+        )?;
         let stages_value = top.get("stages").cloned().unwrap_or_default();
-        let stages_map = as_object(&stages_value, &map, &["stages"], "`stages:`", "a mapping of stage name to stage")?;
+        let stages_map = as_object(
+            &stages_value,
+            &map,
+            &["stages"],
+            "`stages:`",
+            "a mapping of stage name to stage",
+        )?;
 
         let mut resolver = Resolver::new(&map, &params, registry);
         for (base, body) in stages_map {
@@ -202,7 +273,15 @@ impl Pipeline {
         resolver.expand();
         let stages = resolver.finish()?;
         let digest = hex(&Sha256::digest(text.as_bytes()));
-        Ok(Pipeline { file: file.to_path_buf(), name, digest, workdir, params, profile: options.profile.clone(), stages })
+        Ok(Pipeline {
+            file: file.to_path_buf(),
+            name,
+            digest,
+            workdir,
+            params,
+            profile: options.profile.clone(),
+            stages,
+        })
     }
 
     /// The stage called `name`.
@@ -237,11 +316,17 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 fn err<S: AsRef<str>>(map: &SourceMap, path: &[S], message: impl Into<String>) -> SpecError {
-    SpecError { span: map.value(path), message: message.into(), help: None }
+    SpecError {
+        span: map.value(path),
+        message: message.into(),
+        help: None,
+    }
 }
 
 fn finish(diag: &mut Vec<SpecError>) -> Result<(), LoadError> {
@@ -257,22 +342,42 @@ fn finish(diag: &mut Vec<SpecError>) -> Result<(), LoadError> {
 pub fn parse_yaml(file: &str, text: &str) -> Result<Value, SpecError> {
     let mut value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
         let span = match e.location() {
-            Some(l) => Span { file: file.into(), line: l.line(), col: l.column() },
-            None => Span { file: file.into(), line: 1, col: 1 },
+            Some(l) => Span {
+                file: file.into(),
+                line: l.line(),
+                col: l.column(),
+            },
+            None => Span {
+                file: file.into(),
+                line: 1,
+                col: 1,
+            },
         };
         let message = e.to_string();
         let message = match message.find(" at line ") {
             Some(i) => message[..i].to_owned(),
             None => message,
         };
-        SpecError { span, message: format!("invalid YAML: {message}"), help: None }
+        SpecError {
+            span,
+            message: format!("invalid YAML: {message}"),
+            help: None,
+        }
     })?;
-    value.apply_merge().map_err(|e| SpecError { span: Span::arg(file), message: format!("invalid YAML merge: {e}"), help: None })?;
+    value.apply_merge().map_err(|e| SpecError {
+        span: Span::arg(file),
+        message: format!("invalid YAML merge: {e}"),
+        help: None,
+    })?;
     let map = SourceMap::parse(file, text);
     to_json(value, &map, &mut Vec::new())
 }
 
-fn to_json(value: serde_yaml::Value, map: &SourceMap, path: &mut Vec<String>) -> Result<Value, SpecError> {
+fn to_json(
+    value: serde_yaml::Value,
+    map: &SourceMap,
+    path: &mut Vec<String>,
+) -> Result<Value, SpecError> {
     use serde_yaml::Value as Y;
     Ok(match value {
         Y::Null => Value::Null,
@@ -307,7 +412,11 @@ fn to_json(value: serde_yaml::Value, map: &SourceMap, path: &mut Vec<String>) ->
                     Y::Number(n) => n.to_string(),
                     Y::Bool(b) => b.to_string(),
                     other => {
-                        return Err(err(map, path, format!("mapping keys must be strings, found {other:?}")));
+                        return Err(err(
+                            map,
+                            path,
+                            format!("mapping keys must be strings, found {other:?}"),
+                        ));
                     }
                 };
                 path.push(key.clone());
@@ -318,7 +427,11 @@ fn to_json(value: serde_yaml::Value, map: &SourceMap, path: &mut Vec<String>) ->
             Value::Object(out)
         }
         Y::Tagged(t) => {
-            return Err(err(map, path, format!("YAML tags such as `{}` are not supported", t.tag)));
+            return Err(err(
+                map,
+                path,
+                format!("YAML tags such as `{}` are not supported", t.tag),
+            ));
         }
     })
 }
@@ -330,7 +443,13 @@ fn as_object<'a>(
     what: &str,
     expected: &str,
 ) -> Result<&'a Map<String, Value>, SpecError> {
-    value.as_object().ok_or_else(|| err(map, path, format!("{what} must be {expected}, found {}", kind_of(value))))
+    value.as_object().ok_or_else(|| {
+        err(
+            map,
+            path,
+            format!("{what} must be {expected}, found {}", kind_of(value)),
+        )
+    })
 }
 
 fn kind_of(v: &Value) -> &'static str {
@@ -358,7 +477,10 @@ fn check_keys<S: AsRef<str>>(
             p.push(key.clone());
             diag.push(SpecError {
                 span: map.key(&p),
-                message: format!("unknown key `{key}` {where_}; expected one of {}", list(allowed.iter().copied())),
+                message: format!(
+                    "unknown key `{key}` {where_}; expected one of {}",
+                    list(allowed.iter().copied())
+                ),
                 help: suggest(key, allowed.iter().copied()).map(|s| format!("did you mean `{s}`?")),
             });
         }
@@ -366,7 +488,11 @@ fn check_keys<S: AsRef<str>>(
 }
 
 fn list<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
-    items.into_iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+    items
+        .into_iter()
+        .map(|s| format!("`{s}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Deep merge: mappings merge key by key, anything else replaces.
@@ -387,7 +513,11 @@ fn merge(target: &mut Value, patch: &Value) {
 }
 
 fn apply_profile(doc: &mut Value, map: &mut SourceMap, profile: &str) -> Result<(), LoadError> {
-    let profiles = doc.get("profiles").and_then(Value::as_object).cloned().unwrap_or_default();
+    let profiles = doc
+        .get("profiles")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
     let Some(body) = profiles.get(profile) else {
         let names: Vec<&str> = profiles.keys().map(String::as_str).collect();
         return Err(SpecError {
@@ -395,41 +525,79 @@ fn apply_profile(doc: &mut Value, map: &mut SourceMap, profile: &str) -> Result<
             message: if names.is_empty() {
                 "the pipeline defines no `profiles:`".to_owned()
             } else {
-                format!("unknown profile `{profile}`; the pipeline defines {}", list(names.iter().copied()))
+                format!(
+                    "unknown profile `{profile}`; the pipeline defines {}",
+                    list(names.iter().copied())
+                )
             },
             help: suggest(profile, names.iter().copied()).map(|s| format!("did you mean `{s}`?")),
         }
         .into());
     };
     let base: Vec<String> = vec!["profiles".into(), profile.into()];
-    let body = body.as_object().ok_or_else(|| err(map, &base, "a profile must be a mapping with `params:` and/or `stages:`"))?;
+    let body = body.as_object().ok_or_else(|| {
+        err(
+            map,
+            &base,
+            "a profile must be a mapping with `params:` and/or `stages:`",
+        )
+    })?;
     let mut diag = Vec::new();
-    check_keys(body, PROFILE_KEYS, map, &base, &format!("in profile `{profile}`"), &mut diag);
+    check_keys(
+        body,
+        PROFILE_KEYS,
+        map,
+        &base,
+        &format!("in profile `{profile}`"),
+        &mut diag,
+    );
     finish(&mut diag)?;
     let own = map.clone();
     if let Some(patch) = body.get("params") {
         let mut from = base.clone();
         from.push("params".into());
-        check_known_params(doc.get("params").unwrap_or(&Value::Null), patch, &own, &from, &mut diag);
+        check_known_params(
+            doc.get("params").unwrap_or(&Value::Null),
+            patch,
+            &own,
+            &from,
+            &mut diag,
+        );
         finish(&mut diag)?;
-        merge(doc.as_object_mut().expect("mapping").entry("params").or_insert(Value::Object(Map::new())), patch);
+        merge(
+            doc.as_object_mut()
+                .expect("mapping")
+                .entry("params")
+                .or_insert(Value::Object(Map::new())),
+            patch,
+        );
         map.graft(&own, &from, &["params".to_owned()]);
     }
     if let Some(stages_patch) = body.get("stages") {
         let mut from = base.clone();
         from.push("stages".into());
-        let patches = stages_patch.as_object().ok_or_else(|| err(&own, &from, "profile `stages:` must map `stage` or `stage.field` to values"))?;
+        let patches = stages_patch.as_object().ok_or_else(|| {
+            err(
+                &own,
+                &from,
+                "profile `stages:` must map `stage` or `stage.field` to values",
+            )
+        })?;
         for (target, patch) in patches {
             let path: Vec<String> = target.split('.').map(str::to_owned).collect();
-            let stage_names: Vec<String> =
-                doc.get("stages").and_then(Value::as_object).map(|m| m.keys().cloned().collect()).unwrap_or_default();
+            let stage_names: Vec<String> = doc
+                .get("stages")
+                .and_then(Value::as_object)
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
             if !stage_names.contains(&path[0]) {
                 let mut key_path = from.clone();
                 key_path.push(target.clone());
                 diag.push(SpecError {
                     span: own.key(&key_path),
                     message: format!("profile `{profile}` overrides unknown stage `{}`", path[0]),
-                    help: suggest(&path[0], stage_names.iter().map(String::as_str)).map(|s| format!("did you mean `{s}`?")),
+                    help: suggest(&path[0], stage_names.iter().map(String::as_str))
+                        .map(|s| format!("did you mean `{s}`?")),
                 });
                 continue;
             }
@@ -442,7 +610,9 @@ fn apply_profile(doc: &mut Value, map: &mut SourceMap, profile: &str) -> Result<
                         other.as_object_mut().expect("just set")
                     }
                 };
-                slot = obj.entry(segment.clone()).or_insert(Value::Object(Map::new()));
+                slot = obj
+                    .entry(segment.clone())
+                    .or_insert(Value::Object(Map::new()));
             }
             merge(slot, patch);
             let mut src = from.clone();
@@ -458,8 +628,16 @@ fn apply_profile(doc: &mut Value, map: &mut SourceMap, profile: &str) -> Result<
 
 /// Params files and `--set` may only change params the pipeline declares: a typo must not
 /// silently add a new one.
-fn check_known_params(existing: &Value, patch: &Value, map: &SourceMap, path: &[String], diag: &mut Vec<SpecError>) {
-    let (Some(existing), Some(patch)) = (existing.as_object(), patch.as_object()) else { return };
+fn check_known_params(
+    existing: &Value,
+    patch: &Value,
+    map: &SourceMap,
+    path: &[String],
+    diag: &mut Vec<SpecError>,
+) {
+    let (Some(existing), Some(patch)) = (existing.as_object(), patch.as_object()) else {
+        return;
+    };
     for (k, v) in patch {
         let mut p = path.to_vec();
         p.push(k.clone());
@@ -471,25 +649,45 @@ fn check_known_params(existing: &Value, patch: &Value, map: &SourceMap, path: &[
                     "unknown param `{k}`; the pipeline declares {}",
                     list(existing.keys().map(String::as_str))
                 ),
-                help: suggest(k, existing.keys().map(String::as_str)).map(|s| format!("did you mean `{s}`?")),
+                help: suggest(k, existing.keys().map(String::as_str))
+                    .map(|s| format!("did you mean `{s}`?")),
             }),
         }
     }
 }
 
 fn apply_params_file(doc: &mut Value, map: &mut SourceMap, file: &Path) -> Result<(), LoadError> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|source| LoadError::Read { path: file.display().to_string(), source })?;
+    let text = std::fs::read_to_string(file).map_err(|source| LoadError::Read {
+        path: file.display().to_string(),
+        source,
+    })?;
     let shown = file.display().to_string();
     let patch = parse_yaml(&shown, &text)?;
     let own = SourceMap::parse(&shown, &text);
     if !patch.is_object() {
-        return Err(err(&own, &[] as &[&str], "a params file must be a mapping of param names to values").into());
+        return Err(err(
+            &own,
+            &[] as &[&str],
+            "a params file must be a mapping of param names to values",
+        )
+        .into());
     }
     let mut diag = Vec::new();
-    check_known_params(doc.get("params").unwrap_or(&Value::Null), &patch, &own, &[], &mut diag);
+    check_known_params(
+        doc.get("params").unwrap_or(&Value::Null),
+        &patch,
+        &own,
+        &[],
+        &mut diag,
+    );
     finish(&mut diag)?;
-    merge(doc.as_object_mut().expect("mapping").entry("params").or_insert(Value::Object(Map::new())), &patch);
+    merge(
+        doc.as_object_mut()
+            .expect("mapping")
+            .entry("params")
+            .or_insert(Value::Object(Map::new())),
+        &patch,
+    );
     map.graft(&own, &[], &["params".to_owned()]);
     Ok(())
 }
@@ -499,15 +697,24 @@ fn apply_params_file(doc: &mut Value, map: &mut SourceMap, file: &Path) -> Resul
 fn apply_set(doc: &mut Value, map: &mut SourceMap, set: &str) -> Result<(), LoadError> {
     let span = Span::arg(format!("--set {set}"));
     let Some((lhs, rhs)) = set.split_once('=') else {
-        return Err(SpecError { span, message: "expected `--set path=value`, e.g. `--set seed=7`".into(), help: None }.into());
+        return Err(SpecError {
+            span,
+            message: "expected `--set path=value`, e.g. `--set seed=7`".into(),
+            help: None,
+        }
+        .into());
     };
     let value: Value = match serde_yaml::from_str::<serde_yaml::Value>(rhs) {
-        Ok(v) => to_json(v, &SourceMap::empty("--set"), &mut Vec::new()).unwrap_or(Value::String(rhs.to_owned())),
+        Ok(v) => to_json(v, &SourceMap::empty("--set"), &mut Vec::new())
+            .unwrap_or(Value::String(rhs.to_owned())),
         Err(_) => Value::String(rhs.to_owned()),
     };
     let mut path: Vec<String> = lhs.trim().split('.').map(str::to_owned).collect();
-    let stage_names: Vec<String> =
-        doc.get("stages").and_then(Value::as_object).map(|m| m.keys().cloned().collect()).unwrap_or_default();
+    let stage_names: Vec<String> = doc
+        .get("stages")
+        .and_then(Value::as_object)
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
     if path[0] == "stages" || (path[0] != "params" && stage_names.contains(&path[0])) {
         if path[0] != "stages" {
             path.insert(0, "stages".into());
@@ -515,8 +722,13 @@ fn apply_set(doc: &mut Value, map: &mut SourceMap, set: &str) -> Result<(), Load
         if path.len() < 3 || !stage_names.contains(&path[1]) {
             return Err(SpecError {
                 span,
-                message: format!("`{lhs}` does not name a field of a stage; expected `STAGE.FIELD[.KEY...]`"),
-                help: path.get(1).and_then(|s| suggest(s, stage_names.iter().map(String::as_str))).map(|s| format!("did you mean `{s}`?")),
+                message: format!(
+                    "`{lhs}` does not name a field of a stage; expected `STAGE.FIELD[.KEY...]`"
+                ),
+                help: path
+                    .get(1)
+                    .and_then(|s| suggest(s, stage_names.iter().map(String::as_str)))
+                    .map(|s| format!("did you mean `{s}`?")),
             }
             .into());
         }
@@ -531,7 +743,9 @@ fn apply_set(doc: &mut Value, map: &mut SourceMap, set: &str) -> Result<(), Load
             match obj.and_then(|o| o.get(seg)) {
                 Some(next) => cur = next,
                 None => {
-                    let keys: Vec<&str> = obj.map(|o| o.keys().map(String::as_str).collect()).unwrap_or_default();
+                    let keys: Vec<&str> = obj
+                        .map(|o| o.keys().map(String::as_str).collect())
+                        .unwrap_or_default();
                     let mut candidates = keys.clone();
                     if i == 1 {
                         candidates.extend(stage_names.iter().map(String::as_str));
@@ -555,7 +769,11 @@ fn apply_set(doc: &mut Value, map: &mut SourceMap, set: &str) -> Result<(), Load
         if !slot.is_object() {
             *slot = Value::Object(Map::new());
         }
-        slot = slot.as_object_mut().expect("object").entry(segment.clone()).or_insert(Value::Null);
+        slot = slot
+            .as_object_mut()
+            .expect("object")
+            .entry(segment.clone())
+            .or_insert(Value::Null);
     }
     *slot = value;
     map.set_point(&path, span);
@@ -565,7 +783,12 @@ fn apply_set(doc: &mut Value, map: &mut SourceMap, set: &str) -> Result<(), Load
 /// Resolves `${params.x}` references between params (in passes, so order does not matter).
 fn resolve_params(mut params: Value, map: &SourceMap) -> Result<Value, LoadError> {
     if !params.is_object() {
-        return Err(err(map, &["params"], format!("`params:` must be a mapping, found {}", kind_of(&params))).into());
+        return Err(err(
+            map,
+            &["params"],
+            format!("`params:` must be a mapping, found {}", kind_of(&params)),
+        )
+        .into());
     }
     for _ in 0..16 {
         if interpolate::expressions(&params).is_empty() {
@@ -579,13 +802,20 @@ fn resolve_params(mut params: Value, map: &SourceMap) -> Result<Value, LoadError
                     // Unresolved references inside are resolved in a later pass.
                     Ok(Resolved::Value(v.clone()))
                 }
-                None => Err((format!("`${{{expr}}}`: params may refer only to other `params.*`"), None)),
+                None => Err((
+                    format!("`${{{expr}}}`: params may refer only to other `params.*`"),
+                    None,
+                )),
             }
         };
         params = interpolate::interpolate(&snapshot, &mut lookup).map_err(|e| {
             let mut p = vec!["params".to_owned()];
             p.extend(e.path);
-            SpecError { span: map.value(&p), message: e.message, help: e.help }
+            SpecError {
+                span: map.value(&p),
+                message: e.message,
+                help: e.help,
+            }
         })?;
         if params == snapshot {
             break;
@@ -595,7 +825,12 @@ fn resolve_params(mut params: Value, map: &SourceMap) -> Result<Value, LoadError
     if let Some((path, expr)) = left.first() {
         let mut p = vec!["params".to_owned()];
         p.extend(path.iter().cloned());
-        return Err(err(map, &p, format!("`${{{expr}}}` never resolves: params refer to each other in a cycle")).into());
+        return Err(err(
+            map,
+            &p,
+            format!("`${{{expr}}}` never resolves: params refer to each other in a cycle"),
+        )
+        .into());
     }
     Ok(params)
 }
@@ -613,13 +848,22 @@ fn walk_path<'v>(root: &'v Value, dotted: &str, root_name: &str) -> Result<&'v V
         match next {
             Some(n) => cur = n,
             None => {
-                let keys: Vec<&str> = cur.as_object().map(|o| o.keys().map(String::as_str).collect()).unwrap_or_default();
+                let keys: Vec<&str> = cur
+                    .as_object()
+                    .map(|o| o.keys().map(String::as_str).collect())
+                    .unwrap_or_default();
                 let message = if keys.is_empty() {
                     format!("undefined `{root_name}.{dotted}`: `{seen}` has no `{seg}`")
                 } else {
-                    format!("undefined `{root_name}.{dotted}`: `{seen}` has {}", list(keys.iter().copied()))
+                    format!(
+                        "undefined `{root_name}.{dotted}`: `{seen}` has {}",
+                        list(keys.iter().copied())
+                    )
                 };
-                return Err((message, suggest(seg, keys).map(|s| format!("did you mean `{s}`?"))));
+                return Err((
+                    message,
+                    suggest(seg, keys).map(|s| format!("did you mean `{s}`?")),
+                ));
             }
         }
         seen.push('.');
@@ -674,7 +918,11 @@ impl<'a> Resolver<'a> {
     }
 
     fn error(&mut self, path: Vec<String>, message: String, help: Option<String>) {
-        self.diag.push(SpecError { span: self.map.value(&path), message, help });
+        self.diag.push(SpecError {
+            span: self.map.value(&path),
+            message,
+            help,
+        });
     }
 
     /// Checks stage keys and expands `foreach` / `matrix`.
@@ -684,18 +932,34 @@ impl<'a> Resolver<'a> {
             if !valid_name(&base) {
                 self.diag.push(SpecError {
                     span: self.map.key(&["stages", &base]),
-                    message: format!("stage name `{base}` may use letters, digits, `_` and `-` only"),
+                    message: format!(
+                        "stage name `{base}` may use letters, digits, `_` and `-` only"
+                    ),
                     help: None,
                 });
                 continue;
             }
             let Some(obj) = body.as_object() else {
                 let p = self.spath(&base, &[]);
-                self.error(p, format!("stage `{base}` must be a mapping with `uses:` or `run:`, found {}", kind_of(&body)), None);
+                self.error(
+                    p,
+                    format!(
+                        "stage `{base}` must be a mapping with `uses:` or `run:`, found {}",
+                        kind_of(&body)
+                    ),
+                    None,
+                );
                 continue;
             };
             let before = self.diag.len();
-            check_keys(obj, STAGE_KEYS, self.map, &["stages", &base], &format!("in stage `{base}`"), &mut self.diag);
+            check_keys(
+                obj,
+                STAGE_KEYS,
+                self.map,
+                &["stages", &base],
+                &format!("in stage `{base}`"),
+                &mut self.diag,
+            );
             if self.diag.len() > before {
                 continue;
             }
@@ -703,10 +967,20 @@ impl<'a> Resolver<'a> {
             let foreach = body.remove("foreach");
             let matrix = body.remove("matrix");
             match (foreach, matrix) {
-                (None, None) => self.instances.push(Instance { name: base.clone(), base, body, item: None, key: None }),
+                (None, None) => self.instances.push(Instance {
+                    name: base.clone(),
+                    base,
+                    body,
+                    item: None,
+                    key: None,
+                }),
                 (Some(_), Some(_)) => {
                     let p = self.spath(&base, &["matrix"]);
-                    self.error(p, format!("stage `{base}` has both `foreach` and `matrix`; use one"), None);
+                    self.error(
+                        p,
+                        format!("stage `{base}` has both `foreach` and `matrix`; use one"),
+                        None,
+                    );
                 }
                 (Some(list), None) => self.expand_foreach(&base, &body, list),
                 (None, Some(m)) => self.expand_matrix(&base, &body, m),
@@ -730,7 +1004,10 @@ impl<'a> Resolver<'a> {
         let mut lookup = |expr: &str| -> Result<Resolved, LookupError> {
             match expr.strip_prefix("params.") {
                 Some(rest) => walk_path(params, rest, "params").map(|v| Resolved::Value(v.clone())),
-                None => Err((format!("`${{{expr}}}`: `{field}` may refer only to `params.*`"), None)),
+                None => Err((
+                    format!("`${{{expr}}}`: `{field}` may refer only to `params.*`"),
+                    None,
+                )),
             }
         };
         match interpolate::interpolate(&value, &mut lookup) {
@@ -745,7 +1022,9 @@ impl<'a> Resolver<'a> {
     }
 
     fn expand_foreach(&mut self, base: &str, body: &Map<String, Value>, list: Value) {
-        let Some(list) = self.params_only(base, "foreach", list) else { return };
+        let Some(list) = self.params_only(base, "foreach", list) else {
+            return;
+        };
         match list {
             Value::Array(items) if !items.is_empty() => {
                 for (i, item) in items.iter().enumerate() {
@@ -772,23 +1051,41 @@ impl<'a> Resolver<'a> {
             }
             other => {
                 let p = self.spath(base, &["foreach"]);
-                self.error(p, format!("`foreach` must be a non-empty list or mapping, found {}", kind_of(&other)), None);
+                self.error(
+                    p,
+                    format!(
+                        "`foreach` must be a non-empty list or mapping, found {}",
+                        kind_of(&other)
+                    ),
+                    None,
+                );
             }
         }
     }
 
     fn expand_matrix(&mut self, base: &str, body: &Map<String, Value>, matrix: Value) {
-        let Some(matrix) = self.params_only(base, "matrix", matrix) else { return };
+        let Some(matrix) = self.params_only(base, "matrix", matrix) else {
+            return;
+        };
         let Some(axes) = matrix.as_object().filter(|m| !m.is_empty()) else {
             let p = self.spath(base, &["matrix"]);
-            self.error(p, "`matrix` must map names to non-empty lists, e.g. `{lr: [1e-5, 2e-5], r: [8, 16]}`".into(), None);
+            self.error(
+                p,
+                "`matrix` must map names to non-empty lists, e.g. `{lr: [1e-5, 2e-5], r: [8, 16]}`"
+                    .into(),
+                None,
+            );
             return;
         };
         let mut combos: Vec<Vec<(String, Value)>> = vec![Vec::new()];
         for (name, values) in axes {
             let Some(values) = values.as_array().filter(|v| !v.is_empty()) else {
                 let p = self.spath(base, &["matrix", name]);
-                self.error(p, format!("matrix axis `{name}` must be a non-empty list"), None);
+                self.error(
+                    p,
+                    format!("matrix axis `{name}` must be a non-empty list"),
+                    None,
+                );
                 return;
             };
             combos = combos
@@ -824,16 +1121,31 @@ impl<'a> Resolver<'a> {
         if let Some(pos) = self.resolving.iter().position(|n| n == name) {
             let mut cycle: Vec<String> = self.resolving[pos..].to_vec();
             cycle.push(name.to_owned());
-            let base = self.instances.iter().find(|i| i.name == name).map(|i| i.base.clone()).unwrap_or_default();
+            let base = self
+                .instances
+                .iter()
+                .find(|i| i.name == name)
+                .map(|i| i.base.clone())
+                .unwrap_or_default();
             let p = self.spath(&base, &[]);
-            self.error(p, format!("stages refer to each other's `with` in a cycle: {}", cycle.join(" → ")), None);
+            self.error(
+                p,
+                format!(
+                    "stages refer to each other's `with` in a cycle: {}",
+                    cycle.join(" → ")
+                ),
+                None,
+            );
             return None;
         }
         let idx = self.instances.iter().position(|i| i.name == name)?;
         self.resolving.push(name.to_owned());
         let body = Value::Object(self.instances[idx].body.clone());
-        let (item, key, base) =
-            (self.instances[idx].item.clone(), self.instances[idx].key.clone(), self.instances[idx].base.clone());
+        let (item, key, base) = (
+            self.instances[idx].item.clone(),
+            self.instances[idx].key.clone(),
+            self.instances[idx].base.clone(),
+        );
         let result = {
             let mut pending: Vec<String> = Vec::new();
             let params = self.params;
@@ -933,8 +1245,15 @@ impl<'a> Resolver<'a> {
         let names: Vec<String> = self.instances.iter().map(|i| i.name.clone()).collect();
         let mut specs: Vec<StageSpec> = Vec::new();
         for name in &names {
-            let Some(fields) = self.resolve(name) else { continue };
-            let base = self.instances.iter().find(|i| &i.name == name).map(|i| i.base.clone()).unwrap_or_default();
+            let Some(fields) = self.resolve(name) else {
+                continue;
+            };
+            let base = self
+                .instances
+                .iter()
+                .find(|i| &i.name == name)
+                .map(|i| i.base.clone())
+                .unwrap_or_default();
             if let Some(spec) = self.build(name, &base, fields) {
                 specs.push(spec);
             }
@@ -951,7 +1270,13 @@ impl<'a> Resolver<'a> {
         let (kind, params, command) = match (fields.get("uses"), fields.get("run")) {
             (Some(_), Some(_)) => {
                 let p = self.spath(base, &["run"]);
-                self.error(p, format!("stage `{base}` has both `uses:` and `run:`; a stage is one or the other"), None);
+                self.error(
+                    p,
+                    format!(
+                        "stage `{base}` has both `uses:` and `run:`; a stage is one or the other"
+                    ),
+                    None,
+                );
                 return None;
             }
             (None, None) => {
@@ -971,10 +1296,21 @@ impl<'a> Resolver<'a> {
                 }
                 let Some(kind) = uses.as_str() else {
                     let p = self.spath(base, &["uses"]);
-                    self.error(p, format!("`uses` must name a stage kind, found {}", kind_of(uses)), None);
+                    self.error(
+                        p,
+                        format!("`uses` must name a stage kind, found {}", kind_of(uses)),
+                        None,
+                    );
                     return None;
                 };
-                (kind.to_owned(), fields.get("with").cloned().unwrap_or(Value::Object(Map::new())), false)
+                (
+                    kind.to_owned(),
+                    fields
+                        .get("with")
+                        .cloned()
+                        .unwrap_or(Value::Object(Map::new())),
+                    false,
+                )
             }
             (None, Some(_)) => {
                 if fields.contains_key("with") {
@@ -987,50 +1323,88 @@ impl<'a> Resolver<'a> {
                         params.insert(k.to_owned(), v.clone());
                     }
                 }
-                (pipe_stages::command::KIND.to_owned(), Value::Object(params), true)
+                (
+                    pipe_stages::command::KIND.to_owned(),
+                    Value::Object(params),
+                    true,
+                )
             }
         };
         let Some(stage) = self.registry.get(&kind) else {
             let p = self.spath(base, &["uses"]);
-            let kinds: Vec<&str> = self.registry.kinds().filter(|k| *k != pipe_stages::command::KIND).collect();
+            let kinds: Vec<&str> = self
+                .registry
+                .kinds()
+                .filter(|k| *k != pipe_stages::command::KIND)
+                .collect();
             self.error(
                 p,
-                format!("unknown stage kind `{kind}`; built-in kinds are {}", list(kinds.iter().copied())),
+                format!(
+                    "unknown stage kind `{kind}`; built-in kinds are {}",
+                    list(kinds.iter().copied())
+                ),
                 suggest(&kind, kinds.iter().copied()).map(|s| format!("did you mean `{s}`?")),
             );
             return None;
         };
         if !params.is_object() {
             let p = self.spath(base, &["with"]);
-            self.error(p, format!("`with` must be a mapping, found {}", kind_of(&params)), None);
+            self.error(
+                p,
+                format!("`with` must be a mapping, found {}", kind_of(&params)),
+                None,
+            );
             return None;
         }
         let signature = match stage.declare(&params) {
             Ok(sig) => sig,
             Err(e) => {
-                let mut p = if command { self.spath(base, &[]) } else { self.spath(base, &["with"]) };
+                let mut p = if command {
+                    self.spath(base, &[])
+                } else {
+                    self.spath(base, &["with"])
+                };
                 p.extend(e.path.iter().cloned());
                 let field = e.path.join(".");
-                let message = if field.is_empty() || e.message.contains(&format!("`{}`", e.path.last().cloned().unwrap_or_default())) {
+                let message = if field.is_empty()
+                    || e.message
+                        .contains(&format!("`{}`", e.path.last().cloned().unwrap_or_default()))
+                {
                     format!("stage `{name}` ({kind}): {}", e.message)
                 } else {
                     format!("stage `{name}` ({kind}), field `{field}`: {}", e.message)
                 };
                 // Unknown keys point at the key itself.
-                let span = if e.message.starts_with("unknown field") { self.map.key(&p) } else { self.map.value(&p) };
-                self.diag.push(SpecError { span, message, help: e.help });
+                let span = if e.message.starts_with("unknown field") {
+                    self.map.key(&p)
+                } else {
+                    self.map.value(&p)
+                };
+                self.diag.push(SpecError {
+                    span,
+                    message,
+                    help: e.help,
+                });
                 return None;
             }
         };
         let needs = match fields.get("needs") {
             None => Vec::new(),
             Some(Value::String(s)) => vec![s.clone()],
-            Some(Value::Array(items)) if items.iter().all(Value::is_string) => {
-                items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()
-            }
+            Some(Value::Array(items)) if items.iter().all(Value::is_string) => items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
             Some(other) => {
                 let p = self.spath(base, &["needs"]);
-                self.error(p, format!("`needs` must be a list of stage names, found {}", kind_of(other)), None);
+                self.error(
+                    p,
+                    format!(
+                        "`needs` must be a list of stage names, found {}",
+                        kind_of(other)
+                    ),
+                    None,
+                );
                 return None;
             }
         };
@@ -1045,18 +1419,29 @@ impl<'a> Resolver<'a> {
                             }
                             None => {
                                 let p = self.spath(base, &["resources", k]);
-                                self.error(p, format!("resource `{k}` must be a whole number ≥ 0, found {v}"), None);
+                                self.error(
+                                    p,
+                                    format!("resource `{k}` must be a whole number ≥ 0, found {v}"),
+                                    None,
+                                );
                             }
                         }
                     }
                 }
                 None => {
                     let p = self.spath(base, &["resources"]);
-                    self.error(p, "`resources` must map resource names to counts, e.g. `{gpu: 1}`".into(), None);
+                    self.error(
+                        p,
+                        "`resources` must map resource names to counts, e.g. `{gpu: 1}`".into(),
+                        None,
+                    );
                 }
             }
         }
-        let desc = fields.get("desc").and_then(Value::as_str).map(str::to_owned);
+        let desc = fields
+            .get("desc")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         // Raw input references; checked against the other stages in `link`.
         let mut inputs = BTreeMap::new();
         match fields.get("inputs") {
@@ -1065,41 +1450,89 @@ impl<'a> Resolver<'a> {
                 for (input, reference) in obj {
                     let Some(text) = reference.as_str() else {
                         let p = self.spath(base, &["inputs", input]);
-                        self.error(p, format!("input `{input}` must be `STAGE.OUTPUT`, found {}", kind_of(reference)), None);
+                        self.error(
+                            p,
+                            format!(
+                                "input `{input}` must be `STAGE.OUTPUT`, found {}",
+                                kind_of(reference)
+                            ),
+                            None,
+                        );
                         continue;
                     };
-                    let parsed = text.rsplit_once('.').filter(|(s, o)| !s.is_empty() && !o.is_empty());
+                    let parsed = text
+                        .rsplit_once('.')
+                        .filter(|(s, o)| !s.is_empty() && !o.is_empty());
                     match parsed {
                         Some((s, o)) => {
-                            inputs.insert(input.clone(), OutputRef { stage: s.to_owned(), output: o.to_owned() });
+                            inputs.insert(
+                                input.clone(),
+                                OutputRef {
+                                    stage: s.to_owned(),
+                                    output: o.to_owned(),
+                                },
+                            );
                         }
                         None => {
                             let p = self.spath(base, &["inputs", input]);
-                            self.error(p, format!("input `{input}` must be `STAGE.OUTPUT`, found `{text}`"), None);
+                            self.error(
+                                p,
+                                format!("input `{input}` must be `STAGE.OUTPUT`, found `{text}`"),
+                                None,
+                            );
                         }
                     }
                 }
             }
             Some(other) => {
                 let p = self.spath(base, &["inputs"]);
-                self.error(p, format!("`inputs` must map input names to `STAGE.OUTPUT`, found {}", kind_of(other)), None);
+                self.error(
+                    p,
+                    format!(
+                        "`inputs` must map input names to `STAGE.OUTPUT`, found {}",
+                        kind_of(other)
+                    ),
+                    None,
+                );
             }
         }
         for (_, expr) in interpolate::expressions(&params) {
             if let Some(rest) = expr.strip_prefix("stages.") {
                 if let Some((stage, "outputs", Some(output))) = split_stage_ref(rest) {
-                    inputs.insert(expr.clone(), OutputRef { stage: stage.to_owned(), output: output.to_owned() });
+                    inputs.insert(
+                        expr.clone(),
+                        OutputRef {
+                            stage: stage.to_owned(),
+                            output: output.to_owned(),
+                        },
+                    );
                 }
             }
         }
-        Some(StageSpec { name: name.to_owned(), base: base.to_owned(), kind, params, inputs, needs, resources, signature, desc, span })
+        Some(StageSpec {
+            name: name.to_owned(),
+            base: base.to_owned(),
+            kind,
+            params,
+            inputs,
+            needs,
+            resources,
+            signature,
+            desc,
+            span,
+        })
     }
 
     /// Checks every reference between stages and the inputs each kind requires.
     fn link(&mut self, specs: &mut [StageSpec]) {
         let outputs: HashMap<String, Vec<String>> = specs
             .iter()
-            .map(|s| (s.name.clone(), s.signature.outputs.iter().map(|o| o.name.clone()).collect()))
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    s.signature.outputs.iter().map(|o| o.name.clone()).collect(),
+                )
+            })
             .collect();
         let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
         let bases: BTreeSet<String> = specs.iter().map(|s| s.base.clone()).collect();
@@ -1107,36 +1540,80 @@ impl<'a> Resolver<'a> {
             let base = spec.base.clone();
             for (input, r) in &spec.inputs {
                 let implicit = input.starts_with("stages.");
-                let path = if implicit { self.spath(&base, &[]) } else { self.spath(&base, &["inputs", input]) };
+                let path = if implicit {
+                    self.spath(&base, &[])
+                } else {
+                    self.spath(&base, &["inputs", input])
+                };
                 let Some(outs) = outputs.get(&r.stage) else {
                     let help = if bases.contains(&r.stage) && !names.contains(&r.stage) {
                         Some(format!("`{}` is expanded by foreach/matrix; name one expansion such as `{}@...`", r.stage, r.stage))
                     } else {
-                        suggest(&r.stage, names.iter().map(String::as_str)).map(|s| format!("did you mean `{s}`?"))
+                        suggest(&r.stage, names.iter().map(String::as_str))
+                            .map(|s| format!("did you mean `{s}`?"))
                     };
-                    self.error(path, format!("stage `{}` refers to `{r}`, but there is no stage `{}`", spec.name, r.stage), help);
+                    self.error(
+                        path,
+                        format!(
+                            "stage `{}` refers to `{r}`, but there is no stage `{}`",
+                            spec.name, r.stage
+                        ),
+                        help,
+                    );
                     continue;
                 };
                 if !outs.contains(&r.output) {
                     self.error(
                         path.clone(),
-                        format!("stage `{}` refers to `{r}`, but `{}` has outputs {}", spec.name, r.stage, list(outs.iter().map(String::as_str))),
-                        suggest(&r.output, outs.iter().map(String::as_str)).map(|s| format!("did you mean `{}.{s}`?", r.stage)),
+                        format!(
+                            "stage `{}` refers to `{r}`, but `{}` has outputs {}",
+                            spec.name,
+                            r.stage,
+                            list(outs.iter().map(String::as_str))
+                        ),
+                        suggest(&r.output, outs.iter().map(String::as_str))
+                            .map(|s| format!("did you mean `{}.{s}`?", r.stage)),
                     );
                 }
-                if !implicit && !spec.signature.any_inputs && !spec.signature.inputs.iter().any(|d| &d.name == input) {
-                    let declared: Vec<&str> = spec.signature.inputs.iter().map(|d| d.name.as_str()).collect();
+                if !implicit
+                    && !spec.signature.any_inputs
+                    && !spec.signature.inputs.iter().any(|d| &d.name == input)
+                {
+                    let declared: Vec<&str> = spec
+                        .signature
+                        .inputs
+                        .iter()
+                        .map(|d| d.name.as_str())
+                        .collect();
                     self.diag.push(SpecError {
                         span: self.map.key(&path),
-                        message: format!("unknown input `{input}` for stage `{}` ({}); it takes {}", spec.name, spec.kind, list(declared.iter().copied())),
-                        help: suggest(input, declared.iter().copied()).map(|s| format!("did you mean `{s}`?")),
+                        message: format!(
+                            "unknown input `{input}` for stage `{}` ({}); it takes {}",
+                            spec.name,
+                            spec.kind,
+                            list(declared.iter().copied())
+                        ),
+                        help: suggest(input, declared.iter().copied())
+                            .map(|s| format!("did you mean `{s}`?")),
                     });
                 }
             }
             for decl in &spec.signature.inputs {
                 if decl.required && !spec.inputs.contains_key(&decl.name) {
                     let p = self.spath(&base, &["inputs"]);
-                    self.error(p, format!("stage `{}` ({}) needs input `{}`; add `inputs: {{{}: STAGE.OUTPUT}}`", spec.name, spec.kind, decl.name, decl.name), None);
+                    let span = if spec.inputs.is_empty() {
+                        self.map.key(&p[..2])
+                    } else {
+                        self.map.value(&p)
+                    };
+                    self.diag.push(SpecError {
+                        span,
+                        help: None,
+                        message: format!(
+                            "stage `{}` ({}) needs input `{}`; add `inputs: {{{}: STAGE.OUTPUT}}`",
+                            spec.name, spec.kind, decl.name, decl.name
+                        ),
+                    });
                 }
             }
             let mut needs = Vec::new();
@@ -1144,16 +1621,31 @@ impl<'a> Resolver<'a> {
                 let matched: Vec<&String> = specs_names_matching(&names, &bases, need);
                 if matched.is_empty() {
                     let p = self.spath(&base, &["needs", &i.to_string()]);
-                    self.error(p, format!("stage `{}` needs `{need}`, but there is no such stage", spec.name), suggest(need, names.iter().map(String::as_str)).map(|s| format!("did you mean `{s}`?")));
+                    self.error(
+                        p,
+                        format!(
+                            "stage `{}` needs `{need}`, but there is no such stage",
+                            spec.name
+                        ),
+                        suggest(need, names.iter().map(String::as_str))
+                            .map(|s| format!("did you mean `{s}`?")),
+                    );
                 }
                 needs.extend(matched.into_iter().cloned());
             }
             spec.needs = needs;
             for out in &spec.signature.outputs {
                 if let OutputLocation::Workspace(p) = &out.location {
-                    if interpolate::expressions(&Value::String(p.clone())).iter().any(|_| true) {
+                    if interpolate::expressions(&Value::String(p.clone()))
+                        .iter()
+                        .any(|_| true)
+                    {
                         let path = self.spath(&base, &["outs"]);
-                        self.error(path, format!("out `{p}` must be a plain path, not a reference"), None);
+                        self.error(
+                            path,
+                            format!("out `{p}` must be a plain path, not a reference"),
+                            None,
+                        );
                     }
                 }
             }
@@ -1161,12 +1653,23 @@ impl<'a> Resolver<'a> {
     }
 }
 
-fn specs_names_matching<'n>(names: &'n [String], bases: &BTreeSet<String>, pattern: &str) -> Vec<&'n String> {
+fn specs_names_matching<'n>(
+    names: &'n [String],
+    bases: &BTreeSet<String>,
+    pattern: &str,
+) -> Vec<&'n String> {
     let exact: Vec<&String> = names.iter().filter(|n| *n == pattern).collect();
     if !exact.is_empty() || !bases.contains(pattern) {
         return exact;
     }
-    names.iter().filter(|n| n.split_once('@').map(|(b, _)| b == pattern).unwrap_or(false)).collect()
+    names
+        .iter()
+        .filter(|n| {
+            n.split_once('@')
+                .map(|(b, _)| b == pattern)
+                .unwrap_or(false)
+        })
+        .collect()
 }
 
 /// Splits `NAME.outputs.OUT` / `NAME.with.A.B` (NAME may contain dots after an `@`).
@@ -1197,7 +1700,15 @@ fn scalar_text(v: &Value) -> Option<String> {
 }
 
 fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') { c } else { '_' }).collect()
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -1206,8 +1717,14 @@ mod tests {
 
     #[test]
     fn stage_refs_split_at_field() {
-        assert_eq!(split_stage_ref("split.outputs.train"), Some(("split", "outputs", Some("train"))));
-        assert_eq!(split_stage_ref("t@0.5.with.lr"), Some(("t@0.5", "with", Some("lr"))));
+        assert_eq!(
+            split_stage_ref("split.outputs.train"),
+            Some(("split", "outputs", Some("train")))
+        );
+        assert_eq!(
+            split_stage_ref("t@0.5.with.lr"),
+            Some(("t@0.5", "with", Some("lr")))
+        );
         assert_eq!(split_stage_ref("a.with"), Some(("a", "with", None)));
         assert_eq!(split_stage_ref("a.b"), None);
     }

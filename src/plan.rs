@@ -1,8 +1,8 @@
 //! The DAG of a pipeline (petgraph): cycle detection, a stable topological order, and
 //! `--only` / `--from` / `--until` selection.
 
-use std::collections::{BTreeSet, BinaryHeap};
 use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
 
 use petgraph::algo::{tarjan_scc, toposort};
 use petgraph::graph::{DiGraph, NodeIndex};
@@ -41,7 +41,9 @@ impl Plan {
     /// Builds the graph; a cycle is an error that lists it.
     pub fn new(pipeline: &Pipeline) -> Result<Plan, SpecError> {
         let mut graph = DiGraph::new();
-        let nodes: Vec<NodeIndex> = (0..pipeline.stages.len()).map(|i| graph.add_node(i)).collect();
+        let nodes: Vec<NodeIndex> = (0..pipeline.stages.len())
+            .map(|i| graph.add_node(i))
+            .collect();
         for (i, spec) in pipeline.stages.iter().enumerate() {
             for up in spec.upstream() {
                 if let Some(j) = pipeline.stages.iter().position(|s| s.name == up) {
@@ -50,18 +52,32 @@ impl Plan {
             }
         }
         if let Err(cycle) = toposort(&graph, None) {
-            let start = cycle.node_id();
-            let names = find_cycle(&graph, start).into_iter().map(|n| pipeline.stages[graph[n]].name.clone()).collect::<Vec<_>>();
-            let first = &pipeline.stages[graph[start]];
+            let mut path = find_cycle(&graph, cycle.node_id());
+            // Start the cycle at the stage written first, so the message is stable.
+            path.pop();
+            let first_at = (0..path.len()).min_by_key(|i| graph[path[*i]]).unwrap_or(0);
+            path.rotate_left(first_at);
+            path.push(path[0]);
+            let names = path
+                .iter()
+                .map(|n| pipeline.stages[graph[*n]].name.clone())
+                .collect::<Vec<_>>();
+            let first = &pipeline.stages[graph[path[0]]];
             return Err(SpecError {
                 span: first.span.clone(),
                 message: format!("stages form a cycle: {}", names.join(" → ")),
-                help: Some("a stage cannot depend, directly or through others, on its own outputs".into()),
+                help: Some(
+                    "a stage cannot depend, directly or through others, on its own outputs".into(),
+                ),
             });
         }
         let order = stable_order(&graph);
         let selected = vec![true; pipeline.stages.len()];
-        Ok(Plan { graph, order, selected })
+        Ok(Plan {
+            graph,
+            order,
+            selected,
+        })
     }
 
     /// Narrows the plan to a selection; names that match no stage are errors.
@@ -77,10 +93,15 @@ impl Plan {
                     return Err(SpecError {
                         span: crate::source_map::Span::arg(format!("{flag} {name}")),
                         message: format!("no stage named `{name}` in `{}`", pipeline.name),
-                        help: pipe_stages::suggest(name, pipeline.names()).map(|s| format!("did you mean `{s}`?")),
+                        help: pipe_stages::suggest(name, pipeline.names())
+                            .map(|s| format!("did you mean `{s}`?")),
                     });
                 }
-                out.extend(matched.iter().filter_map(|m| pipeline.stages.iter().position(|s| s.name == *m)));
+                out.extend(
+                    matched
+                        .iter()
+                        .filter_map(|m| pipeline.stages.iter().position(|s| s.name == *m)),
+                );
             }
             Ok(out)
         };
@@ -126,12 +147,18 @@ impl Plan {
 
     /// Direct upstream stages of `i`.
     pub fn parents(&self, i: usize) -> Vec<usize> {
-        self.graph.neighbors_directed(NodeIndex::new(i), Direction::Incoming).map(|n| self.graph[n]).collect()
+        self.graph
+            .neighbors_directed(NodeIndex::new(i), Direction::Incoming)
+            .map(|n| self.graph[n])
+            .collect()
     }
 
     /// Direct downstream stages of `i`.
     pub fn children(&self, i: usize) -> Vec<usize> {
-        self.graph.neighbors_directed(NodeIndex::new(i), Direction::Outgoing).map(|n| self.graph[n]).collect()
+        self.graph
+            .neighbors_directed(NodeIndex::new(i), Direction::Outgoing)
+            .map(|n| self.graph[n])
+            .collect()
     }
 
     /// `i` and everything reachable from it in `direction`.
@@ -171,14 +198,26 @@ impl Plan {
 
     /// The edges as (upstream, downstream) stage indices.
     pub fn edges(&self) -> Vec<(usize, usize)> {
-        self.graph.raw_edges().iter().map(|e| (self.graph[e.source()], self.graph[e.target()])).collect()
+        self.graph
+            .raw_edges()
+            .iter()
+            .map(|e| (self.graph[e.source()], self.graph[e.target()]))
+            .collect()
     }
 }
 
 /// Kahn's algorithm, always taking the ready stage written first.
 fn stable_order(graph: &DiGraph<usize, ()>) -> Vec<usize> {
-    let mut indegree: Vec<usize> = graph.node_indices().map(|n| graph.neighbors_directed(n, Direction::Incoming).count()).collect();
-    let mut ready: BinaryHeap<Reverse<usize>> = indegree.iter().enumerate().filter(|(_, d)| **d == 0).map(|(i, _)| Reverse(i)).collect();
+    let mut indegree: Vec<usize> = graph
+        .node_indices()
+        .map(|n| graph.neighbors_directed(n, Direction::Incoming).count())
+        .collect();
+    let mut ready: BinaryHeap<Reverse<usize>> = indegree
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| **d == 0)
+        .map(|(i, _)| Reverse(i))
+        .collect();
     let mut order = Vec::with_capacity(indegree.len());
     while let Some(Reverse(i)) = ready.pop() {
         order.push(graph[NodeIndex::new(i)]);
@@ -194,8 +233,12 @@ fn stable_order(graph: &DiGraph<usize, ()>) -> Vec<usize> {
 
 /// One cycle through `start`, as a closed path (first node repeated at the end).
 fn find_cycle(graph: &DiGraph<usize, ()>, start: NodeIndex) -> Vec<NodeIndex> {
-    let scc: BTreeSet<NodeIndex> =
-        tarjan_scc(graph).into_iter().find(|c| c.contains(&start)).unwrap_or_default().into_iter().collect();
+    let scc: BTreeSet<NodeIndex> = tarjan_scc(graph)
+        .into_iter()
+        .find(|c| c.contains(&start))
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     // Depth-first search inside the component for a path back to `start`.
     let mut stack = vec![(start, vec![start])];
     let mut seen = BTreeSet::new();

@@ -21,8 +21,15 @@ impl Bars {
     /// Bars drawn on stderr when it is a terminal and `enabled`.
     pub fn new(enabled: bool) -> Self {
         let enabled = enabled && std::io::IsTerminal::is_terminal(&std::io::stderr());
-        let target = if enabled { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
-        Bars { multi: MultiProgress::with_draw_target(target), enabled }
+        let target = if enabled {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        Bars {
+            multi: MultiProgress::with_draw_target(target),
+            enabled,
+        }
     }
 
     /// A bar for one stage.
@@ -32,9 +39,11 @@ impl Bars {
         }
         let bar = self.multi.add(ProgressBar::new_spinner());
         bar.set_style(
-            ProgressStyle::with_template("{spinner} {prefix:<24} {elapsed:>4} {wide_bar} {pos}/{len} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner())
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{spinner} {prefix:<24} {elapsed:>4} {wide_bar} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_spinner())
+            .progress_chars("=> "),
         );
         bar.set_prefix(name.to_owned());
         bar.enable_steady_tick(Duration::from_millis(120));
@@ -61,8 +70,18 @@ pub struct StageReporter {
 
 impl StageReporter {
     /// Logs to `log_path`; draws on `bar`; with `echo`, also prints log lines to stderr.
-    pub fn new(stage: &str, log_path: &Path, bar: Option<ProgressBar>, echo: bool) -> std::io::Result<Self> {
-        Ok(StageReporter { stage: stage.to_owned(), log: Mutex::new(BufWriter::new(File::create(log_path)?)), bar, echo })
+    pub fn new(
+        stage: &str,
+        log_path: &Path,
+        bar: Option<ProgressBar>,
+        echo: bool,
+    ) -> std::io::Result<Self> {
+        Ok(StageReporter {
+            stage: stage.to_owned(),
+            log: Mutex::new(BufWriter::new(File::create(log_path)?)),
+            bar,
+            echo,
+        })
     }
 
     /// Flushes the log and removes the bar.

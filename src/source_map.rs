@@ -26,7 +26,11 @@ pub struct Span {
 impl Span {
     /// A span for something given on the command line.
     pub fn arg(text: impl Into<String>) -> Self {
-        Self { file: Arc::from(text.into()), line: 0, col: 0 }
+        Self {
+            file: Arc::from(text.into()),
+            line: 0,
+            col: 0,
+        }
     }
 }
 
@@ -59,15 +63,34 @@ impl SourceMap {
     /// is simply empty.
     pub fn parse(file: &str, text: &str) -> Self {
         let file: Arc<str> = Arc::from(file);
-        let mut builder = Builder { file: file.clone(), stack: Vec::new(), entries: HashMap::new() };
+        let mut builder = Builder {
+            file: file.clone(),
+            stack: Vec::new(),
+            entries: HashMap::new(),
+        };
         let mut parser = Parser::new_from_str(text);
         let _ = parser.load(&mut builder, false);
-        SourceMap { file, entries: builder.entries }
+        SourceMap {
+            file,
+            entries: builder.entries,
+        }
     }
 
     /// A map that knows only its file name (for documents built in memory).
     pub fn empty(file: &str) -> Self {
-        SourceMap { file: Arc::from(file), entries: HashMap::new() }
+        SourceMap {
+            file: Arc::from(file),
+            entries: HashMap::new(),
+        }
+    }
+
+    /// The start of the file.
+    pub fn start(&self) -> Span {
+        Span {
+            file: self.file.clone(),
+            line: 1,
+            col: 1,
+        }
     }
 
     /// The position of the value at `path`, or of its nearest ancestor that has one.
@@ -87,7 +110,11 @@ impl SourceMap {
                 return pick(e);
             }
             if owned.pop().is_none() {
-                return Span { file: self.file.clone(), line: 1, col: 1 };
+                return Span {
+                    file: self.file.clone(),
+                    line: 1,
+                    col: 1,
+                };
             }
         }
     }
@@ -106,14 +133,27 @@ impl SourceMap {
 
     /// Marks everything at and under `path` as coming from `span` (a `--set` argument).
     pub fn set_point(&mut self, path: &[String], span: Span) {
-        self.entries.retain(|p, _| !(p.len() >= path.len() && p[..path.len()] == *path));
-        self.entries.insert(path.to_vec(), Entry { key: span.clone(), value: span });
+        self.entries
+            .retain(|p, _| !(p.len() >= path.len() && p[..path.len()] == *path));
+        self.entries.insert(
+            path.to_vec(),
+            Entry {
+                key: span.clone(),
+                value: span,
+            },
+        );
     }
 }
 
 enum Frame {
-    Mapping { path: Vec<String>, pending_key: Option<(String, Marker)> },
-    Sequence { path: Vec<String>, index: usize },
+    Mapping {
+        path: Vec<String>,
+        pending_key: Option<(String, Marker)>,
+    },
+    Sequence {
+        path: Vec<String>,
+        index: usize,
+    },
 }
 
 struct Builder {
@@ -124,7 +164,11 @@ struct Builder {
 
 impl Builder {
     fn span(&self, m: Marker) -> Span {
-        Span { file: self.file.clone(), line: m.line(), col: m.col() + 1 }
+        Span {
+            file: self.file.clone(),
+            line: m.line(),
+            col: m.col() + 1,
+        }
     }
 
     /// Called for each value (scalar, alias, or the start of a collection); returns the
@@ -133,14 +177,26 @@ impl Builder {
         let value_span = self.span(mark);
         match self.stack.last_mut() {
             None => {
-                self.entries.insert(Vec::new(), Entry { key: value_span.clone(), value: value_span });
+                self.entries.insert(
+                    Vec::new(),
+                    Entry {
+                        key: value_span.clone(),
+                        value: value_span,
+                    },
+                );
                 Some(Vec::new())
             }
             Some(Frame::Sequence { path, index }) => {
                 let mut p = path.clone();
                 p.push(index.to_string());
                 *index += 1;
-                self.entries.insert(p.clone(), Entry { key: value_span.clone(), value: value_span });
+                self.entries.insert(
+                    p.clone(),
+                    Entry {
+                        key: value_span.clone(),
+                        value: value_span,
+                    },
+                );
                 Some(p)
             }
             Some(Frame::Mapping { path, pending_key }) => match pending_key.take() {
@@ -151,8 +207,18 @@ impl Builder {
                 Some((key, key_mark)) => {
                     let mut p = path.clone();
                     p.push(key);
-                    let key_span = Span { file: value_span.file.clone(), line: key_mark.line(), col: key_mark.col() + 1 };
-                    self.entries.insert(p.clone(), Entry { key: key_span, value: value_span });
+                    let key_span = Span {
+                        file: value_span.file.clone(),
+                        line: key_mark.line(),
+                        col: key_mark.col() + 1,
+                    };
+                    self.entries.insert(
+                        p.clone(),
+                        Entry {
+                            key: key_span,
+                            value: value_span,
+                        },
+                    );
                     Some(p)
                 }
             },
@@ -170,11 +236,18 @@ impl MarkedEventReceiver for Builder {
                 self.place_value(mark, Some("*alias"));
             }
             Event::MappingStart(..) => {
-                let path = self.place_value(mark, Some("?")).unwrap_or_else(|| vec!["?".into()]);
-                self.stack.push(Frame::Mapping { path, pending_key: None });
+                let path = self
+                    .place_value(mark, Some("?"))
+                    .unwrap_or_else(|| vec!["?".into()]);
+                self.stack.push(Frame::Mapping {
+                    path,
+                    pending_key: None,
+                });
             }
             Event::SequenceStart(..) => {
-                let path = self.place_value(mark, Some("?")).unwrap_or_else(|| vec!["?".into()]);
+                let path = self
+                    .place_value(mark, Some("?"))
+                    .unwrap_or_else(|| vec!["?".into()]);
                 self.stack.push(Frame::Sequence { path, index: 0 });
             }
             Event::MappingEnd | Event::SequenceEnd => {
@@ -191,13 +264,30 @@ mod tests {
 
     #[test]
     fn positions_are_one_based() {
-        let text = "name: x\nstages:\n  split:\n    uses: split\n    with: {seed: 3, ratios: [1, 2]}\n";
+        let text =
+            "name: x\nstages:\n  split:\n    uses: split\n    with: {seed: 3, ratios: [1, 2]}\n";
         let m = SourceMap::parse("p.yaml", text);
-        assert_eq!(m.key(&["stages", "split", "uses"]).to_string(), "p.yaml:4:5");
-        assert_eq!(m.value(&["stages", "split", "uses"]).to_string(), "p.yaml:4:11");
-        assert_eq!(m.value(&["stages", "split", "with", "seed"]).to_string(), "p.yaml:5:18");
-        assert_eq!(m.value(&["stages", "split", "with", "ratios", "1"]).to_string(), "p.yaml:5:33");
+        assert_eq!(
+            m.key(&["stages", "split", "uses"]).to_string(),
+            "p.yaml:4:5"
+        );
+        assert_eq!(
+            m.value(&["stages", "split", "uses"]).to_string(),
+            "p.yaml:4:11"
+        );
+        assert_eq!(
+            m.value(&["stages", "split", "with", "seed"]).to_string(),
+            "p.yaml:5:18"
+        );
+        assert_eq!(
+            m.value(&["stages", "split", "with", "ratios", "1"])
+                .to_string(),
+            "p.yaml:5:33"
+        );
         // Unknown paths fall back to the nearest ancestor.
-        assert_eq!(m.value(&["stages", "split", "with", "nope"]).to_string(), "p.yaml:5:11");
+        assert_eq!(
+            m.value(&["stages", "split", "with", "nope"]).to_string(),
+            "p.yaml:5:11"
+        );
     }
 }

@@ -172,7 +172,11 @@ pub enum StoreError {
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io { what, path: path.to_path_buf(), source }
+    move |source| StoreError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The store at a root directory.
@@ -184,16 +188,29 @@ pub struct Store {
 impl Store {
     /// Opens (and creates) the store at `root`.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        for sub in ["objects", "records", "runs", "refs", "checkpoints", "locks", "tmp", "logs"] {
+        for sub in [
+            "objects",
+            "records",
+            "runs",
+            "refs",
+            "checkpoints",
+            "locks",
+            "tmp",
+            "logs",
+        ] {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(io_err("creating", &p))?;
         }
-        Ok(Store { root: root.to_path_buf() })
+        Ok(Store {
+            root: root.to_path_buf(),
+        })
     }
 
     /// Opens the store only if it exists (for read-only commands).
     pub fn open_existing(root: &Path) -> Option<Store> {
-        root.join("records").is_dir().then(|| Store { root: root.to_path_buf() })
+        root.join("records").is_dir().then(|| Store {
+            root: root.to_path_buf(),
+        })
     }
 
     /// The root directory.
@@ -203,31 +220,54 @@ impl Store {
 
     /// Where an object with this digest lives.
     pub fn object_path(&self, digest: &str) -> PathBuf {
-        self.root.join("objects").join(&digest[..2]).join(&digest[2..])
+        self.root
+            .join("objects")
+            .join(&digest[..2])
+            .join(&digest[2..])
     }
 
     fn record_path(&self, key: &str) -> PathBuf {
-        self.root.join("records").join(&key[..2]).join(format!("{}.json", &key[2..]))
+        self.root
+            .join("records")
+            .join(&key[..2])
+            .join(format!("{}.json", &key[2..]))
     }
 
     /// The stage record for `key`, if one exists.
     pub fn record(&self, key: &str) -> Result<Option<StageRecord>, StoreError> {
         let path = self.record_path(key);
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt { path, message: e.to_string() }),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt {
+                        path,
+                        message: e.to_string(),
+                    })
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StoreError::Io { what: "reading", path, source: e }),
+            Err(e) => Err(StoreError::Io {
+                what: "reading",
+                path,
+                source: e,
+            }),
         }
     }
 
     /// The record for `key` if it exists and every object it names is present: the
     /// definition of a cache hit.
     pub fn complete_record(&self, key: &str) -> Result<Option<StageRecord>, StoreError> {
-        let Some(rec) = self.record(key)? else { return Ok(None) };
-        let present = rec.outputs.values().all(|a| self.object_path(&a.digest).exists())
-            && rec.log.as_ref().is_none_or(|d| self.object_path(d).exists());
+        let Some(rec) = self.record(key)? else {
+            return Ok(None);
+        };
+        let present = rec
+            .outputs
+            .values()
+            .all(|a| self.object_path(&a.digest).exists())
+            && rec
+                .log
+                .as_ref()
+                .is_none_or(|d| self.object_path(d).exists());
         Ok(present.then_some(rec))
     }
 
@@ -255,7 +295,11 @@ impl Store {
     pub fn remove_record(&self, key: &str) -> Result<(), StoreError> {
         let path = self.record_path(key);
         match fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StoreError::Io { what: "removing", path, source: e }),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StoreError::Io {
+                what: "removing",
+                path,
+                source: e,
+            }),
             _ => Ok(()),
         }
     }
@@ -263,9 +307,15 @@ impl Store {
     /// A fresh temporary directory for a stage attempt; removed when the guard drops.
     pub fn tmp_dir(&self, key: &str) -> Result<TmpDir, StoreError> {
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = self.root.join("tmp").join(format!("{}-{}-{n}", &key[..12], std::process::id()));
+        let path = self
+            .root
+            .join("tmp")
+            .join(format!("{}-{}-{n}", &key[..12], std::process::id()));
         fs::create_dir_all(path.join("out")).map_err(io_err("creating", &path))?;
-        Ok(TmpDir { guard: Some(RemoveOnDrop::new(path.clone())), path })
+        Ok(TmpDir {
+            guard: Some(RemoveOnDrop::new(path.clone())),
+            path,
+        })
     }
 
     /// Removes temporary directories left by processes that no longer exist.
@@ -295,7 +345,9 @@ impl Store {
 
     /// Whether `key` has a checkpoint with something in it.
     pub fn has_checkpoint(&self, key: &str) -> bool {
-        fs::read_dir(self.root.join("checkpoints").join(key)).map(|mut d| d.next().is_some()).unwrap_or(false)
+        fs::read_dir(self.root.join("checkpoints").join(key))
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
     }
 
     /// Drops the checkpoint of a finished key.
@@ -312,7 +364,11 @@ impl Store {
         let dest = self.object_path(&info.digest);
         if dest.exists() {
             make_writable(src);
-            let _ = if info.kind == ArtifactKind::Dir { fs::remove_dir_all(src) } else { fs::remove_file(src) };
+            let _ = if info.kind == ArtifactKind::Dir {
+                fs::remove_dir_all(src)
+            } else {
+                fs::remove_file(src)
+            };
             return Ok(info);
         }
         make_read_only(src);
@@ -324,9 +380,19 @@ impl Store {
             // Another process stored the same bytes first.
             Err(_) if dest.exists() => {
                 make_writable(src);
-                let _ = if info.kind == ArtifactKind::Dir { fs::remove_dir_all(src) } else { fs::remove_file(src) };
+                let _ = if info.kind == ArtifactKind::Dir {
+                    fs::remove_dir_all(src)
+                } else {
+                    fs::remove_file(src)
+                };
             }
-            Err(e) => return Err(StoreError::Io { what: "storing", path: dest, source: e }),
+            Err(e) => {
+                return Err(StoreError::Io {
+                    what: "storing",
+                    path: dest,
+                    source: e,
+                })
+            }
         }
         fsio::sync_dir(parent).map_err(io_err("syncing", parent))?;
         Ok(info)
@@ -385,7 +451,10 @@ impl Store {
             let path = dir.join(&name);
             let bytes = fs::read(&path).map_err(io_err("reading", &path))?;
             let run: RunRecord =
-                serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt { path: path.clone(), message: e.to_string() })?;
+                serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
             runs.push(run);
         }
         runs.sort_by(|a, b| a.started.cmp(&b.started).then(a.id.cmp(&b.id)));
@@ -399,12 +468,18 @@ impl Store {
     }
 
     fn ref_path(&self, pipeline: &str, stage: &str) -> PathBuf {
-        self.root.join("refs").join(pipeline).join(stage.replace('/', "_"))
+        self.root
+            .join("refs")
+            .join(pipeline)
+            .join(stage.replace('/', "_"))
     }
 
     /// The key `stage` of `pipeline` last completed with.
     pub fn ref_key(&self, pipeline: &str, stage: &str) -> Option<String> {
-        fs::read_to_string(self.ref_path(pipeline, stage)).ok().map(|s| s.trim().to_owned()).filter(|s| s.len() == 64)
+        fs::read_to_string(self.ref_path(pipeline, stage))
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| s.len() == 64)
     }
 
     /// Points `stage`'s ref at `key`.
@@ -471,7 +546,11 @@ impl Store {
         let p = self.object_path(digest);
         let bytes = digest::hash_path(&p, None).map(|i| i.bytes).unwrap_or(0);
         make_writable(&p);
-        let r = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+        let r = if p.is_dir() {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
         r.map_err(io_err("removing", &p))?;
         Ok(bytes)
     }
@@ -480,8 +559,17 @@ impl Store {
     /// exclusively, so it never deletes objects a live run is about to reference.
     pub fn run_lock(&self, exclusive: bool) -> io::Result<Option<File>> {
         let path = self.root.join("locks").join("store.lock");
-        let file = fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-        let got = if exclusive { file.try_lock() } else { file.try_lock_shared() };
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let got = if exclusive {
+            file.try_lock()
+        } else {
+            file.try_lock_shared()
+        };
         match got {
             Ok(()) => Ok(Some(file)),
             Err(fs::TryLockError::WouldBlock) => {
@@ -530,13 +618,19 @@ impl Drop for TmpDir {
 fn read_dir_names(dir: &Path) -> Result<Vec<String>, StoreError> {
     match fs::read_dir(dir) {
         Ok(entries) => {
-            let mut names: Vec<String> =
-                entries.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).collect();
+            let mut names: Vec<String> = entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect();
             names.sort();
             Ok(names)
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(StoreError::Io { what: "listing", path: dir.to_path_buf(), source: e }),
+        Err(e) => Err(StoreError::Io {
+            what: "listing",
+            path: dir.to_path_buf(),
+            source: e,
+        }),
     }
 }
 
@@ -545,7 +639,9 @@ fn process_alive(pid: u32) -> bool {
 }
 
 fn walk(path: &Path, f: &mut dyn FnMut(&Path, &fs::Metadata)) {
-    let Ok(meta) = fs::symlink_metadata(path) else { return };
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return;
+    };
     f(path, &meta);
     if meta.is_dir() {
         if let Ok(entries) = fs::read_dir(path) {
@@ -589,7 +685,11 @@ fn syncfs(path: &Path) -> io::Result<()> {
     let f = File::open(path)?;
     // SAFETY: syncfs only reads the descriptor, which lives until the end of this function.
     let r = unsafe { libc::syncfs(f.as_raw_fd()) };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Copies a file or a directory tree.
@@ -616,14 +716,21 @@ pub struct KeyLock {
 
 /// Who holds a lock, as written into the lock file.
 pub fn lock_holder(path: &Path) -> String {
-    fs::read_to_string(path).map(|s| s.trim().to_owned()).unwrap_or_default()
+    fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
 }
 
 impl KeyLock {
     /// Takes the lock, calling `waiting` once (with the holder's description) if another
     /// process has it, then blocking until it is released.
     pub fn acquire(path: &Path, waiting: &mut dyn FnMut(&str)) -> io::Result<KeyLock> {
-        let file = fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {

@@ -8,7 +8,8 @@ use crate::plan::Plan;
 pub fn run(args: &PipelineArgs, registry: &Registry) -> anyhow::Result<u8> {
     let pipeline = super::load(args, registry)?;
     let plan = Plan::new(&pipeline)?;
-    let kinds: std::collections::BTreeSet<&str> = pipeline.stages.iter().map(|s| s.kind.as_str()).collect();
+    let kinds: std::collections::BTreeSet<&str> =
+        pipeline.stages.iter().map(|s| s.kind.as_str()).collect();
     println!(
         "ok: `{}` has {} stages ({} kinds: {}), {} edges",
         pipeline.name,

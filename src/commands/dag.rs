@@ -14,14 +14,28 @@ pub fn run(args: &DagArgs, registry: &Registry) -> anyhow::Result<u8> {
             // Each stage on its level (longest path from a root), with what feeds it.
             let mut level = vec![0usize; pipeline.stages.len()];
             for &i in plan.order() {
-                level[i] = plan.parents(i).iter().map(|p| level[*p] + 1).max().unwrap_or(0);
+                level[i] = plan
+                    .parents(i)
+                    .iter()
+                    .map(|p| level[*p] + 1)
+                    .max()
+                    .unwrap_or(0);
             }
             for &i in plan.order() {
                 let spec = &pipeline.stages[i];
                 let mut parents: Vec<&str> = plan.parents(i).into_iter().map(name).collect();
                 parents.sort();
-                let from = if parents.is_empty() { String::new() } else { format!("  ← {}", parents.join(", ")) };
-                println!("{}{} [{}]{from}", "  ".repeat(level[i]), spec.name, spec.kind);
+                let from = if parents.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ← {}", parents.join(", "))
+                };
+                println!(
+                    "{}{} [{}]{from}",
+                    "  ".repeat(level[i]),
+                    spec.name,
+                    spec.kind
+                );
             }
         }
         DagFormat::Dot => {

@@ -86,12 +86,21 @@ pub fn run(args: &DiffArgs, cache: &Path) -> anyhow::Result<u8> {
     Ok(crate::exit::OK)
 }
 
-fn pick<'r>(runs: &'r [RunRecord], args: &DiffArgs) -> anyhow::Result<(&'r RunRecord, &'r RunRecord)> {
+fn pick<'r>(
+    runs: &'r [RunRecord],
+    args: &DiffArgs,
+) -> anyhow::Result<(&'r RunRecord, &'r RunRecord)> {
     let before = |b: &RunRecord| -> anyhow::Result<&'r RunRecord> {
         runs.iter()
             .rev()
             .find(|r| r.pipeline == b.pipeline && r.started <= b.started && r.id != b.id)
-            .ok_or_else(|| UsageError(format!("run `{}` has no earlier run of `{}` to compare with", b.id, b.pipeline)).into())
+            .ok_or_else(|| {
+                UsageError(format!(
+                    "run `{}` has no earlier run of `{}` to compare with",
+                    b.id, b.pipeline
+                ))
+                .into()
+            })
     };
     match (&args.a, &args.b) {
         (Some(x), Some(y)) => Ok((super::find_run(runs, x)?, super::find_run(runs, y)?)),
@@ -101,13 +110,19 @@ fn pick<'r>(runs: &'r [RunRecord], args: &DiffArgs) -> anyhow::Result<(&'r RunRe
         }
         _ => match runs {
             [.., a, b] => Ok((a, b)),
-            _ => Err(UsageError("`pipe diff` needs two runs in the store (see `pipe runs`)".into()).into()),
+            _ => Err(UsageError(
+                "`pipe diff` needs two runs in the store (see `pipe runs`)".into(),
+            )
+            .into()),
         },
     }
 }
 
 fn compare(store: &Store, a: &RunRecord, b: &RunRecord, args: &DiffArgs) -> Report {
-    let params = explain(&a.params, &b.params).iter().map(ToString::to_string).collect();
+    let params = explain(&a.params, &b.params)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let mut names: Vec<&String> = b.stages.keys().collect();
     names.extend(a.stages.keys().filter(|k| !b.stages.contains_key(*k)));
     let mut stages = Vec::new();
@@ -131,18 +146,31 @@ fn compare(store: &Store, a: &RunRecord, b: &RunRecord, args: &DiffArgs) -> Repo
             (Some(x), Some(y)) if x == y => d.status = "same",
             (Some(x), Some(y)) => {
                 d.status = "changed";
-                let (ra, rb) = (store.record(x).ok().flatten(), store.record(y).ok().flatten());
+                let (ra, rb) = (
+                    store.record(x).ok().flatten(),
+                    store.record(y).ok().flatten(),
+                );
                 match (&ra, &rb) {
                     (Some(ra), Some(rb)) => fill(store, &mut d, ra, rb, args),
-                    _ => d.changes.push("a stage record is no longer in the store (collected by `pipe gc`?)".into()),
+                    _ => d.changes.push(
+                        "a stage record is no longer in the store (collected by `pipe gc`?)".into(),
+                    ),
                 }
             }
         }
         stages.push(d);
     }
     Report {
-        a: RunRef { id: a.id.clone(), name: a.name.clone(), profile: a.profile.clone() },
-        b: RunRef { id: b.id.clone(), name: b.name.clone(), profile: b.profile.clone() },
+        a: RunRef {
+            id: a.id.clone(),
+            name: a.name.clone(),
+            profile: a.profile.clone(),
+        },
+        b: RunRef {
+            id: b.id.clone(),
+            name: b.name.clone(),
+            profile: b.profile.clone(),
+        },
         params,
         stages,
     }
@@ -152,8 +180,16 @@ fn fill(store: &Store, d: &mut StageDiff, ra: &StageRecord, rb: &StageRecord, ar
     for c in explain(&ra.fingerprint, &rb.fingerprint) {
         if c.component() == "inputs" {
             let input = c.path.trim_start_matches("inputs.");
-            let from = rb.upstream.get(input).or_else(|| ra.upstream.get(input)).cloned().unwrap_or_else(|| input.to_owned());
-            let stage = from.rsplit_once('.').map(|(s, _)| s.to_owned()).unwrap_or(from);
+            let from = rb
+                .upstream
+                .get(input)
+                .or_else(|| ra.upstream.get(input))
+                .cloned()
+                .unwrap_or_else(|| input.to_owned());
+            let stage = from
+                .rsplit_once('.')
+                .map(|(s, _)| s.to_owned())
+                .unwrap_or(from);
             if !d.upstream.contains(&stage) {
                 d.upstream.push(stage);
             }
@@ -171,18 +207,35 @@ fn fill(store: &Store, d: &mut StageDiff, ra: &StageRecord, rb: &StageRecord, ar
             (Some(p), Some(q)) => Some(q - p),
             _ => None,
         };
-        d.metrics.push(MetricDelta { name: k.clone(), a: x.cloned(), b: y.cloned(), delta });
+        d.metrics.push(MetricDelta {
+            name: k.clone(),
+            a: x.cloned(),
+            b: y.cloned(),
+            delta,
+        });
     }
     for (name, oa) in &ra.outputs {
-        let Some(ob) = rb.outputs.get(name) else { continue };
+        let Some(ob) = rb.outputs.get(name) else {
+            continue;
+        };
         if oa.digest == ob.digest {
             continue;
         }
         let (pa, pb) = (store.object_path(&oa.digest), store.object_path(&ob.digest));
-        let mut od = OutputDiff { output: name.clone(), digest_a: oa.digest.clone(), digest_b: ob.digest.clone(), records: None, files: None };
+        let mut od = OutputDiff {
+            output: name.clone(),
+            digest_a: oa.digest.clone(),
+            digest_b: ob.digest.clone(),
+            records: None,
+            files: None,
+        };
         match (oa.kind, ob.kind) {
-            (ArtifactKind::File, ArtifactKind::File) => od.records = jsonl_diff(&pa, &pb, &args.id_field, args.examples),
-            (ArtifactKind::Dir, ArtifactKind::Dir) => od.files = Some(dir_diff(&pa, &pb, args.examples)),
+            (ArtifactKind::File, ArtifactKind::File) => {
+                od.records = jsonl_diff(&pa, &pb, &args.id_field, args.examples)
+            }
+            (ArtifactKind::Dir, ArtifactKind::Dir) => {
+                od.files = Some(dir_diff(&pa, &pb, args.examples))
+            }
             _ => {}
         }
         d.outputs.push(od);
@@ -219,9 +272,22 @@ fn jsonl_diff(a: &Path, b: &Path, id_field: &str, examples: usize) -> Option<Rec
         match ma.get(id) {
             None => added.push(format!("+ {}", clip(id))),
             Some(va) if va != vb => {
-                let fields: Vec<String> = explain(va, vb).iter().map(|c| c.path.split('.').next().unwrap_or("").to_owned()).collect::<BTreeSet<_>>().into_iter().collect();
-                let detail = explain(va, vb).first().map(|c| format!(" ({c})")).unwrap_or_default();
-                changed.push(format!("~ {}: {}{}", clip(id), fields.join(", "), clip(&detail)));
+                let fields: Vec<String> = explain(va, vb)
+                    .iter()
+                    .map(|c| c.path.split('.').next().unwrap_or("").to_owned())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                let detail = explain(va, vb)
+                    .first()
+                    .map(|c| format!(" ({c})"))
+                    .unwrap_or_default();
+                changed.push(format!(
+                    "~ {}: {}{}",
+                    clip(id),
+                    fields.join(", "),
+                    clip(&detail)
+                ));
             }
             Some(_) => d.unchanged += 1,
         }
@@ -243,7 +309,9 @@ fn jsonl_diff(a: &Path, b: &Path, id_field: &str, examples: usize) -> Option<Rec
 /// Files of two directory artifacts, compared by content digest.
 fn dir_diff(a: &Path, b: &Path, examples: usize) -> RecordDiff {
     fn files(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
         for e in entries.flatten() {
             let p = e.path();
             if p.is_dir() {
@@ -309,7 +377,11 @@ fn print(r: &Report) {
         }
         let key = match (&s.key_a, &s.key_b) {
             (Some(a), Some(b)) if a == b => short(a).to_owned(),
-            (a, b) => format!("{} → {}", a.as_deref().map(short).unwrap_or("-"), b.as_deref().map(short).unwrap_or("-")),
+            (a, b) => format!(
+                "{} → {}",
+                a.as_deref().map(short).unwrap_or("-"),
+                b.as_deref().map(short).unwrap_or("-")
+            ),
         };
         println!("{:<width$}  {:<8} {key}", s.stage, s.status);
         let pad = " ".repeat(width + 2);
@@ -322,25 +394,48 @@ fn print(r: &Report) {
             println!("{pad}and upstream changed: {}", s.upstream.join(", "));
         }
         for m in &s.metrics {
-            let show = |v: &Option<Value>| v.as_ref().map(|v| match v.as_f64() { Some(f) => format!("{f:.4}"), None => v.to_string() }).unwrap_or_else(|| "-".into());
+            let show = |v: &Option<Value>| {
+                v.as_ref()
+                    .map(|v| match v.as_f64() {
+                        Some(f) => format!("{f:.4}"),
+                        None => v.to_string(),
+                    })
+                    .unwrap_or_else(|| "-".into())
+            };
             let delta = m.delta.map(|d| format!(" ({d:+.4})")).unwrap_or_default();
-            println!("{pad}metric {}: {} → {}{delta}", m.name, show(&m.a), show(&m.b));
+            println!(
+                "{pad}metric {}: {} → {}{delta}",
+                m.name,
+                show(&m.a),
+                show(&m.b)
+            );
         }
         for o in &s.outputs {
             match (&o.records, &o.files) {
                 (Some(d), _) => {
-                    println!("{pad}output {}: records {} added, {} removed, {} changed, {} same", o.output, d.added, d.removed, d.changed, d.unchanged);
+                    println!(
+                        "{pad}output {}: records {} added, {} removed, {} changed, {} same",
+                        o.output, d.added, d.removed, d.changed, d.unchanged
+                    );
                     for e in &d.examples {
                         println!("{pad}  {e}");
                     }
                 }
                 (None, Some(d)) => {
-                    println!("{pad}output {}: files {} added, {} removed, {} changed, {} same", o.output, d.added, d.removed, d.changed, d.unchanged);
+                    println!(
+                        "{pad}output {}: files {} added, {} removed, {} changed, {} same",
+                        o.output, d.added, d.removed, d.changed, d.unchanged
+                    );
                     for e in &d.examples {
                         println!("{pad}  {e}");
                     }
                 }
-                _ => println!("{pad}output {}: {} → {}", o.output, short(&o.digest_a), short(&o.digest_b)),
+                _ => println!(
+                    "{pad}output {}: {} → {}",
+                    o.output,
+                    short(&o.digest_a),
+                    short(&o.digest_b)
+                ),
             }
         }
     }

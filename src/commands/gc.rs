@@ -10,7 +10,10 @@ use super::UsageError;
 pub fn run(args: &GcArgs, cache: &Path) -> anyhow::Result<u8> {
     let store = super::open_existing(cache)?;
     let Some(_lock) = store.run_lock(true)? else {
-        return Err(UsageError("a `pipe run` is using this store; run `pipe gc` when it has finished".into()).into());
+        return Err(UsageError(
+            "a `pipe run` is using this store; run `pipe gc` when it has finished".into(),
+        )
+        .into());
     };
     let runs = store.runs()?;
     let cut = runs.len().saturating_sub(args.keep_last);
@@ -22,7 +25,10 @@ pub fn run(args: &GcArgs, cache: &Path) -> anyhow::Result<u8> {
             dropped_runs.push(r);
         }
     }
-    let live_keys: BTreeSet<String> = kept_runs.iter().flat_map(|r| r.stages.values().filter_map(|s| s.key.clone())).collect();
+    let live_keys: BTreeSet<String> = kept_runs
+        .iter()
+        .flat_map(|r| r.stages.values().filter_map(|s| s.key.clone()))
+        .collect();
     let mut live_objects = BTreeSet::new();
     let mut dead_records = Vec::new();
     for key in store.record_keys()? {
@@ -36,9 +42,21 @@ pub fn run(args: &GcArgs, cache: &Path) -> anyhow::Result<u8> {
             dead_records.push(key);
         }
     }
-    let dead_objects: Vec<String> = store.object_digests()?.into_iter().filter(|d| !live_objects.contains(d)).collect();
-    let dead_checkpoints: Vec<String> = if args.checkpoints { store.checkpoint_keys() } else { Vec::new() };
-    let verb = if args.dry_run { "would delete" } else { "deleted" };
+    let dead_objects: Vec<String> = store
+        .object_digests()?
+        .into_iter()
+        .filter(|d| !live_objects.contains(d))
+        .collect();
+    let dead_checkpoints: Vec<String> = if args.checkpoints {
+        store.checkpoint_keys()
+    } else {
+        Vec::new()
+    };
+    let verb = if args.dry_run {
+        "would delete"
+    } else {
+        "deleted"
+    };
     let mut bytes = 0u64;
     if !args.dry_run {
         for r in &dropped_runs {
@@ -56,12 +74,15 @@ pub fn run(args: &GcArgs, cache: &Path) -> anyhow::Result<u8> {
         // Refs to records that are gone would only confuse `pipe status`.
         for (pipeline, stage, key) in store.refs()? {
             if store.record(&key).ok().flatten().is_none() {
-                let _ = std::fs::remove_file(store.root().join("refs").join(&pipeline).join(&stage));
+                let _ =
+                    std::fs::remove_file(store.root().join("refs").join(&pipeline).join(&stage));
             }
         }
     } else {
         for d in &dead_objects {
-            bytes += crate::digest::hash_path(&store.object_path(d), None).map(|i| i.bytes).unwrap_or(0);
+            bytes += crate::digest::hash_path(&store.object_path(d), None)
+                .map(|i| i.bytes)
+                .unwrap_or(0);
         }
     }
     println!(

@@ -44,19 +44,31 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
 }
 
 fn load(args: &PipelineArgs, registry: &Registry) -> anyhow::Result<Pipeline> {
-    let options = LoadOptions { profile: args.profile.clone(), param_files: args.param_files.clone(), sets: args.sets.clone() };
+    let options = LoadOptions {
+        profile: args.profile.clone(),
+        param_files: args.param_files.clone(),
+        sets: args.sets.clone(),
+    };
     Ok(Pipeline::load(&args.file, &options, registry)?)
 }
 
 fn open_existing(cache: &Path) -> anyhow::Result<Store> {
     Store::open_existing(cache).ok_or_else(|| {
-        UsageError(format!("no store at `{}`; run a pipeline first, or pass `--cache DIR` / set `PIPE_CACHE`", cache.display())).into()
+        UsageError(format!(
+            "no store at `{}`; run a pipeline first, or pass `--cache DIR` / set `PIPE_CACHE`",
+            cache.display()
+        ))
+        .into()
     })
 }
 
 /// Finds a run by id, id prefix or name (the newest run of that name).
 fn find_run<'r>(runs: &'r [RunRecord], wanted: &str) -> anyhow::Result<&'r RunRecord> {
-    if let Some(r) = runs.iter().rev().find(|r| r.id == wanted || r.name.as_deref() == Some(wanted)) {
+    if let Some(r) = runs
+        .iter()
+        .rev()
+        .find(|r| r.id == wanted || r.name.as_deref() == Some(wanted))
+    {
         return Ok(r);
     }
     let matches: Vec<&RunRecord> = runs.iter().filter(|r| r.id.starts_with(wanted)).collect();
@@ -64,39 +76,68 @@ fn find_run<'r>(runs: &'r [RunRecord], wanted: &str) -> anyhow::Result<&'r RunRe
         [one] => Ok(one),
         [] => {
             let names: Vec<&str> = runs.iter().filter_map(|r| r.name.as_deref()).collect();
-            let help = pipe_stages::suggest(wanted, names).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
-            Err(UsageError(format!("no run with id or name `{wanted}` (see `pipe runs`){help}")).into())
+            let help = pipe_stages::suggest(wanted, names)
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default();
+            Err(UsageError(format!(
+                "no run with id or name `{wanted}` (see `pipe runs`){help}"
+            ))
+            .into())
         }
-        many => Err(UsageError(format!("`{wanted}` matches {} runs; give more of the id", many.len())).into()),
+        many => Err(UsageError(format!(
+            "`{wanted}` matches {} runs; give more of the id",
+            many.len()
+        ))
+        .into()),
     }
 }
 
 /// Finds the record of `stage`'s last completion, in `pipeline` or (when unique) any pipeline.
-fn find_stage(store: &Store, stage: &str, pipeline: Option<&str>) -> anyhow::Result<crate::store::StageRecord> {
+fn find_stage(
+    store: &Store,
+    stage: &str,
+    pipeline: Option<&str>,
+) -> anyhow::Result<crate::store::StageRecord> {
     let refs = store.refs()?;
-    let candidates: Vec<&(String, String, String)> =
-        refs.iter().filter(|(p, s, _)| s == stage && pipeline.is_none_or(|want| want == p)).collect();
+    let candidates: Vec<&(String, String, String)> = refs
+        .iter()
+        .filter(|(p, s, _)| s == stage && pipeline.is_none_or(|want| want == p))
+        .collect();
     let chosen = match candidates.as_slice() {
         [one] => *one,
         [] => {
             let names: Vec<&str> = refs.iter().map(|(_, s, _)| s.as_str()).collect();
-            let help = pipe_stages::suggest(stage, names).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
+            let help = pipe_stages::suggest(stage, names)
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default();
             return Err(UsageError(format!("stage `{stage}` has no stored result{help}")).into());
         }
         many => {
             // The one of the most recent run wins.
             let runs = store.runs()?;
-            let latest = runs.iter().rev().find_map(|r| many.iter().find(|(p, _, _)| *p == r.pipeline && r.stages.contains_key(stage)));
+            let latest = runs.iter().rev().find_map(|r| {
+                many.iter()
+                    .find(|(p, _, _)| *p == r.pipeline && r.stages.contains_key(stage))
+            });
             match latest {
                 Some(c) => *c,
                 None => {
                     let pipes: Vec<&str> = many.iter().map(|(p, _, _)| p.as_str()).collect();
-                    return Err(UsageError(format!("stage `{stage}` exists in pipelines {}; pass `--pipeline`", pipes.join(", "))).into());
+                    return Err(UsageError(format!(
+                        "stage `{stage}` exists in pipelines {}; pass `--pipeline`",
+                        pipes.join(", ")
+                    ))
+                    .into());
                 }
             }
         }
     };
-    store.record(&chosen.2)?.with_context(|| format!("the record of `{stage}` ({}) is gone; rerun the pipeline", &chosen.2[..12]))
+    store.record(&chosen.2)?.with_context(|| {
+        format!(
+            "the record of `{stage}` ({}) is gone; rerun the pipeline",
+            &chosen.2[..12]
+        )
+    })
 }
 
 fn short(key: &str) -> &str {

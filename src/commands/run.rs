@@ -18,7 +18,11 @@ pub fn run(args: &RunArgs, cache: &Path, registry: &Registry, verbose: u8) -> an
     let started = Instant::now();
     let pipeline = Arc::new(super::load(&args.pipeline, registry)?);
     let mut plan = Plan::new(&pipeline)?;
-    let selection = Selection { only: args.select.only.clone(), from: args.select.from.clone(), until: args.select.until.clone() };
+    let selection = Selection {
+        only: args.select.only.clone(),
+        from: args.select.from.clone(),
+        until: args.select.until.clone(),
+    };
     plan.select(&pipeline, &selection)?;
     let capacity = capacity(&args.resources)?;
     let store = Store::open(cache)?;
@@ -45,7 +49,17 @@ pub fn run(args: &RunArgs, cache: &Path, registry: &Registry, verbose: u8) -> an
             .iter()
             .enumerate()
             .filter(|(i, _)| plan.needed()[*i])
-            .map(|(_, s)| (s.name.clone(), RunStage { key: None, status: StageStatus::Pending, seconds: 0.0, message: None }))
+            .map(|(_, s)| {
+                (
+                    s.name.clone(),
+                    RunStage {
+                        key: None,
+                        status: StageStatus::Pending,
+                        seconds: 0.0,
+                        message: None,
+                    },
+                )
+            })
             .collect(),
         started: executor::now_rfc3339(),
         finished: None,
@@ -58,28 +72,54 @@ pub fn run(args: &RunArgs, cache: &Path, registry: &Registry, verbose: u8) -> an
 
     let cancel = CancelToken::new();
     let options = RunOptions {
-        jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        jobs: args.jobs.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }),
         capacity,
         cancel: cancel.clone(),
         progress: !args.no_progress,
         echo_logs: verbose > 0,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let results = {
         let record = &mut record;
         let store2 = store.clone();
-        runtime.block_on(executor::execute(pipeline.clone(), &plan, store.clone(), registry.clone(), options, move |name, r| {
-            record.stages.insert(name.to_owned(), RunStage { key: r.key.clone(), status: r.status, seconds: r.seconds, message: r.message.clone() });
-            if r.status != StageStatus::Cached {
-                // Keep the on-disk run record current when real work finished.
-                let _ = store2.write_run(record);
-            }
-        }))
+        runtime.block_on(executor::execute(
+            pipeline.clone(),
+            &plan,
+            store.clone(),
+            registry.clone(),
+            options,
+            move |name, r| {
+                record.stages.insert(
+                    name.to_owned(),
+                    RunStage {
+                        key: r.key.clone(),
+                        status: r.status,
+                        seconds: r.seconds,
+                        message: r.message.clone(),
+                    },
+                );
+                if r.status != StageStatus::Cached {
+                    // Keep the on-disk run record current when real work finished.
+                    let _ = store2.write_run(record);
+                }
+            },
+        ))
     };
     drop(runtime);
 
     let count = |st: StageStatus| results.iter().flatten().filter(|r| r.status == st).count();
-    let (ran, cached, failed, cancelled) = (count(StageStatus::Ran), count(StageStatus::Cached), count(StageStatus::Failed), count(StageStatus::Cancelled));
+    let (ran, cached, failed, cancelled) = (
+        count(StageStatus::Ran),
+        count(StageStatus::Cached),
+        count(StageStatus::Failed),
+        count(StageStatus::Cancelled),
+    );
     let interrupted = cancel.is_cancelled() || cancelled > 0;
     record.status = if interrupted {
         "interrupted"
@@ -93,7 +133,13 @@ pub fn run(args: &RunArgs, cache: &Path, registry: &Registry, verbose: u8) -> an
     store.write_run(&record)?;
 
     // End-of-run table, in pipeline order.
-    let width = pipeline.stages.iter().map(|s| s.name.len()).max().unwrap_or(5).max(5);
+    let width = pipeline
+        .stages
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
     println!("{:<width$}  {:<9} {:>8}  key", "stage", "status", "time");
     for (i, spec) in pipeline.stages.iter().enumerate() {
         let Some(r) = &results[i] else { continue };
@@ -108,11 +154,19 @@ pub fn run(args: &RunArgs, cache: &Path, registry: &Registry, verbose: u8) -> an
     for (i, spec) in pipeline.stages.iter().enumerate() {
         if let Some(r) = &results[i] {
             if matches!(r.status, StageStatus::Failed) {
-                eprintln!("error: stage `{}` failed: {}", spec.name, r.message.as_deref().unwrap_or(""));
+                eprintln!(
+                    "error: stage `{}` failed: {}",
+                    spec.name,
+                    r.message.as_deref().unwrap_or("")
+                );
             }
         }
     }
-    let name = record.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+    let name = record
+        .name
+        .as_deref()
+        .map(|n| format!(" ({n})"))
+        .unwrap_or_default();
     println!(
         "run {}{name} {}: {ran} ran, {cached} cached, {failed} failed in {}",
         record.id,
@@ -127,7 +181,11 @@ pub fn run(args: &RunArgs, cache: &Path, registry: &Registry, verbose: u8) -> an
         eprintln!("interrupted: finished stages are stored and checkpoints kept; run `{cmd}` (same options) to resume");
         return Ok(crate::exit::INTERRUPTED);
     }
-    Ok(if record.status == "ok" { crate::exit::OK } else { crate::exit::FAILED })
+    Ok(if record.status == "ok" {
+        crate::exit::OK
+    } else {
+        crate::exit::FAILED
+    })
 }
 
 /// Resources the machine offers: detected GPUs, overridden by `--resource NAME=N`.
@@ -137,8 +195,17 @@ fn capacity(overrides: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
     for o in overrides {
         let (k, v) = o
             .split_once('=')
-            .and_then(|(k, v)| v.trim().parse::<u32>().ok().map(|v| (k.trim().to_owned(), v)))
-            .ok_or_else(|| UsageError(format!("`--resource {o}`: expected NAME=COUNT, e.g. `--resource gpu=2`")))?;
+            .and_then(|(k, v)| {
+                v.trim()
+                    .parse::<u32>()
+                    .ok()
+                    .map(|v| (k.trim().to_owned(), v))
+            })
+            .ok_or_else(|| {
+                UsageError(format!(
+                    "`--resource {o}`: expected NAME=COUNT, e.g. `--resource gpu=2`"
+                ))
+            })?;
         cap.insert(k, v);
     }
     Ok(cap)
@@ -147,7 +214,10 @@ fn capacity(overrides: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
 /// GPUs visible to this process: `CUDA_VISIBLE_DEVICES` when set, else NVIDIA device nodes.
 fn detect_gpus() -> u32 {
     if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
-        return v.split(',').filter(|s| !s.trim().is_empty() && s.trim() != "-1").count() as u32;
+        return v
+            .split(',')
+            .filter(|s| !s.trim().is_empty() && s.trim() != "-1")
+            .count() as u32;
     }
     std::fs::read_dir("/dev")
         .map(|d| {
@@ -155,7 +225,9 @@ fn detect_gpus() -> u32 {
                 .filter(|e| {
                     let n = e.file_name();
                     let n = n.to_string_lossy();
-                    n.strip_prefix("nvidia").is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_ascii_digit()))
+                    n.strip_prefix("nvidia").is_some_and(|rest| {
+                        !rest.is_empty() && rest.chars().all(|c| c.is_ascii_digit())
+                    })
                 })
                 .count() as u32
         })
@@ -167,7 +239,10 @@ fn run_id() -> String {
     let now = std::time::SystemTime::now();
     let stamp = humantime::format_rfc3339_seconds(now).to_string();
     let compact: String = stamp.chars().filter(|c| c.is_ascii_digit()).collect();
-    let nanos = now.duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     let salt = (nanos ^ std::process::id().rotate_left(16)) & 0xffff;
     format!("{}-{}-{salt:04x}", &compact[..8], &compact[8..14])
 }

@@ -13,7 +13,10 @@ pub fn run(args: &RunsArgs, cache: &Path) -> anyhow::Result<u8> {
         println!("{}", serde_json::to_string_pretty(shown)?);
         return Ok(crate::exit::OK);
     }
-    println!("{:<21} {:<14} {:<12} {:<20} {:<11} {:>4} {:>6} {:>6}  profile", "id", "name", "pipeline", "started", "status", "ran", "cached", "failed");
+    println!(
+        "{:<21} {:<14} {:<12} {:<20} {:<11} {:>4} {:>6} {:>6}  profile",
+        "id", "name", "pipeline", "started", "status", "ran", "cached", "failed"
+    );
     for r in shown {
         let count = |s: StageStatus| r.stages.values().filter(|x| x.status == s).count();
         println!(

@@ -24,21 +24,41 @@ pub fn run(args: &ShowArgs, cache: &Path) -> anyhow::Result<u8> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(crate::exit::OK);
     }
-    println!("stage     {} ({}) in pipeline `{}`", rec.stage, rec.kind, rec.pipeline);
+    println!(
+        "stage     {} ({}) in pipeline `{}`",
+        rec.stage, rec.kind, rec.pipeline
+    );
     println!("key       {}", rec.key);
-    println!("computed  {} on {} in {}", rec.started, rec.host, super::secs(rec.seconds));
-    println!("params    {}", serde_json::to_string(&rec.fingerprint["params"])?);
+    println!(
+        "computed  {} on {} in {}",
+        rec.started,
+        rec.host,
+        super::secs(rec.seconds)
+    );
+    println!(
+        "params    {}",
+        serde_json::to_string(&rec.fingerprint["params"])?
+    );
     for (name, from) in &rec.upstream {
         let digest = rec.fingerprint["inputs"][name].as_str().unwrap_or("");
         println!("input     {name} ← {from} ({})", super::short(digest));
     }
     if let Some(deps) = rec.fingerprint["deps"].as_object() {
         for (path, d) in deps {
-            println!("dep       {path} ({})", super::short(d.as_str().unwrap_or("")));
+            println!(
+                "dep       {path} ({})",
+                super::short(d.as_str().unwrap_or(""))
+            );
         }
     }
     for (name, a) in &rec.outputs {
-        println!("output    {name}: {} ({:?}, {} bytes, {} files)", store.object_path(&a.digest).display(), a.kind, a.bytes, a.files);
+        println!(
+            "output    {name}: {} ({:?}, {} bytes, {} files)",
+            store.object_path(&a.digest).display(),
+            a.kind,
+            a.bytes,
+            a.files
+        );
     }
     for (name, v) in &rec.metrics {
         println!("metric    {name} = {v}");

@@ -16,7 +16,12 @@ use crate::store::Store;
 
 use super::short;
 
-pub fn run(args: &StatusArgs, cache: &Path, registry: &Registry, verbose: u8) -> anyhow::Result<u8> {
+pub fn run(
+    args: &StatusArgs,
+    cache: &Path,
+    registry: &Registry,
+    verbose: u8,
+) -> anyhow::Result<u8> {
     let pipeline = Arc::new(super::load(&args.pipeline, registry)?);
     let plan = Plan::new(&pipeline)?;
     let store = Store::open(cache)?;
@@ -26,10 +31,16 @@ pub fn run(args: &StatusArgs, cache: &Path, registry: &Registry, verbose: u8) ->
     let mut rows = Vec::new();
     for &idx in plan.order() {
         let spec = &pipeline.stages[idx];
-        let previous = store.ref_key(&pipeline.name, &spec.name).and_then(|k| store.record(&k).ok().flatten());
+        let previous = store
+            .ref_key(&pipeline.name, &spec.name)
+            .and_then(|k| store.record(&k).ok().flatten());
         let mut reasons: Vec<String> = Vec::new();
-        let upstream_running: Vec<&str> =
-            plan.parents(idx).into_iter().filter(|p| will_run[*p]).map(|p| pipeline.stages[p].name.as_str()).collect();
+        let upstream_running: Vec<&str> = plan
+            .parents(idx)
+            .into_iter()
+            .filter(|p| will_run[*p])
+            .map(|p| pipeline.stages[p].name.as_str())
+            .collect();
         let mut key = None;
         let mut cached = false;
         let mut doc = None;
@@ -40,13 +51,18 @@ pub fn run(args: &StatusArgs, cache: &Path, registry: &Registry, verbose: u8) ->
                         cached = true;
                         let modified = executor::workspace_outs_modified(&shared, spec, &rec);
                         if !modified.is_empty() {
-                            reasons.push(format!("outs modified in the workspace, will be restored: {}", modified.join(", ")));
+                            reasons.push(format!(
+                                "outs modified in the workspace, will be restored: {}",
+                                modified.join(", ")
+                            ));
                         }
                         for (name, art) in &rec.outputs {
                             outputs.insert((spec.name.clone(), name.clone()), art.clone());
                         }
                     } else if store.record(&fp.key)?.is_some() {
-                        reasons.push("its stored outputs are missing (quarantined or collected)".into());
+                        reasons.push(
+                            "its stored outputs are missing (quarantined or collected)".into(),
+                        );
                     }
                     key = Some(fp.key.clone());
                     doc = Some(fp.doc);
@@ -126,7 +142,10 @@ fn describe(c: &Change, prev: &crate::store::StageRecord) -> String {
             }
         }
         "deps" => format!("dep `{}` changed", c.path.trim_start_matches("deps.")),
-        "version" => format!("stage kind version {}", c.to_string().trim_start_matches("version: ")),
+        "version" => format!(
+            "stage kind version {}",
+            c.to_string().trim_start_matches("version: ")
+        ),
         "kind" => format!("kind {c}"),
         _ => c.to_string(),
     }

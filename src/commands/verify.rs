@@ -15,7 +15,9 @@ pub fn run(args: &VerifyArgs, cache: &Path) -> anyhow::Result<u8> {
     let mut corrupt = Vec::new();
     for d in &digests {
         let path = store.object_path(d);
-        let ok = digest::hash_path(&path, None).map(|info| &info.digest == d).unwrap_or(false);
+        let ok = digest::hash_path(&path, None)
+            .map(|info| &info.digest == d)
+            .unwrap_or(false);
         if !ok {
             let moved = store.quarantine(d)?;
             corrupt.push((d.clone(), moved));
@@ -55,20 +57,43 @@ pub fn run(args: &VerifyArgs, cache: &Path) -> anyhow::Result<u8> {
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("checked {} objects: {} corrupt", digests.len(), corrupt.len());
+        println!(
+            "checked {} objects: {} corrupt",
+            digests.len(),
+            corrupt.len()
+        );
         for (d, p) in &corrupt {
-            println!("  corrupt {} → quarantined at {}", super::short(d), p.display());
+            println!(
+                "  corrupt {} → quarantined at {}",
+                super::short(d),
+                p.display()
+            );
         }
         for (k, e) in &bad_records {
             println!("  unreadable record {} removed: {e}", super::short(k));
         }
         for (stage, key, missing) in &incomplete {
-            println!("  `{stage}` ({}) lacks outputs {}: it will be recomputed", super::short(key), missing.join(", "));
+            println!(
+                "  `{stage}` ({}) lacks outputs {}: it will be recomputed",
+                super::short(key),
+                missing.join(", ")
+            );
         }
         if swept > 0 {
             println!("removed {swept} scratch directories of dead processes");
         }
-        println!("{}", if clean { "store is clean" } else { "store had problems; rerun the pipeline to recompute what was quarantined" });
+        println!(
+            "{}",
+            if clean {
+                "store is clean"
+            } else {
+                "store had problems; rerun the pipeline to recompute what was quarantined"
+            }
+        );
     }
-    Ok(if clean { crate::exit::OK } else { crate::exit::FAILED })
+    Ok(if clean {
+        crate::exit::OK
+    } else {
+        crate::exit::FAILED
+    })
 }

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::contract::{OutputDecl, OutputLocation, Outcome, Signature, Stage, StageContext, StageError};
+use crate::contract::{
+    Outcome, OutputDecl, OutputLocation, Signature, Stage, StageContext, StageError,
+};
 use crate::params::{parse_params, ParamError};
 
 /// The kind name that the `run:` form of a stage maps to.
@@ -57,7 +59,10 @@ impl Outs {
                 let mut named = Vec::new();
                 for (i, path) in paths.iter().enumerate() {
                     let trimmed = path.trim_end_matches('/');
-                    let file = Path::new(trimmed).file_name().and_then(|s| s.to_str()).unwrap_or(trimmed);
+                    let file = Path::new(trimmed)
+                        .file_name()
+                        .and_then(|s| s.to_str())
+                        .unwrap_or(trimmed);
                     let name = file.split('.').next().unwrap_or(file).to_owned();
                     if let Some(other) = seen.insert(name.clone(), path) {
                         let idx = i.to_string();
@@ -107,10 +112,18 @@ impl Stage for CommandStage {
             .into_iter()
             .map(|(name, path)| {
                 check_relative(&path, &["outs", &name])?;
-                Ok(OutputDecl { name, location: OutputLocation::Workspace(path) })
+                Ok(OutputDecl {
+                    name,
+                    location: OutputLocation::Workspace(path),
+                })
             })
             .collect::<Result<Vec<_>, ParamError>>()?;
-        Ok(Signature { inputs: Vec::new(), any_inputs: true, deps: p.deps, outputs })
+        Ok(Signature {
+            inputs: Vec::new(),
+            any_inputs: true,
+            deps: p.deps,
+            outputs,
+        })
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Outcome, StageError> {
@@ -118,12 +131,15 @@ impl Stage for CommandStage {
         for (_, path) in p.outs.named()? {
             let full = ctx.workdir.join(&path);
             if full.is_dir() {
-                std::fs::remove_dir_all(&full).map_err(StageError::io(format!("removing stale out `{path}`")))?;
+                std::fs::remove_dir_all(&full)
+                    .map_err(StageError::io(format!("removing stale out `{path}`")))?;
             } else if full.exists() {
-                std::fs::remove_file(&full).map_err(StageError::io(format!("removing stale out `{path}`")))?;
+                std::fs::remove_file(&full)
+                    .map_err(StageError::io(format!("removing stale out `{path}`")))?;
             }
             if let Some(parent) = full.parent() {
-                std::fs::create_dir_all(parent).map_err(StageError::io(format!("creating parent of `{path}`")))?;
+                std::fs::create_dir_all(parent)
+                    .map_err(StageError::io(format!("creating parent of `{path}`")))?;
             }
         }
         let mut cmd = Command::new("sh");
@@ -151,7 +167,10 @@ impl Stage for CommandStage {
             let _ = r.join();
         }
         if !status.success() {
-            return Err(StageError::Failed(format!("command exited with {status}: {}", p.run)));
+            return Err(StageError::Failed(format!(
+                "command exited with {status}: {}",
+                p.run
+            )));
         }
         for (name, path) in p.outs.named()? {
             if !ctx.workdir.join(&path).exists() {
@@ -166,7 +185,10 @@ impl Stage for CommandStage {
 
 fn check_relative(path: &str, at: &[&str]) -> Result<(), ParamError> {
     let p = Path::new(path);
-    if path.is_empty() || p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
+    if path.is_empty()
+        || p.is_absolute()
+        || p.components().any(|c| c == std::path::Component::ParentDir)
+    {
         return Err(ParamError::new(
             at,
             format!("`{path}` must be a relative path inside the workdir (no `..`, not absolute)"),
@@ -177,7 +199,15 @@ fn check_relative(path: &str, at: &[&str]) -> Result<(), ParamError> {
 
 /// `split.train` → `SPLIT_TRAIN`.
 fn env_name(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn forward_lines(
@@ -196,11 +226,21 @@ fn forward_lines(
     })
 }
 
-fn wait_or_cancel(child: &mut Child, ctx: &StageContext) -> Result<std::process::ExitStatus, StageError> {
+fn wait_or_cancel(
+    child: &mut Child,
+    ctx: &StageContext,
+) -> Result<std::process::ExitStatus, StageError> {
     let mut cancelled_at: Option<Instant> = None;
     loop {
-        if let Some(status) = child.try_wait().map_err(StageError::io("waiting for the command"))? {
-            return if cancelled_at.is_some() { Err(StageError::Cancelled) } else { Ok(status) };
+        if let Some(status) = child
+            .try_wait()
+            .map_err(StageError::io("waiting for the command"))?
+        {
+            return if cancelled_at.is_some() {
+                Err(StageError::Cancelled)
+            } else {
+                Ok(status)
+            };
         }
         if ctx.cancel.is_cancelled() {
             match cancelled_at {
@@ -261,13 +301,17 @@ mod tests {
 
     #[test]
     fn clashing_out_names_are_rejected() {
-        let err = CommandStage.declare(&json!({"run": "x", "outs": ["a/x.txt", "b/x.json"]})).unwrap_err();
+        let err = CommandStage
+            .declare(&json!({"run": "x", "outs": ["a/x.txt", "b/x.json"]}))
+            .unwrap_err();
         assert!(err.message.contains("both be named `x`"), "{}", err.message);
     }
 
     #[test]
     fn escaping_paths_are_rejected() {
-        let err = CommandStage.declare(&json!({"run": "x", "deps": ["../secret"]})).unwrap_err();
+        let err = CommandStage
+            .declare(&json!({"run": "x", "deps": ["../secret"]}))
+            .unwrap_err();
         assert_eq!(err.path, ["deps", "0"]);
     }
 }

@@ -66,12 +66,18 @@ pub struct InputDecl {
 impl InputDecl {
     /// A required input.
     pub fn required(name: &str) -> Self {
-        Self { name: name.to_owned(), required: true }
+        Self {
+            name: name.to_owned(),
+            required: true,
+        }
     }
 
     /// An optional input.
     pub fn optional(name: &str) -> Self {
-        Self { name: name.to_owned(), required: false }
+        Self {
+            name: name.to_owned(),
+            required: false,
+        }
     }
 }
 
@@ -98,7 +104,10 @@ pub enum OutputLocation {
 impl OutputDecl {
     /// An output written under the stage's output directory.
     pub fn staged(name: &str, path: &str) -> Self {
-        Self { name: name.to_owned(), location: OutputLocation::Staged(path.to_owned()) }
+        Self {
+            name: name.to_owned(),
+            location: OutputLocation::Staged(path.to_owned()),
+        }
     }
 }
 
@@ -195,7 +204,10 @@ impl StageContext {
     /// Path of an input, or a clear error naming it when it is not bound.
     pub fn input(&self, name: &str) -> Result<&Path, StageError> {
         self.inputs.get(name).map(PathBuf::as_path).ok_or_else(|| {
-            StageError::Failed(format!("input `{name}` is not bound for stage `{}`", self.stage))
+            StageError::Failed(format!(
+                "input `{name}` is not bound for stage `{}`",
+                self.stage
+            ))
         })
     }
 

@@ -14,7 +14,10 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 /// A unique temporary path beside `target` (same directory, so rename is atomic).
 pub fn temp_path_for(target: &Path) -> PathBuf {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = target.file_name().map(|s| s.to_string_lossy()).unwrap_or_default();
+    let name = target
+        .file_name()
+        .map(|s| s.to_string_lossy())
+        .unwrap_or_default();
     target.with_file_name(format!(".{name}.tmp.{}.{n}", std::process::id()))
 }
 
@@ -76,7 +79,11 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     match File::open(dir) {
         Ok(d) => d.sync_all().or_else(|e| {
             // Some filesystems refuse fsync on directories; the rename is still atomic.
-            if e.kind() == io::ErrorKind::InvalidInput { Ok(()) } else { Err(e) }
+            if e.kind() == io::ErrorKind::InvalidInput {
+                Ok(())
+            } else {
+                Err(e)
+            }
         }),
         Err(e) => Err(e),
     }

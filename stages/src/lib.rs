@@ -16,7 +16,7 @@ mod registry;
 pub mod split;
 
 pub use contract::{
-    CancelToken, InputDecl, OutputDecl, OutputLocation, Outcome, Reporter, Signature, Stage,
+    CancelToken, InputDecl, Outcome, OutputDecl, OutputLocation, Reporter, Signature, Stage,
     StageContext, StageError,
 };
 pub use params::{parse_params, suggest, ParamError};

@@ -43,7 +43,11 @@ pub fn parse_params<T: DeserializeOwned>(value: &Value) -> Result<T, ParamError>
         }
         let message = err.inner().to_string();
         let help = unknown_field_help(&message);
-        ParamError { path, message, help }
+        ParamError {
+            path,
+            message,
+            help,
+        }
     })
 }
 
@@ -57,9 +61,17 @@ fn unknown_field_help(message: &str) -> Option<String> {
 
 /// The closest candidate to `found`, if any is close enough to be a likely typo.
 pub fn suggest<'a>(found: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    // Close by Jaro-Winkler (good for long names and shared prefixes), or within a small
+    // edit distance counting transpositions (good for short names: `tga` → `tag`).
+    let max_edits = (found.chars().count() / 3).max(1);
     candidates
         .into_iter()
-        .map(|c| (strsim::jaro_winkler(found, c), c))
+        .map(|c| {
+            let jw = strsim::jaro_winkler(found, c);
+            let close =
+                found.chars().count() >= 3 && strsim::damerau_levenshtein(found, c) <= max_edits;
+            (if close { jw.max(0.8) } else { jw }, c)
+        })
         .filter(|(score, _)| *score >= 0.8)
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, c)| c)

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::contract::{InputDecl, OutputDecl, Outcome, Signature, Stage, StageContext, StageError};
+use crate::contract::{InputDecl, Outcome, OutputDecl, Signature, Stage, StageContext, StageError};
 use crate::params::{parse_params, ParamError};
 
 /// Fields tried, in order, for the text that identifies duplicates when `text_field` is unset.
@@ -44,19 +44,35 @@ fn default_id_field() -> String {
 impl SplitParams {
     fn validate(&self) -> Result<(), ParamError> {
         if self.ratios.is_empty() {
-            return Err(ParamError::new(&["ratios"], "expected at least one split, e.g. {train: 0.8, val: 0.1, test: 0.1}"));
+            return Err(ParamError::new(
+                &["ratios"],
+                "expected at least one split, e.g. {train: 0.8, val: 0.1, test: 0.1}",
+            ));
         }
         for (name, ratio) in &self.ratios {
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-                return Err(ParamError::new(&["ratios", name], "split names may use letters, digits, `_` and `-` only"));
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(ParamError::new(
+                    &["ratios", name],
+                    "split names may use letters, digits, `_` and `-` only",
+                ));
             }
             if !(ratio.is_finite() && *ratio > 0.0) {
-                return Err(ParamError::new(&["ratios", name], format!("expected a fraction > 0, found {ratio}")));
+                return Err(ParamError::new(
+                    &["ratios", name],
+                    format!("expected a fraction > 0, found {ratio}"),
+                ));
             }
         }
         let sum: f64 = self.ratios.values().sum();
         if (sum - 1.0).abs() > 1e-6 {
-            return Err(ParamError::new(&["ratios"], format!("fractions must sum to 1, they sum to {sum}")));
+            return Err(ParamError::new(
+                &["ratios"],
+                format!("fractions must sum to 1, they sum to {sum}"),
+            ));
         }
         Ok(())
     }
@@ -83,7 +99,11 @@ impl Stage for SplitStage {
         p.validate()?;
         Ok(Signature {
             inputs: vec![InputDecl::required("records")],
-            outputs: p.ratios.keys().map(|n| OutputDecl::staged(n, &format!("{n}.jsonl"))).collect(),
+            outputs: p
+                .ratios
+                .keys()
+                .map(|n| OutputDecl::staged(n, &format!("{n}.jsonl")))
+                .collect(),
             ..Signature::default()
         })
     }
@@ -92,7 +112,8 @@ impl Stage for SplitStage {
         let p: SplitParams = parse_params(&ctx.params)?;
         p.validate()?;
         let path = ctx.input("records")?;
-        let file = File::open(path).map_err(StageError::io(format!("opening {}", path.display())))?;
+        let file =
+            File::open(path).map_err(StageError::io(format!("opening {}", path.display())))?;
         let mut records = Vec::new();
         for (i, line) in BufReader::new(file).lines().enumerate() {
             let line = line.map_err(StageError::io(format!("reading {}", path.display())))?;
@@ -100,7 +121,11 @@ impl Stage for SplitStage {
                 continue;
             }
             let value: Value = serde_json::from_str(&line).map_err(|e| {
-                StageError::Failed(format!("{}:{}: invalid JSON record: {e}", path.display(), i + 1))
+                StageError::Failed(format!(
+                    "{}:{}: invalid JSON record: {e}",
+                    path.display(),
+                    i + 1
+                ))
             })?;
             records.push(Record::new(&p, value, line));
         }
@@ -111,7 +136,8 @@ impl Stage for SplitStage {
         let mut writers = Vec::new();
         for name in &names {
             let out = ctx.out_dir.join(format!("{name}.jsonl"));
-            let f = File::create(&out).map_err(StageError::io(format!("creating {}", out.display())))?;
+            let f = File::create(&out)
+                .map_err(StageError::io(format!("creating {}", out.display())))?;
             writers.push(BufWriter::new(f));
         }
         let mut counts = vec![0u64; names.len()];
@@ -119,7 +145,9 @@ impl Stage for SplitStage {
         for (record, &split) in records.iter().zip(&assignment.per_record) {
             writeln!(writers[split], "{}", record.line).map_err(StageError::io("writing split"))?;
             counts[split] += 1;
-            strata.entry(record.stratum.clone()).or_insert_with(|| vec![0; names.len()])[split] += 1;
+            strata
+                .entry(record.stratum.clone())
+                .or_insert_with(|| vec![0; names.len()])[split] += 1;
         }
         for mut w in writers {
             w.flush().map_err(StageError::io("writing split"))?;
@@ -127,7 +155,10 @@ impl Stage for SplitStage {
         let mut metrics = BTreeMap::new();
         metrics.insert("records".to_owned(), json!(records.len()));
         metrics.insert("groups".to_owned(), json!(assignment.groups));
-        metrics.insert("merged_duplicates".to_owned(), json!(records.len() - assignment.groups));
+        metrics.insert(
+            "merged_duplicates".to_owned(),
+            json!(records.len() - assignment.groups),
+        );
         for (i, name) in names.iter().enumerate() {
             metrics.insert(format!("count.{name}"), json!(counts[i]));
         }
@@ -138,7 +169,12 @@ impl Stage for SplitStage {
                 }
             }
         }
-        ctx.log(&format!("split {} records in {} groups: {:?}", records.len(), assignment.groups, counts));
+        ctx.log(&format!(
+            "split {} records in {} groups: {:?}",
+            records.len(),
+            assignment.groups,
+            counts
+        ));
         Ok(Outcome { metrics })
     }
 }
@@ -160,7 +196,10 @@ impl Record {
         };
         let text = match &p.text_field {
             Some(f) => value.get(f).and_then(Value::as_str).map(normalize),
-            None => TEXT_FIELDS.iter().find_map(|f| value.get(*f).and_then(Value::as_str)).map(normalize),
+            None => TEXT_FIELDS
+                .iter()
+                .find_map(|f| value.get(*f).and_then(Value::as_str))
+                .map(normalize),
         }
         .filter(|t| !t.is_empty());
         let stratum = match p.stratify.as_deref().and_then(|f| value.get(f)) {
@@ -168,7 +207,12 @@ impl Record {
             Some(Value::Null) | None => "<none>".to_owned(),
             Some(v) => v.to_string(),
         };
-        Record { id, text, stratum, line }
+        Record {
+            id,
+            text,
+            stratum,
+            line,
+        }
     }
 }
 
@@ -180,7 +224,11 @@ pub fn normalize(text: &str) -> String {
         .chars()
         .map(|c| if c.is_alphanumeric() { c } else { ' ' })
         .collect();
-    lowered.split_whitespace().filter(|w| !matches!(*w, "a" | "an" | "the")).collect::<Vec<_>>().join(" ")
+    lowered
+        .split_whitespace()
+        .filter(|w| !matches!(*w, "a" | "an" | "the"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 struct Assignment {
@@ -200,7 +248,8 @@ fn assign(p: &SplitParams, records: &[Record]) -> Assignment {
     }
     let mut first_by_key: BTreeMap<String, usize> = BTreeMap::new();
     for (i, r) in records.iter().enumerate() {
-        let keys = std::iter::once(format!("id\u{0}{}", r.id)).chain(r.text.iter().map(|t| format!("text\u{0}{t}")));
+        let keys = std::iter::once(format!("id\u{0}{}", r.id))
+            .chain(r.text.iter().map(|t| format!("text\u{0}{t}")));
         for key in keys {
             match first_by_key.get(&key) {
                 Some(&j) => {
@@ -219,7 +268,11 @@ fn assign(p: &SplitParams, records: &[Record]) -> Assignment {
     let mut groups: BTreeMap<usize, Group> = BTreeMap::new();
     for i in 0..records.len() {
         let root = find(&mut parent, i);
-        let g = groups.entry(root).or_insert_with(|| Group { identity: records[i].id.clone(), members: Vec::new(), strata: BTreeMap::new() });
+        let g = groups.entry(root).or_insert_with(|| Group {
+            identity: records[i].id.clone(),
+            members: Vec::new(),
+            strata: BTreeMap::new(),
+        });
         if records[i].id < g.identity {
             g.identity = records[i].id.clone();
         }
@@ -228,7 +281,10 @@ fn assign(p: &SplitParams, records: &[Record]) -> Assignment {
     }
     let names: Vec<&String> = p.ratios.keys().collect();
     let ratios: Vec<f64> = p.ratios.values().copied().collect();
-    let mut per_group: Vec<(f64, &Group)> = groups.values().map(|g| (unit_hash(p.seed, &g.identity), g)).collect();
+    let mut per_group: Vec<(f64, &Group)> = groups
+        .values()
+        .map(|g| (unit_hash(p.seed, &g.identity), g))
+        .collect();
     let mut per_record = vec![0usize; records.len()];
     if p.stratify.is_none() {
         for (u, g) in &per_group {
@@ -241,11 +297,19 @@ fn assign(p: &SplitParams, records: &[Record]) -> Assignment {
         let mut by_stratum: BTreeMap<String, Vec<(f64, &Group)>> = BTreeMap::new();
         for (u, g) in per_group.drain(..) {
             // A group spanning strata goes with its most common one (ties: smallest name).
-            let stratum = g.strata.iter().max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0))).map(|(s, _)| s.clone()).unwrap_or_default();
+            let stratum = g
+                .strata
+                .iter()
+                .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+                .map(|(s, _)| s.clone())
+                .unwrap_or_default();
             by_stratum.entry(stratum).or_default().push((u, g));
         }
         for (_, mut groups) in by_stratum {
-            groups.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.identity.cmp(&b.1.identity)));
+            groups.sort_by(|a, b| {
+                a.0.total_cmp(&b.0)
+                    .then_with(|| a.1.identity.cmp(&b.1.identity))
+            });
             let quotas = quotas(groups.len(), &ratios);
             let mut split = 0;
             let mut used = 0;
@@ -261,7 +325,10 @@ fn assign(p: &SplitParams, records: &[Record]) -> Assignment {
             }
         }
     }
-    Assignment { per_record, groups: groups.len() }
+    Assignment {
+        per_record,
+        groups: groups.len(),
+    }
 }
 
 struct Group {
@@ -297,7 +364,11 @@ fn quotas(n: usize, ratios: &[f64]) -> Vec<usize> {
     let mut q: Vec<usize> = exact.iter().map(|e| e.floor() as usize).collect();
     let mut rest = n - q.iter().sum::<usize>();
     let mut order: Vec<usize> = (0..ratios.len()).collect();
-    order.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| {
+        (exact[b] - exact[b].floor())
+            .total_cmp(&(exact[a] - exact[a].floor()))
+            .then(a.cmp(&b))
+    });
     for i in order {
         if rest == 0 {
             break;
@@ -321,7 +392,10 @@ mod tests {
     }
 
     fn recs(p: &SplitParams, lines: &[Value]) -> Vec<Record> {
-        lines.iter().map(|v| Record::new(p, v.clone(), v.to_string())).collect()
+        lines
+            .iter()
+            .map(|v| Record::new(p, v.clone(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -344,7 +418,9 @@ mod tests {
     #[test]
     fn adding_records_moves_nothing_without_stratify() {
         let p = params(json!({"ratios": {"train": 0.8, "val": 0.1, "test": 0.1}, "seed": 42}));
-        let lines: Vec<Value> = (0..500).map(|i| json!({"id": i, "question": format!("q {i}")})).collect();
+        let lines: Vec<Value> = (0..500)
+            .map(|i| json!({"id": i, "question": format!("q {i}")}))
+            .collect();
         let before = assign(&p, &recs(&p, &lines)).per_record;
         let mut more = lines.clone();
         more.extend((500..700).map(|i| json!({"id": i, "question": format!("q {i}")})));
@@ -354,7 +430,9 @@ mod tests {
 
     #[test]
     fn stratified_quotas_are_exact_per_stratum() {
-        let p = params(json!({"ratios": {"train": 0.8, "val": 0.1, "test": 0.1}, "stratify": "source", "seed": 1}));
+        let p = params(
+            json!({"ratios": {"train": 0.8, "val": 0.1, "test": 0.1}, "stratify": "source", "seed": 1}),
+        );
         let lines: Vec<Value> = (0..60)
             .map(|i| json!({"id": i, "question": format!("q{i}"), "source": if i < 30 { "x" } else { "y" }}))
             .collect();
@@ -386,7 +464,9 @@ mod tests {
 
     #[test]
     fn bad_ratios_are_rejected() {
-        let err = SplitStage.declare(&json!({"ratios": {"train": 0.8, "val": 0.3}})).unwrap_err();
+        let err = SplitStage
+            .declare(&json!({"ratios": {"train": 0.8, "val": 0.3}}))
+            .unwrap_err();
         assert!(err.message.contains("sum to 1"));
     }
 }

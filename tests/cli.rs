@@ -1,0 +1,901 @@
+//! Integration tests: the real `pipe` binary on temporary projects.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use support::{Lcg, Project};
+
+/// A four-stage pipeline: `make` → `split` → `count@train|val|test`, plus an independent `other`.
+const CHAIN: &str = r#"
+name: chain
+params:
+  seed: 7
+  n: 60
+stages:
+  make:
+    run: >-
+      awk 'BEGIN { for (i = 0; i < ${params.n}; i++) printf "{\"id\": %d, \"question\": \"q %d\", \"source\": \"%s\"}\n", i, i, (i % 2 ? "a" : "b") }' > data/all.jsonl
+    outs: [data/all.jsonl]
+  split:
+    uses: split
+    inputs: {records: make.all}
+    with:
+      ratios: {train: 0.8, val: 0.1, test: 0.1}
+      stratify: source
+      seed: ${params.seed}
+  count:
+    foreach: [train, val, test]
+    inputs:
+      part: split.${item}
+    run: wc -l < "$PIPE_INPUT_PART" > data/count_${item}.txt
+    outs: ["data/count_${item}.txt"]
+  other:
+    run: echo independent > data/other.txt
+    outs: [data/other.txt]
+"#;
+
+#[test]
+fn rerun_hits_the_cache_for_every_stage() {
+    let p = Project::new();
+    p.file("p.yaml", CHAIN);
+    let first = p.ok(&["run", "p.yaml"]);
+    for stage in [
+        "make",
+        "split",
+        "count@train",
+        "count@val",
+        "count@test",
+        "other",
+    ] {
+        assert_eq!(
+            first.status_of(stage).as_deref(),
+            Some("ran"),
+            "{}",
+            first.stdout
+        );
+    }
+    let second = p.ok(&["run", "p.yaml"]);
+    for stage in [
+        "make",
+        "split",
+        "count@train",
+        "count@val",
+        "count@test",
+        "other",
+    ] {
+        assert_eq!(
+            second.status_of(stage).as_deref(),
+            Some("cached"),
+            "{}",
+            second.stdout
+        );
+    }
+    assert!(
+        second.stdout.contains("0 ran, 6 cached, 0 failed"),
+        "{}",
+        second.stdout
+    );
+    assert_eq!(p.read("data/count_train.txt").trim(), "48");
+}
+
+#[test]
+fn one_param_change_reruns_exactly_the_stage_and_its_descendants() {
+    let p = Project::new();
+    p.file("p.yaml", CHAIN);
+    p.ok(&["run", "p.yaml"]);
+    let status = p.ok(&["status", "p.yaml", "--set", "split.with.seed=8"]);
+    let line = |stage: &str| {
+        status
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(stage))
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert!(line("make ").contains("cached"), "{}", status.stdout);
+    assert!(
+        line("split ").contains("will run") && line("split ").contains("param with.seed: 7 → 8")
+            || line("split ").contains("param seed: 7 → 8"),
+        "{}",
+        status.stdout
+    );
+    assert!(
+        line("count@train").contains("upstream `split` will run"),
+        "{}",
+        status.stdout
+    );
+    assert!(line("other").contains("cached"), "{}", status.stdout);
+
+    let run = p.ok(&["run", "p.yaml", "--set", "split.with.seed=8"]);
+    let statuses: BTreeMap<&str, String> = [
+        "make",
+        "split",
+        "count@train",
+        "count@val",
+        "count@test",
+        "other",
+    ]
+    .iter()
+    .map(|s| (*s, run.status_of(s).unwrap()))
+    .collect();
+    assert_eq!(statuses["make"], "cached");
+    assert_eq!(statuses["other"], "cached");
+    assert_eq!(statuses["split"], "ran");
+    // Counts may come out equal (stratified quotas), in which case their keys are unchanged
+    // only if their input digests are; a new seed moves records, so the inputs change.
+    for s in ["count@train", "count@val", "count@test"] {
+        assert_eq!(statuses[s], "ran", "{}", run.stdout);
+    }
+}
+
+#[test]
+fn pipeline_param_change_is_named_by_status() {
+    let p = Project::new();
+    p.file("p.yaml", CHAIN);
+    p.ok(&["run", "p.yaml"]);
+    let status = p.ok(&["status", "p.yaml", "--set", "seed=9"]);
+    let split = status
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("split"))
+        .unwrap();
+    assert!(
+        split.contains("will run") && split.contains("param seed: 7 → 9"),
+        "{}",
+        status.stdout
+    );
+    let make = status
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("make"))
+        .unwrap();
+    assert!(make.contains("cached"), "{}", status.stdout);
+}
+
+#[test]
+fn key_order_comments_and_whitespace_do_not_change_keys() {
+    let p = Project::new();
+    p.file("p.yaml", CHAIN);
+    p.ok(&["run", "p.yaml"]);
+    let reordered = r#"
+# Same pipeline, keys in another order, comments and flow style.
+stages:
+  other: {outs: [data/other.txt], run: echo independent > data/other.txt}
+  count:
+    outs: ["data/count_${item}.txt"]      # per split
+    run: wc -l < "$PIPE_INPUT_PART" > data/count_${item}.txt
+    inputs:
+      part: split.${item}
+    foreach: [train, val, test]
+  split:
+    with:
+      seed: ${params.seed}
+      stratify:   source
+      ratios:
+        val: 0.1
+        test: 0.1
+        train: 0.8
+    inputs: {records: make.all}
+    uses: split
+  make:
+    outs: [data/all.jsonl]
+    run: >-
+      awk 'BEGIN { for (i = 0; i < ${params.n}; i++) printf "{\"id\": %d, \"question\": \"q %d\", \"source\": \"%s\"}\n", i, i, (i % 2 ? "a" : "b") }' > data/all.jsonl
+params: {n: 60, seed: 7}
+name: chain
+"#;
+    p.file("p.yaml", reordered);
+    let again = p.ok(&["run", "p.yaml"]);
+    assert!(again.stdout.contains("0 ran, 6 cached"), "{}", again.stdout);
+}
+
+#[test]
+fn deleted_workspace_out_is_restored_from_the_store() {
+    let p = Project::new();
+    p.file("p.yaml", CHAIN);
+    p.ok(&["run", "p.yaml"]);
+    std::fs::remove_file(p.join("data/other.txt")).unwrap();
+    let status = p.ok(&["status", "p.yaml"]);
+    assert!(
+        status
+            .stdout
+            .contains("outs modified in the workspace, will be restored: data/other.txt"),
+        "{}",
+        status.stdout
+    );
+    let run = p.ok(&["run", "p.yaml"]);
+    assert_eq!(run.status_of("other").as_deref(), Some("cached"));
+    assert_eq!(p.read("data/other.txt"), "independent\n");
+}
+
+#[test]
+fn deps_are_fingerprinted() {
+    let p = Project::new();
+    p.file("in.txt", "one\n").file(
+        "p.yaml",
+        "stages:\n  copy:\n    run: cat in.txt > out.txt\n    deps: [in.txt]\n    outs: [out.txt]\n",
+    );
+    p.ok(&["run", "p.yaml"]);
+    p.file("in.txt", "two\n");
+    let status = p.ok(&["status", "p.yaml"]);
+    assert!(
+        status.stdout.contains("dep `in.txt` changed"),
+        "{}",
+        status.stdout
+    );
+    let run = p.ok(&["run", "p.yaml"]);
+    assert_eq!(run.status_of("copy").as_deref(), Some("ran"));
+    assert_eq!(p.read("out.txt"), "two\n");
+}
+
+#[test]
+fn independent_stages_run_concurrently_and_gpu_stages_never_overlap() {
+    let p = Project::new();
+    // `a` and `b` each wait until the other has started: only concurrency lets them finish.
+    // `g1` and `g2` each hold a directory lock while they run: overlap would fail one.
+    p.file(
+        "p.yaml",
+        r#"
+stages:
+  a:
+    run: touch a.started; for i in $(seq 100); do [ -e b.started ] && break; sleep 0.05; done; [ -e b.started ] && echo a > a.txt
+    outs: [a.txt]
+  b:
+    run: touch b.started; for i in $(seq 100); do [ -e a.started ] && break; sleep 0.05; done; [ -e a.started ] && echo b > b.txt
+    outs: [b.txt]
+  g1:
+    resources: {gpu: 1}
+    run: mkdir gpu.lock && sleep 0.3 && rmdir gpu.lock && echo 1 > g1.txt
+    outs: [g1.txt]
+  g2:
+    resources: {gpu: 1}
+    run: mkdir gpu.lock && sleep 0.3 && rmdir gpu.lock && echo 2 > g2.txt
+    outs: [g2.txt]
+"#,
+    );
+    p.ok(&["run", "p.yaml", "--jobs", "4", "--resource", "gpu=1"]);
+    assert_eq!(p.read("a.txt"), "a\n");
+    assert_eq!(p.read("g1.txt"), "1\n");
+    assert_eq!(p.read("g2.txt"), "2\n");
+}
+
+#[test]
+fn a_stage_asking_for_more_than_the_machine_has_fails_clearly() {
+    let p = Project::new();
+    p.file(
+        "p.yaml",
+        "stages:\n  big:\n    resources: {gpu: 2}\n    run: echo x > x.txt\n    outs: [x.txt]\n",
+    );
+    let out = p.pipe(&["run", "p.yaml", "--resource", "gpu=1"]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr
+            .contains("stage needs gpu: 2 but this machine offers 1"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn only_from_until_select_parts() {
+    let p = Project::new();
+    p.file("p.yaml", CHAIN);
+    let out = p.ok(&["run", "p.yaml", "--until", "split"]);
+    assert_eq!(out.status_of("make").as_deref(), Some("ran"));
+    assert_eq!(out.status_of("split").as_deref(), Some("ran"));
+    assert_eq!(out.status_of("count@train"), None);
+    assert_eq!(out.status_of("other"), None);
+    let out = p.ok(&["run", "p.yaml", "--from", "split", "--only", "count"]);
+    assert_eq!(out.status_of("count@val").as_deref(), Some("ran"));
+    assert_eq!(out.status_of("make").as_deref(), Some("cached"));
+    // A selected stage whose upstream has no result cannot borrow it.
+    let q = Project::new();
+    q.file("p.yaml", CHAIN);
+    let out = q.pipe(&["run", "p.yaml", "--only", "split"]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr
+            .contains("stage `make` failed: no cached result for its current fingerprint"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn two_concurrent_runs_both_succeed_and_compute_each_stage_once() {
+    let p = Project::new();
+    p.file(
+        "p.yaml",
+        r#"
+stages:
+  one:
+    run: echo one >> computed.log; sleep 0.4; echo 1 > one.txt
+    outs: [one.txt]
+  two:
+    inputs: {x: one.one}
+    run: echo two >> computed.log; sleep 0.4; cat "$PIPE_INPUT_X" > two.txt; echo 2 >> two.txt
+    outs: [two.txt]
+  three:
+    uses: split
+    inputs: {records: four.data}
+    with: {ratios: {a: 0.5, b: 0.5}}
+  four:
+    run: >-
+      echo four >> computed.log; sleep 0.2; printf '{"id": 1}\n{"id": 2}\n' > data.jsonl
+    outs: [data.jsonl]
+"#,
+    );
+    let a = p
+        .command(&["run", "p.yaml", "--no-progress"])
+        .output()
+        .unwrap();
+    // Start both at once.
+    let c1 = p
+        .command(&["run", "p.yaml", "--no-progress"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(a);
+    let c2 = p
+        .command(&["run", "p.yaml", "--no-progress"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (o1, o2) = (
+        c1.wait_with_output().unwrap(),
+        c2.wait_with_output().unwrap(),
+    );
+    assert!(o1.status.success() && o2.status.success());
+    let log = p.read("computed.log");
+    let mut lines: Vec<&str> = log.lines().collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        ["four", "one", "two"],
+        "each stage computed exactly once"
+    );
+}
+
+#[test]
+fn concurrent_cold_runs_share_work() {
+    let p = Project::new();
+    p.file(
+        "p.yaml",
+        "stages:\n  slow:\n    run: echo slow >> computed.log; sleep 0.5; echo done > out.txt\n    outs: [out.txt]\n",
+    );
+    let c1 = p
+        .command(&["run", "p.yaml", "--no-progress"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let c2 = p
+        .command(&["run", "p.yaml", "--no-progress"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (o1, o2) = (
+        c1.wait_with_output().unwrap(),
+        c2.wait_with_output().unwrap(),
+    );
+    assert!(
+        o1.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o1.stdout)
+    );
+    assert!(
+        o2.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o2.stdout)
+    );
+    assert_eq!(p.read("computed.log"), "slow\n");
+    let outs = [
+        String::from_utf8_lossy(&o1.stdout).into_owned(),
+        String::from_utf8_lossy(&o2.stdout).into_owned(),
+    ];
+    assert_eq!(
+        outs.iter().filter(|o| o.contains("1 ran")).count(),
+        1,
+        "{outs:?}"
+    );
+    assert_eq!(
+        outs.iter().filter(|o| o.contains("1 cached")).count(),
+        1,
+        "{outs:?}"
+    );
+}
+
+/// A stage that does ten steps, keeping its progress in `$PIPE_CHECKPOINT_DIR`, and logs
+/// every step it executes to `trace.log` (outside the store).
+const CHECKPOINTED: &str = r#"
+stages:
+  steps:
+    run: >-
+      c="$PIPE_CHECKPOINT_DIR";
+      i=$(cat "$c/step" 2>/dev/null || echo 0);
+      while [ "$i" -lt 10 ]; do
+        sleep 0.15;
+        echo "step $i" >> trace.log;
+        echo "$i" >> "$c/partial";
+        i=$((i + 1));
+        echo "$i" > "$c/step.tmp" && mv "$c/step.tmp" "$c/step";
+      done;
+      cp "$c/partial" result.txt
+    outs: [result.txt]
+"#;
+
+#[test]
+fn a_checkpointed_stage_resumes_after_kill_9() {
+    let p = Project::new();
+    p.file("p.yaml", CHECKPOINTED);
+    let mut child = p.spawn(&["run", "p.yaml", "--no-progress"]);
+    // Wait until some steps are done, then kill -9.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(p.join("trace.log"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 4
+    {
+        assert!(Instant::now() < deadline, "the stage never progressed");
+        sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = p.read("trace.log").lines().count();
+    assert!(before < 10, "killed too late: {before} steps");
+    let run = p.pipe(&["run", "p.yaml", "--no-progress"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("resuming from its checkpoint"),
+        "{}",
+        run.stderr
+    );
+    let trace = p.read("trace.log");
+    let executed_after = trace.lines().count() - before;
+    assert!(
+        executed_after <= 10 - before + 1,
+        "resumed run redid finished steps:\n{trace}"
+    );
+    // The same output as an uninterrupted run.
+    let expected: String = (0..10).map(|i| format!("{i}\n")).collect();
+    assert_eq!(p.read("result.txt"), expected);
+    assert_eq!(p.ok(&["verify"]).code, 0);
+}
+
+#[test]
+fn twenty_kill_9s_at_random_moments_converge_to_the_uninterrupted_outputs() {
+    let pipeline = format!(
+        "{}\n{}",
+        CHAIN.replace("    outs: [data/other.txt]", "    outs: [data/other.txt]\n  slow:\n    inputs: {train: split.train}\n    run: sleep 0.3; sort -r \"$PIPE_INPUT_TRAIN\" > data/sorted.jsonl\n    outs: [data/sorted.jsonl]"),
+        CHECKPOINTED.replace("stages:\n", "").replace("cp \"$c/partial\" result.txt", "cp \"$c/partial\" result.txt; sleep 0.1")
+    );
+    // Reference: one uninterrupted run.
+    let reference = Project::new();
+    reference.file("p.yaml", &pipeline);
+    let t0 = Instant::now();
+    reference.ok(&["run", "p.yaml", "--no-progress"]);
+    let full = t0.elapsed().as_secs_f64();
+
+    let p = Project::new();
+    p.file("p.yaml", &pipeline);
+    let mut rng = Lcg(0x5eed);
+    for _ in 0..20 {
+        let mut child = p.spawn(&["run", "p.yaml", "--no-progress"]);
+        sleep(Duration::from_secs_f64(rng.next_f64() * full * 0.6));
+        let _ = child.kill();
+        child.wait().unwrap();
+    }
+    p.ok(&["run", "p.yaml", "--no-progress"]);
+    for f in [
+        "data/all.jsonl",
+        "data/count_train.txt",
+        "data/count_val.txt",
+        "data/count_test.txt",
+        "data/other.txt",
+        "data/sorted.jsonl",
+        "result.txt",
+    ] {
+        assert_eq!(
+            p.read(f),
+            reference.read(f),
+            "{f} differs after the kill loop"
+        );
+    }
+    for out in ["split.train", "split.val", "split.test"] {
+        let (a, b) = (
+            p.join(&format!("{out}.exported")),
+            reference.join(&format!("{out}.exported")),
+        );
+        p.ok(&["export", out, a.to_str().unwrap()]);
+        reference.ok(&["export", out, b.to_str().unwrap()]);
+        assert_eq!(
+            std::fs::read(a).unwrap(),
+            std::fs::read(b).unwrap(),
+            "{out} differs"
+        );
+    }
+    let verify = p.ok(&["verify"]);
+    assert!(
+        verify.stdout.contains("store is clean"),
+        "{}",
+        verify.stdout
+    );
+    let again = p.ok(&["run", "p.yaml", "--no-progress"]);
+    assert!(again.stdout.contains(" 0 ran,"), "{}", again.stdout);
+}
+
+#[test]
+fn verify_quarantines_corrupt_objects_and_the_next_run_recomputes() {
+    let p = Project::new();
+    p.file("p.yaml", CHAIN);
+    p.ok(&["run", "p.yaml"]);
+    let show = p.ok(&["show", "split", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    let path = v["outputs"]["train"]["path"].as_str().unwrap().to_owned();
+    let full = p.join(&path);
+    let mut perms = std::fs::metadata(&full).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&full, perms).unwrap();
+    std::fs::write(&full, "tampered\n").unwrap();
+    let out = p.pipe(&["verify"]);
+    assert_eq!(out.code, 1);
+    assert!(out.stdout.contains("1 corrupt"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("`split`") && out.stdout.contains("lacks outputs train"),
+        "{}",
+        out.stdout
+    );
+    let run = p.ok(&["run", "p.yaml"]);
+    assert_eq!(run.status_of("split").as_deref(), Some("ran"));
+    assert_eq!(
+        run.status_of("count@train").as_deref(),
+        Some("cached"),
+        "same bytes, same key downstream"
+    );
+    assert!(p.ok(&["verify"]).stdout.contains("store is clean"));
+}
+
+#[test]
+fn diff_names_param_changes_upstream_changes_metrics_and_records() {
+    let p = Project::new();
+    p.file("p.yaml", CHAIN);
+    p.ok(&["run", "p.yaml", "--name", "base"]);
+    p.ok(&[
+        "run",
+        "p.yaml",
+        "--set",
+        "split.with.seed=11",
+        "--name",
+        "seed11",
+    ]);
+    let out = p.ok(&["diff", "base", "seed11"]);
+    assert!(
+        out.stdout.contains("split        changed"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("with.seed: 7 → 11") || out.stdout.contains("params.seed: 7 → 11"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("because upstream changed: split"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("make         same"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("output train: records"),
+        "{}",
+        out.stdout
+    );
+    // The same as JSON, and with one argument (compared with the run before it).
+    let json = p.ok(&["diff", "seed11", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    let split = v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == "split")
+        .unwrap();
+    assert_eq!(split["status"], "changed");
+    let train = split["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["output"] == "train")
+        .unwrap();
+    let r = &train["records"];
+    assert_eq!(
+        r["added"], r["removed"],
+        "a reseed moves records between splits: {r}"
+    );
+    assert!(r["added"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn gc_keeps_named_runs_and_drops_the_rest() {
+    let p = Project::new();
+    p.file("p.yaml", CHAIN);
+    p.ok(&["run", "p.yaml", "--name", "keep"]);
+    p.ok(&["run", "p.yaml", "--set", "seed=1"]);
+    p.ok(&["run", "p.yaml", "--set", "seed=2"]);
+    let out = p.ok(&["gc", "--keep-last", "1"]);
+    assert!(out.stdout.contains("deleted 1 runs"), "{}", out.stdout);
+    // The named run's results are still cached; seed=1's split is gone.
+    assert!(p.ok(&["run", "p.yaml"]).stdout.contains("0 ran"));
+    let again = p.ok(&["run", "p.yaml", "--set", "seed=1"]);
+    assert_eq!(again.status_of("split").as_deref(), Some("ran"));
+    assert!(p.ok(&["verify"]).stdout.contains("store is clean"));
+}
+
+#[test]
+fn runs_show_export_and_dag_formats() {
+    let p = Project::new();
+    p.file("p.yaml", CHAIN);
+    p.ok(&["run", "p.yaml", "--name", "first"]);
+    let runs = p.ok(&["runs"]);
+    assert!(
+        runs.stdout.contains("first") && runs.stdout.contains("chain"),
+        "{}",
+        runs.stdout
+    );
+    let show = p.ok(&["show", "split"]);
+    assert!(
+        show.stdout.contains("metric    count.train = 48"),
+        "{}",
+        show.stdout
+    );
+    p.ok(&["export", "split.val", "val.jsonl"]);
+    assert_eq!(p.read("val.jsonl").lines().count(), 6);
+    let dot = p.ok(&["dag", "p.yaml", "--format", "dot"]);
+    assert!(
+        dot.stdout.contains("\"split\" -> \"count@train\";"),
+        "{}",
+        dot.stdout
+    );
+    let mermaid = p.ok(&["dag", "p.yaml", "--format", "mermaid"]);
+    assert!(
+        mermaid.stdout.contains("flowchart LR"),
+        "{}",
+        mermaid.stdout
+    );
+    let text = p.ok(&["dag", "p.yaml"]);
+    assert!(
+        text.stdout.contains("  split [split]  ← make"),
+        "{}",
+        text.stdout
+    );
+    let e = p.pipe(&["export", "split.trian", "x"]);
+    assert_eq!(e.code, 2);
+    assert!(
+        e.stderr.contains("did you mean `split.train`?"),
+        "{}",
+        e.stderr
+    );
+}
+
+#[test]
+fn every_pipeline_in_the_repo_passes_check() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut n = 0;
+    for entry in std::fs::read_dir(root.join("pipelines")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            let p = Project::new();
+            let out = p.pipe(&["check", path.to_str().unwrap()]);
+            assert_eq!(out.code, 0, "{}: {}", path.display(), out.stderr);
+            n += 1;
+        }
+    }
+    assert!(n >= 1);
+}
+
+// ---- bad input: each error names its place, pinned to the exact text ----
+
+fn check_error(yaml: &str, args: &[&str]) -> String {
+    let p = Project::new();
+    p.file("p.yaml", yaml);
+    let mut all = vec!["check", "p.yaml"];
+    all.extend_from_slice(args);
+    let out = p.pipe(&all);
+    assert_eq!(
+        out.code, 2,
+        "expected a validation error\nstdout: {}\nstderr: {}",
+        out.stdout, out.stderr
+    );
+    out.stderr
+}
+
+const SPLIT_OK: &str = "stages:\n  make:\n    run: echo '{}' > a.jsonl\n    outs: [a.jsonl]\n  split:\n    uses: split\n    inputs: {records: make.a}\n    with: {ratios: {train: 0.5, test: 0.5}}\n";
+
+#[test]
+fn error_unknown_top_level_key() {
+    assert_eq!(
+        check_error("name: x\nstagez: {}\n", &[]),
+        "error: p.yaml:2:1: unknown key `stagez` at the top level; expected one of `name`, `description`, `workdir`, `params`, `profiles`, `stages`\n  help: did you mean `stages`?\nerror: p.yaml:1:1: missing `stages:`; a pipeline needs at least one stage\n"
+    );
+}
+
+#[test]
+fn error_unknown_stage_key() {
+    assert_eq!(
+        check_error("stages:\n  a:\n    use: split\n", &[]),
+        "error: p.yaml:3:5: unknown key `use` in stage `a`; expected one of `uses`, `run`, `with`, `inputs`, `deps`, `outs`, `env`, `needs`, `resources`, `foreach`, `matrix`, `desc`\n  help: did you mean `uses`?\n"
+    );
+}
+
+#[test]
+fn error_unknown_stage_kind() {
+    assert_eq!(
+        check_error("stages:\n  a:\n    uses: splt\n", &[]),
+        "error: p.yaml:3:11: unknown stage kind `splt`; built-in kinds are `split`\n  help: did you mean `split`?\n"
+    );
+}
+
+#[test]
+fn error_dangling_output_reference() {
+    let yaml = SPLIT_OK.to_owned()
+        + "  use:\n    run: cat $PIPE_INPUT_X > b\n    inputs: {x: split.trian}\n    outs: [b]\n";
+    assert_eq!(
+        check_error(&yaml, &[]),
+        "error: p.yaml:11:17: stage `use` refers to `split.trian`, but `split` has outputs `test`, `train`\n  help: did you mean `split.train`?\n"
+    );
+}
+
+#[test]
+fn error_reference_to_missing_stage() {
+    let yaml = SPLIT_OK.to_owned()
+        + "  use:\n    run: cat ${stages.splt.outputs.train} > b\n    outs: [b]\n";
+    assert_eq!(
+        check_error(&yaml, &[]),
+        "error: p.yaml:10:10: `${stages.splt.outputs.train}`: no stage named `splt`\n  help: did you mean `split`?\n"
+    );
+}
+
+#[test]
+fn error_undefined_param() {
+    let yaml =
+        "params:\n  seed: 1\nstages:\n  a:\n    run: echo ${params.sed} > a\n    outs: [a]\n";
+    assert_eq!(
+        check_error(yaml, &[]),
+        "error: p.yaml:5:10: undefined `params.sed`: `params` has `seed`\n  help: did you mean `seed`?\n"
+    );
+}
+
+#[test]
+fn error_unknown_field_in_typed_params() {
+    let yaml = SPLIT_OK.replace("with: {ratios:", "with: {seeed: 3, ratios:");
+    assert_eq!(
+        check_error(&yaml, &[]),
+        "error: p.yaml:8:12: stage `split` (split): unknown field `seeed`, expected one of `ratios`, `stratify`, `seed`, `id_field`, `text_field`\n  help: did you mean `seed`?\n"
+    );
+}
+
+#[test]
+fn error_bad_value_in_typed_params() {
+    let yaml = SPLIT_OK.replace("train: 0.5", "train: 0.7");
+    assert_eq!(
+        check_error(&yaml, &[]),
+        "error: p.yaml:8:20: stage `split` (split), field `ratios`: fractions must sum to 1, they sum to 1.2\n"
+    );
+}
+
+#[test]
+fn error_missing_required_input() {
+    let yaml = "stages:\n  split:\n    uses: split\n    with: {ratios: {a: 1.0}}\n";
+    assert_eq!(
+        check_error(yaml, &[]),
+        "error: p.yaml:2:3: stage `split` (split) needs input `records`; add `inputs: {records: STAGE.OUTPUT}`\n"
+    );
+}
+
+#[test]
+fn error_cycle_is_printed() {
+    let yaml = "stages:\n  a:\n    run: cat $PIPE_INPUT_X > a\n    inputs: {x: c.c}\n    outs: [a]\n  b:\n    run: cat $PIPE_INPUT_X > b\n    inputs: {x: a.a}\n    outs: [b]\n  c:\n    run: cat $PIPE_INPUT_X > c\n    inputs: {x: b.b}\n    outs: [c]\n";
+    assert_eq!(
+        check_error(yaml, &[]),
+        "error: p.yaml:2:3: stages form a cycle: a → b → c → a\n  help: a stage cannot depend, directly or through others, on its own outputs\n"
+    );
+}
+
+#[test]
+fn error_yaml_syntax() {
+    assert_eq!(
+        check_error("stages:\n  a: [1, 2\n", &[]),
+        "error: p.yaml:3:1: invalid YAML: did not find expected ',' or ']'\n"
+    );
+}
+
+#[test]
+fn error_unknown_set_param() {
+    assert_eq!(
+        check_error("params: {seed: 1}\nstages:\n  a: {run: echo > a, outs: [a]}\n", &["--set", "sede=2"]),
+        "error: --set sede=2: `sede` is neither a declared param nor a stage; params here are `seed`\n  help: did you mean `seed`?\n"
+    );
+}
+
+#[test]
+fn error_unknown_profile_and_selection() {
+    let yaml =
+        "profiles: {cpu: {params: {}}}\nparams: {}\nstages:\n  a: {run: echo > a, outs: [a]}\n";
+    assert_eq!(
+        check_error(yaml, &["--profile", "cpuu"]),
+        "error: --profile cpuu: unknown profile `cpuu`; the pipeline defines `cpu`\n  help: did you mean `cpu`?\n"
+    );
+    let p = Project::new();
+    p.file("p.yaml", yaml);
+    let out = p.pipe(&["run", "p.yaml", "--only", "b"]);
+    assert_eq!(out.code, 2);
+    assert_eq!(out.stderr, "error: --only b: no stage named `b` in `p`\n");
+}
+
+#[test]
+fn error_run_and_uses_fields_mixed() {
+    assert_eq!(
+        check_error("stages:\n  a:\n    run: echo > a\n    with: {x: 1}\n    outs: [a]\n", &[]),
+        "error: p.yaml:4:11: `with` belongs to `uses:` stages; a `run:` stage takes `deps`, `outs` and `env`\n"
+    );
+}
+
+#[test]
+fn profiles_params_files_and_matrix() {
+    let p = Project::new();
+    p.file(
+        "p.yaml",
+        r#"
+params: {n: 3, tag: base}
+profiles:
+  small:
+    params: {n: 1}
+    stages:
+      grid.matrix: {x: [1, 2]}
+stages:
+  grid:
+    matrix: {x: [1, 2, 3], y: [a]}
+    run: echo ${item.x}${item.y}-${params.n}-${params.tag} > out_${item.x}${item.y}.txt
+    outs: ["out_${item.x}${item.y}.txt"]
+"#,
+    )
+    .file("override.yaml", "tag: custom\n");
+    let out = p.ok(&["run", "p.yaml", "--profile", "small", "-p", "override.yaml"]);
+    assert_eq!(
+        out.status_of("grid@1-a").as_deref(),
+        Some("ran"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(out.status_of("grid@3-a"), None, "{}", out.stdout);
+    assert_eq!(p.read("out_2a.txt"), "2a-1-custom\n");
+    let bad = p.pipe(&["check", "p.yaml", "-p", "missing.yaml"]);
+    assert_eq!(bad.code, 2);
+    p.file("bad.yaml", "tga: x\n");
+    let bad = p.pipe(&["check", "p.yaml", "-p", "bad.yaml"]);
+    assert_eq!(bad.stderr, "error: bad.yaml:1:1: unknown param `tga`; the pipeline declares `n`, `tag`\n  help: did you mean `tag`?\n");
+}
+
+#[test]
+fn a_failing_stage_keeps_finished_work_and_skips_its_descendants() {
+    let p = Project::new();
+    p.file(
+        "p.yaml",
+        "stages:\n  good:\n    run: echo ok > good.txt\n    outs: [good.txt]\n  bad:\n    run: echo 'about to fail'; exit 3\n    outs: [bad.txt]\n  after:\n    inputs: {x: bad.bad}\n    run: cat $PIPE_INPUT_X > after.txt\n    outs: [after.txt]\n",
+    );
+    let out = p.pipe(&["run", "p.yaml"]);
+    assert_eq!(out.code, 1);
+    assert_eq!(out.status_of("good").as_deref(), Some("ran"));
+    assert_eq!(out.status_of("bad").as_deref(), Some("failed"));
+    assert_eq!(out.status_of("after").as_deref(), Some("skipped"));
+    assert!(
+        out.stderr.contains("command exited with exit status: 3"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("| about to fail"), "{}", out.stderr);
+    let again = p.pipe(&["run", "p.yaml"]);
+    assert_eq!(again.status_of("good").as_deref(), Some("cached"));
+}
