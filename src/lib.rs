@@ -40,11 +40,10 @@ pub mod exit {
 
     /// The exit code for an error that ended a command.
     pub fn code_for(err: &anyhow::Error) -> u8 {
-        if err.downcast_ref::<LoadError>().is_some()
+        let invalid = err.downcast_ref::<LoadError>().is_some()
             || err.downcast_ref::<crate::pipeline::SpecError>().is_some()
-        {
-            INVALID
-        } else if err.downcast_ref::<crate::commands::UsageError>().is_some() {
+            || err.downcast_ref::<crate::commands::UsageError>().is_some();
+        if invalid {
             INVALID
         } else {
             STORE

@@ -1212,7 +1212,6 @@ impl<'a> Resolver<'a> {
                 }
             };
             let first = interpolate::interpolate(&body, &mut lookup);
-            drop(lookup);
             match first {
                 Err(e) => Err(e),
                 Ok(v) if pending.is_empty() => Ok(v),
@@ -1536,6 +1535,38 @@ impl<'a> Resolver<'a> {
             .collect();
         let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
         let bases: BTreeSet<String> = specs.iter().map(|s| s.base.clone()).collect();
+        // A dep inside (or containing) another stage's workspace out orders after that
+        // stage, as in DVC.
+        let outs: Vec<(String, String)> = specs
+            .iter()
+            .flat_map(|s| {
+                s.signature
+                    .outputs
+                    .iter()
+                    .filter_map(move |o| match &o.location {
+                        OutputLocation::Workspace(p) => {
+                            Some((s.name.clone(), p.trim_end_matches('/').to_owned()))
+                        }
+                        OutputLocation::Staged(_) => None,
+                    })
+            })
+            .collect();
+        let overlaps = |a: &str, b: &str| {
+            a == b || a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/"))
+        };
+        for spec in specs.iter_mut() {
+            for dep in &spec.signature.deps {
+                let dep = dep.trim_end_matches('/');
+                for (producer, out) in &outs {
+                    if producer != &spec.name
+                        && overlaps(dep, out)
+                        && !spec.needs.contains(producer)
+                    {
+                        spec.needs.push(producer.clone());
+                    }
+                }
+            }
+        }
         for spec in specs.iter_mut() {
             let base = spec.base.clone();
             for (input, r) in &spec.inputs {

@@ -132,7 +132,7 @@ pub struct RunRecord {
     /// `-p` files and `--set` overrides, in order.
     pub overrides: Vec<String>,
     /// Stage name → result, in pipeline order.
-    pub stages: BTreeMap<String, RunStage>,
+    pub stages: indexmap::IndexMap<String, RunStage>,
     /// RFC 3339 start.
     pub started: String,
     /// RFC 3339 end, once finished.

@@ -899,3 +899,68 @@ fn a_failing_stage_keeps_finished_work_and_skips_its_descendants() {
     let again = p.pipe(&["run", "p.yaml"]);
     assert_eq!(again.status_of("good").as_deref(), Some("cached"));
 }
+
+#[test]
+fn a_dep_on_another_stages_out_orders_the_stages() {
+    let p = Project::new();
+    p.file(
+        "p.yaml",
+        "stages:\n  second:\n    run: cat first.txt first.txt > second.txt\n    deps: [first.txt]\n    outs: [second.txt]\n  first:\n    run: echo one > first.txt\n    outs: [first.txt]\n",
+    );
+    p.ok(&["run", "p.yaml"]);
+    assert_eq!(p.read("second.txt"), "one\none\n");
+    let dag = p.ok(&["dag", "p.yaml"]);
+    assert!(
+        dag.stdout.contains("second [command]  ← first"),
+        "{}",
+        dag.stdout
+    );
+    // Changing the producer reruns the consumer through its dep digest.
+    let run = p.ok(&["run", "p.yaml", "--set", "first.run=echo two > first.txt"]);
+    assert_eq!(run.status_of("second").as_deref(), Some("ran"));
+    assert_eq!(p.read("second.txt"), "two\ntwo\n");
+}
+
+#[test]
+fn ctrl_c_stops_cleanly_keeps_the_checkpoint_and_says_how_to_resume() {
+    let p = Project::new();
+    p.file("p.yaml", CHECKPOINTED);
+    let child = p
+        .command(&["run", "p.yaml", "--no-progress"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(p.join("trace.log"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(Instant::now() < deadline, "the stage never progressed");
+        sleep(Duration::from_millis(20));
+    }
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("run `pipe run p.yaml` (same options) to resume"),
+        "{stderr}"
+    );
+    let done = p.read("trace.log").lines().count();
+    assert!(done < 10);
+    let run = p.ok(&["run", "p.yaml", "--no-progress"]);
+    assert!(
+        run.stderr.contains("resuming from its checkpoint"),
+        "{}",
+        run.stderr
+    );
+    let expected: String = (0..10).map(|i| format!("{i}\n")).collect();
+    assert_eq!(p.read("result.txt"), expected);
+    let runs = p.ok(&["runs"]);
+    assert!(runs.stdout.contains("interrupted"), "{}", runs.stdout);
+}

@@ -266,18 +266,18 @@ fn assign(p: &SplitParams, records: &[Record]) -> Assignment {
     }
     // Group identity: the smallest member id, so it does not depend on file order.
     let mut groups: BTreeMap<usize, Group> = BTreeMap::new();
-    for i in 0..records.len() {
+    for (i, record) in records.iter().enumerate() {
         let root = find(&mut parent, i);
         let g = groups.entry(root).or_insert_with(|| Group {
-            identity: records[i].id.clone(),
+            identity: record.id.clone(),
             members: Vec::new(),
             strata: BTreeMap::new(),
         });
-        if records[i].id < g.identity {
-            g.identity = records[i].id.clone();
+        if record.id < g.identity {
+            g.identity = record.id.clone();
         }
         g.members.push(i);
-        *g.strata.entry(records[i].stratum.clone()).or_insert(0) += 1;
+        *g.strata.entry(record.stratum.clone()).or_insert(0) += 1;
     }
     let names: Vec<&String> = p.ratios.keys().collect();
     let ratios: Vec<f64> = p.ratios.values().copied().collect();
