@@ -534,45 +534,13 @@ fn compute(
     Ok(outputs)
 }
 
-/// After a cache hit, makes a `run:` stage's workspace outs match the stored ones.
-fn restore_workspace_outs(
+/// Workspace outs of a `run:` stage whose content differs from the record (or are gone).
+fn stale_workspace_outs<'r>(
     shared: &Shared,
     spec: &StageSpec,
-    rec: &StageRecord,
-) -> Result<(), String> {
-    for decl in &spec.signature.outputs {
-        let OutputLocation::Workspace(rel) = &decl.location else {
-            continue;
-        };
-        let Some(art) = rec.outputs.get(&decl.name) else {
-            continue;
-        };
-        let path = shared.pipeline.workdir.join(rel);
-        let current = if path.exists() {
-            let mut cache = shared.statcache.lock().unwrap_or_else(|e| e.into_inner());
-            digest::hash_path(&path, Some(&mut cache))
-                .ok()
-                .map(|i| i.digest)
-        } else {
-            None
-        };
-        if current.as_deref() != Some(art.digest.as_str()) {
-            shared
-                .store
-                .export(art, &path)
-                .map_err(|e| format!("restoring out `{rel}`: {e}"))?;
-        }
-    }
-    Ok(())
-}
-
-/// Whether a `run:` stage's outs in the workspace differ from the record (for status).
-pub fn workspace_outs_modified(
-    shared: &Shared,
-    spec: &StageSpec,
-    rec: &StageRecord,
-) -> Vec<String> {
-    let mut modified = Vec::new();
+    rec: &'r StageRecord,
+) -> Vec<(String, &'r ArtifactInfo)> {
+    let mut stale = Vec::new();
     for decl in &spec.signature.outputs {
         let OutputLocation::Workspace(rel) = &decl.location else {
             continue;
@@ -582,14 +550,41 @@ pub fn workspace_outs_modified(
         };
         let path = shared.pipeline.workdir.join(rel);
         let mut cache = shared.statcache.lock().unwrap_or_else(|e| e.into_inner());
-        let same = digest::hash_path(&path, Some(&mut cache))
-            .map(|i| i.digest == art.digest)
-            .unwrap_or(false);
+        let same = path.exists()
+            && digest::hash_path(&path, Some(&mut cache)).is_ok_and(|i| i.digest == art.digest);
         if !same {
-            modified.push(rel.clone());
+            stale.push((rel.clone(), art));
         }
     }
-    modified
+    stale
+}
+
+/// After a cache hit, makes a `run:` stage's workspace outs match the stored ones.
+fn restore_workspace_outs(
+    shared: &Shared,
+    spec: &StageSpec,
+    rec: &StageRecord,
+) -> Result<(), String> {
+    for (rel, art) in stale_workspace_outs(shared, spec, rec) {
+        let path = shared.pipeline.workdir.join(&rel);
+        shared
+            .store
+            .export(art, &path)
+            .map_err(|e| format!("restoring out `{rel}`: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Workspace outs that differ from the record (for `pipe status`).
+pub fn workspace_outs_modified(
+    shared: &Shared,
+    spec: &StageSpec,
+    rec: &StageRecord,
+) -> Vec<String> {
+    stale_workspace_outs(shared, spec, rec)
+        .into_iter()
+        .map(|(rel, _)| rel)
+        .collect()
 }
 
 impl Shared {

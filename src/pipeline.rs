@@ -564,13 +564,7 @@ fn apply_profile(doc: &mut Value, map: &mut SourceMap, profile: &str) -> Result<
             &mut diag,
         );
         finish(&mut diag)?;
-        merge(
-            doc.as_object_mut()
-                .expect("mapping")
-                .entry("params")
-                .or_insert(Value::Object(Map::new())),
-            patch,
-        );
+        merge_params(doc, patch);
         map.graft(&own, &from, &["params".to_owned()]);
     }
     if let Some(stages_patch) = body.get("stages") {
@@ -624,6 +618,15 @@ fn apply_profile(doc: &mut Value, map: &mut SourceMap, profile: &str) -> Result<
         finish(&mut diag)?;
     }
     Ok(())
+}
+
+/// Deep-merges `patch` into the document's `params:`.
+fn merge_params(doc: &mut Value, patch: &Value) {
+    let params = doc
+        .as_object_mut()
+        .expect("checked to be a mapping")
+        .entry("params");
+    merge(params.or_insert(Value::Object(Map::new())), patch);
 }
 
 /// Params files and `--set` may only change params the pipeline declares: a typo must not
@@ -681,13 +684,7 @@ fn apply_params_file(doc: &mut Value, map: &mut SourceMap, file: &Path) -> Resul
         &mut diag,
     );
     finish(&mut diag)?;
-    merge(
-        doc.as_object_mut()
-            .expect("mapping")
-            .entry("params")
-            .or_insert(Value::Object(Map::new())),
-        &patch,
-    );
+    merge_params(doc, &patch);
     map.graft(&own, &[], &["params".to_owned()]);
     Ok(())
 }
