@@ -328,17 +328,12 @@ stages:
     outs: [data.jsonl]
 "#,
     );
-    let a = p
-        .command(&["run", "p.yaml", "--no-progress"])
-        .output()
-        .unwrap();
-    // Start both at once.
+    // Both start cold, at once.
     let c1 = p
         .command(&["run", "p.yaml", "--no-progress"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    drop(a);
     let c2 = p
         .command(&["run", "p.yaml", "--no-progress"])
         .stdout(std::process::Stdio::piped())
