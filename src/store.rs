@@ -559,12 +559,7 @@ impl Store {
     /// exclusively, so it never deletes objects a live run is about to reference.
     pub fn run_lock(&self, exclusive: bool) -> io::Result<Option<File>> {
         let path = self.root.join("locks").join("store.lock");
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let file = open_lock_file(&path)?;
         let got = if exclusive {
             file.try_lock()
         } else {
@@ -725,12 +720,7 @@ impl KeyLock {
     /// Takes the lock, calling `waiting` once (with the holder's description) if another
     /// process has it, then blocking until it is released.
     pub fn acquire(path: &Path, waiting: &mut dyn FnMut(&str)) -> io::Result<KeyLock> {
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let file = open_lock_file(&path)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
@@ -745,6 +735,16 @@ impl KeyLock {
         f.write_all(holder.as_bytes())?;
         Ok(KeyLock { _file: file })
     }
+}
+
+/// Opens (creating) a lock file without truncating what its holder wrote.
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
 }
 
 /// This machine's host name.
