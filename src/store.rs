@@ -720,7 +720,7 @@ impl KeyLock {
     /// Takes the lock, calling `waiting` once (with the holder's description) if another
     /// process has it, then blocking until it is released.
     pub fn acquire(path: &Path, waiting: &mut dyn FnMut(&str)) -> io::Result<KeyLock> {
-        let file = open_lock_file(&path)?;
+        let file = open_lock_file(path)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
