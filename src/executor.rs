@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use pipe_stages::{CancelToken, OutputLocation, Registry, StageContext, StageError};
-use serde_json::Value;
 use tokio::task::JoinSet;
 
 use crate::digest::{self, ArtifactInfo, StatCache};
@@ -128,11 +127,12 @@ pub fn fingerprint(
 }
 
 /// Whether the stage may compute, or may only be taken from the cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Mode {
     Compute,
-    /// Upstream of the selection, or short of resources: a cache hit or nothing.
-    CacheOnly(&'static str),
+    /// Upstream of the selection, or short of resources: a cache hit, or a failure with
+    /// this message.
+    CacheOnly(String),
 }
 
 /// Executes the needed stages of `plan`; calls `on_done` after each stage finishes.
@@ -216,9 +216,14 @@ pub async fn execute(
                 .iter()
                 .find(|(k, v)| **v > options.capacity.get(*k).copied().unwrap_or(0));
             let mode = if !plan.is_selected(idx) {
-                Mode::CacheOnly("it is outside the selection (--only/--from/--until)")
-            } else if over.is_some() {
-                Mode::CacheOnly("it needs more of a resource than this machine offers")
+                Mode::CacheOnly(
+                    "no cached result for its current fingerprint, and it cannot run here because it is outside the selection (--only/--from/--until)".into(),
+                )
+            } else if let Some((k, v)) = over {
+                Mode::CacheOnly(format!(
+                    "stage needs {k}: {v} but this machine offers {}; pass `--resource {k}={v}` if it has them, or lower `resources.{k}` (a profile can)",
+                    options.capacity.get(k).copied().unwrap_or(0)
+                ))
             } else {
                 Mode::Compute
             };
@@ -246,20 +251,9 @@ pub async fn execute(
                 }
             }
             let shared2 = shared.clone();
-            let capacity = options.capacity.clone();
             running.spawn_blocking(move || {
-                let mut r = process(&shared2, idx, &upstream, mode);
-                if let (StageStatus::Failed, Mode::CacheOnly(why)) = (r.status, mode) {
-                    if why.contains("resource") {
-                        let spec = &shared2.pipeline.stages[idx];
-                        let (k, v) = spec.resources.iter().find(|(k, v)| **v > capacity.get(*k).copied().unwrap_or(0)).expect("over");
-                        r.message = Some(format!(
-                            "stage needs {k}: {v} but this machine offers {}; pass `--resource {k}={v}` if it has them, or lower `resources.{k}` (a profile can)",
-                            capacity.get(k).copied().unwrap_or(0)
-                        ));
-                    }
-                }
-                (idx, mode == Mode::Compute, r)
+                let computes = mode == Mode::Compute;
+                (idx, computes, process(&shared2, idx, &upstream, mode))
             });
             waiting.remove(i);
         }
@@ -341,8 +335,8 @@ fn process(shared: &Shared, idx: usize, upstream: &Outputs, mode: Mode) -> Stage
         Ok(None) => {}
         Err(e) => tracing::warn!("{e}; recomputing"),
     }
-    if let Mode::CacheOnly(why) = mode {
-        return StageResult::fail(StageStatus::Failed, Some(key), started, format!("no cached result for its current fingerprint, and it cannot run here because {why}"));
+    if let Mode::CacheOnly(message) = mode {
+        return StageResult::fail(StageStatus::Failed, Some(key), started, message);
     }
     let lock_path = shared.store.lock_path(&key);
     let _lock = match KeyLock::acquire(&lock_path, &mut |holder| {
@@ -653,9 +647,4 @@ pub fn git_commit(dir: &Path) -> Option<String> {
         }
     }
     None
-}
-
-/// `Value` metrics that are numbers, as f64.
-pub fn numeric(v: &Value) -> Option<f64> {
-    v.as_f64()
 }
