@@ -1,7 +1,24 @@
 //! pipe-train: the candle training core of pipe.
 //!
-//! This crate will hold the decoder language models (Llama, Qwen2, Mistral) written
-//! for training, LoRA adapters in PEFT's format, the trainers and generation. It knows
-//! nothing of YAML, tokio or the store: the stages in `pipe-stages` call it with typed
-//! parameters and paths. Until the training-core issue lands it is empty on purpose.
+//! Decoder LMs (Llama, Qwen2, Mistral) written for training ([`model`]), LoRA
+//! adapters in PEFT's format ([`lora`]), the trainer with exact resume
+//! ([`trainer`]) and generation with an external KV cache ([`generate`]).
+//! Models come from HF directories, the HF hub cache, GGUF files or tiny random
+//! presets ([`loader`]). This crate knows nothing of YAML, tokio or the store:
+//! stages in `pipe-stages` call it with plain paths and settings.
 #![warn(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod io;
+pub mod linear;
+pub mod lora;
+pub mod loss;
+pub mod model;
+pub mod rng;
+pub mod weights;
+
+pub use config::{Architecture, Config};
+pub use error::{Error, Result};
+pub use model::{Decoder, KeyMask, KvCache};
+pub use rng::Rng;

@@ -1,0 +1,183 @@
+//! Linear layers for training: a frozen base projection whose backward computes
+//! only the input gradient, plus an optional LoRA pair.
+//!
+//! candle's matmul backward always computes the gradient of both operands, so a
+//! frozen `[out, in]` weight would cost a full extra matmul and a weight-sized
+//! buffer per step. [`FrozenMatmul`] is a custom op that runs the same matmul
+//! kernel forward and returns only `dy · W` backward.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor, Var, D};
+
+use crate::error::Result;
+use crate::rng::Rng;
+
+/// `x · Wᵀ` with a gradient for `x` only; `W` is `[out, in]`, `x` is `[m, in]`.
+struct FrozenMatmul;
+
+impl FrozenMatmul {
+    fn dims(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen matmul: input width {k} but weight is [{n}, {k2}]")
+        }
+        Ok((m, n, k))
+    }
+}
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, n, k) = Self::dims(l1, l2)?;
+        let wt = l2.transpose(0, 1)?;
+        let out = s1.matmul(s2, (1, m, n, k), l1, &wt)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (m, n, k) = Self::dims(l1, l2)?;
+        let wt = l2.transpose(0, 1)?;
+        let out = s1.matmul(s2, (1, m, n, k), l1, &wt)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(w)?), None))
+    }
+}
+
+/// `x · Wᵀ` for a frozen `W: [out, in]` and `x: [..., in]`.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let inner = *dims.last().expect("rank ≥ 1");
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let x2 = x.reshape((rows, inner))?.contiguous()?;
+    // Recorded for backward only when `x` itself depends on a variable.
+    let y = x2.apply_op2(w, FrozenMatmul)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("rank ≥ 1") = w.dim(0)?;
+    y.reshape(out_dims)
+}
+
+/// A LoRA pair: `scale · B(A(dropout(x)))` with `A: [r, in]`, `B: [out, r]`.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    /// Down projection, `[r, in]`.
+    pub a: Var,
+    /// Up projection, `[out, r]`.
+    pub b: Var,
+    /// `alpha / r`, or `alpha / √r` with rsLoRA.
+    pub scale: f64,
+    /// Dropout probability on the LoRA input during training.
+    pub dropout: f64,
+}
+
+/// A projection: frozen weight, optional frozen bias, optional LoRA.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`.
+    pub bias: Option<Tensor>,
+    /// Trainable low-rank update.
+    pub lora: Option<LoraPair>,
+}
+
+impl Linear {
+    /// A frozen projection without LoRA.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Linear {
+        Linear {
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    /// Input and output widths.
+    pub fn in_out(&self) -> (usize, usize) {
+        let (o, i) = self.weight.dims2().expect("linear weight is 2-d");
+        (i, o)
+    }
+
+    /// Applies the projection; `dropout` draws the LoRA dropout mask when training.
+    pub fn forward(&self, x: &Tensor, dropout: Option<&mut Rng>) -> Result<Tensor> {
+        let mut y = frozen_matmul(x, &self.weight)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(l) = &self.lora {
+            let h = match dropout {
+                Some(rng) if l.dropout > 0.0 => dropout_with(x, l.dropout, rng)?,
+                _ => x.clone(),
+            };
+            let a = l.a.as_tensor().to_dtype(x.dtype())?;
+            let b = l.b.as_tensor().to_dtype(x.dtype())?;
+            let d = h.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+            y = (y + (d * l.scale)?)?;
+        }
+        Ok(y)
+    }
+
+    /// The weight with the LoRA update folded in (`W + scale · B A`).
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        Ok(match &self.lora {
+            None => self.weight.clone(),
+            Some(l) => {
+                let dtype = self.weight.dtype();
+                let delta = (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?;
+                (self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?
+            }
+        })
+    }
+}
+
+/// Inverted dropout with a mask from our own seeded generator.
+pub fn dropout_with(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
+    let n = x.elem_count();
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..n)
+        .map(|_| if rng.uniform() < p { 0.0 } else { keep as f32 })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * mask)?)
+}
+
+/// RMSNorm from differentiable ops (the fused kernel records no backward), in f32.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
+    Ok(normed.broadcast_mul(weight)?)
+}
+
+/// Embedding lookup; `weight` is `[vocab, hidden]`.
+pub fn embed(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, s) = ids.dims2()?;
+    let e = candle_nn::Embedding::new(weight.clone(), weight.dim(1)?);
+    Ok(e.forward(&ids.reshape(b * s)?)?
+        .reshape((b, s, weight.dim(1)?))?)
+}

@@ -1,0 +1,461 @@
+//! The decoder: one implementation for Llama, Qwen2 and Mistral, written for
+//! training. Every op has a backward (RMSNorm, RoPE and softmax are composed from
+//! primitive ops), the mask is causal plus padding, hidden states and logits come
+//! out for every position, and the KV cache lives outside the model.
+//!
+//! Field and tensor names follow HF checkpoints (`model.layers.N.self_attn.q_proj`).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::linear::{embed, rms_norm, Linear};
+use crate::rng::Rng;
+use crate::weights::Weights;
+
+/// Which keys each row may attend to: `valid[b * keys + j]` is false for padding.
+#[derive(Debug, Clone)]
+pub struct KeyMask {
+    /// Rows in the batch.
+    pub batch: usize,
+    /// Keys per row (cached + new tokens).
+    pub keys: usize,
+    /// Row-major validity.
+    pub valid: Vec<bool>,
+}
+
+impl KeyMask {
+    /// Every key valid.
+    pub fn full(batch: usize, keys: usize) -> KeyMask {
+        KeyMask {
+            batch,
+            keys,
+            valid: vec![true; batch * keys],
+        }
+    }
+
+    /// Positions of the last `queries` keys of each row: the number of valid keys
+    /// before them (so left padding does not shift RoPE), as HF computes them.
+    pub fn positions(&self, queries: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.batch * queries);
+        for b in 0..self.batch {
+            let row = &self.valid[b * self.keys..(b + 1) * self.keys];
+            let mut seen = 0usize;
+            for (j, &v) in row.iter().enumerate() {
+                if j >= self.keys - queries {
+                    out.push(if v { seen as f32 } else { 1.0 });
+                }
+                seen += v as usize;
+            }
+        }
+        out
+    }
+
+    /// Additive mask `[b, 1, queries, keys]`: 0 where allowed, a large negative
+    /// number where not (finite, so fully padded rows do not produce NaN).
+    pub fn additive(
+        &self,
+        queries: usize,
+        window: Option<usize>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let past = self.keys - queries;
+        let mut m = vec![0f32; self.batch * queries * self.keys];
+        for b in 0..self.batch {
+            for i in 0..queries {
+                let qpos = past + i;
+                for j in 0..self.keys {
+                    let ok = self.valid[b * self.keys + j]
+                        && j <= qpos
+                        && window.is_none_or(|w| qpos - j < w);
+                    if !ok {
+                        m[(b * queries + i) * self.keys + j] = -1e30;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(
+            m,
+            (self.batch, 1, queries, self.keys),
+            device,
+        )?)
+    }
+}
+
+/// Per-layer keys and values from earlier calls, `[b, kv_heads, t, head]`.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// An empty cache for `layers` layers.
+    pub fn new(layers: usize) -> KvCache {
+        KvCache {
+            layers: vec![None; layers],
+        }
+    }
+
+    /// Tokens cached so far.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps only the given batch rows (finished rows drop out of batched generation).
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(rows, 0)?;
+            *v = v.index_select(rows, 0)?;
+        }
+        Ok(())
+    }
+}
+
+struct Rope {
+    inv_freq: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &Config, device: &Device) -> Result<Rope> {
+        let d = cfg.head_size();
+        let mut inv: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64))
+            .collect();
+        if let Some(s) = &cfg.rope_scaling {
+            let old = s.original_max_position_embeddings as f64;
+            let (low_wl, high_wl) = (old / s.low_freq_factor, old / s.high_freq_factor);
+            for f in inv.iter_mut() {
+                let wl = 2.0 * std::f64::consts::PI / *f;
+                if wl > low_wl {
+                    *f /= s.factor;
+                } else if wl >= high_wl {
+                    let smooth =
+                        (old / wl - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                    *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+                }
+            }
+        }
+        let inv: Vec<f32> = inv.into_iter().map(|f| f as f32).collect();
+        Ok(Rope {
+            inv_freq: Tensor::from_vec(inv, (1, 1, d / 2), device)?,
+        })
+    }
+
+    /// `cos`, `sin` of shape `[b, 1, s, head]` for positions `[b, s]`.
+    fn tables(
+        &self,
+        positions: &[f32],
+        b: usize,
+        s: usize,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
+        let pos = Tensor::from_slice(positions, (b, s, 1), self.inv_freq.device())?;
+        let freqs = pos.broadcast_mul(&self.inv_freq)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
+        Ok((emb.cos()?.to_dtype(dtype)?, emb.sin()?.to_dtype(dtype)?))
+    }
+}
+
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
+}
+
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    Ok((x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?)?)
+}
+
+fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x);
+    }
+    let (b, h, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, h, n, t, d))?
+        .reshape((b, h * n, t, d))?)
+}
+
+/// Self-attention projections of one layer.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub o_proj: Linear,
+}
+
+/// SwiGLU MLP of one layer.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// Gate projection.
+    pub gate_proj: Linear,
+    /// Up projection.
+    pub up_proj: Linear,
+    /// Down projection.
+    pub down_proj: Linear,
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// Norm before attention.
+    pub input_layernorm: Tensor,
+    /// Attention.
+    pub self_attn: Attention,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: Tensor,
+    /// MLP.
+    pub mlp: Mlp,
+}
+
+/// The decoder LM.
+pub struct Decoder {
+    cfg: Config,
+    /// `[vocab, hidden]`.
+    pub embed_tokens: Tensor,
+    /// Layers in order.
+    pub layers: Vec<Layer>,
+    /// Final norm.
+    pub norm: Tensor,
+    /// Output projection; shares the embedding when the config ties them.
+    pub lm_head: Linear,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+impl Decoder {
+    /// Builds the model from checkpoint tensors; every tensor must be used.
+    pub fn new(cfg: &Config, mut w: Weights) -> Result<Decoder> {
+        let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_size());
+        let (q, kv) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
+        let embed_tokens = w.take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let dtype = embed_tokens.dtype();
+        let device = embed_tokens.device().clone();
+        let linear =
+            |w: &mut Weights, name: String, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+                let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
+                let bias = if bias {
+                    Some(w.take(&format!("{name}.bias"), &[out])?)
+                } else {
+                    None
+                };
+                Ok(Linear::new(weight, bias))
+            };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            layers.push(Layer {
+                input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                self_attn: Attention {
+                    q_proj: linear(
+                        &mut w,
+                        format!("{p}.self_attn.q_proj"),
+                        q,
+                        h,
+                        cfg.qkv_bias(),
+                    )?,
+                    k_proj: linear(
+                        &mut w,
+                        format!("{p}.self_attn.k_proj"),
+                        kv,
+                        h,
+                        cfg.qkv_bias(),
+                    )?,
+                    v_proj: linear(
+                        &mut w,
+                        format!("{p}.self_attn.v_proj"),
+                        kv,
+                        h,
+                        cfg.qkv_bias(),
+                    )?,
+                    o_proj: linear(&mut w, format!("{p}.self_attn.o_proj"), h, q, cfg.o_bias())?,
+                },
+                post_attention_layernorm: w
+                    .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp: Mlp {
+                    gate_proj: linear(&mut w, format!("{p}.mlp.gate_proj"), i, h, false)?,
+                    up_proj: linear(&mut w, format!("{p}.mlp.up_proj"), i, h, false)?,
+                    down_proj: linear(&mut w, format!("{p}.mlp.down_proj"), h, i, false)?,
+                },
+            });
+        }
+        let norm = w.take("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            // Some tied checkpoints still ship a copy; it must be the same matrix.
+            let _ = w.take_opt("lm_head.weight", &[cfg.vocab_size, h])?;
+            Linear::new(embed_tokens.clone(), None)
+        } else {
+            linear(&mut w, "lm_head".into(), cfg.vocab_size, h, false)?
+        };
+        let left: Vec<String> = w
+            .remaining()
+            .into_iter()
+            .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+            .collect();
+        if !left.is_empty() {
+            return Err(crate::Error::format(
+                w.source(),
+                format!(
+                    "tensors not used by a {:?} model: {}",
+                    cfg.architecture,
+                    left.join(", ")
+                ),
+            ));
+        }
+        Ok(Decoder {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(cfg, &device)?,
+            dtype,
+            device,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Weight dtype (activations use it too).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device holding the weights.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Every projection with its checkpoint name (without `.weight`), in layer order.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{l}");
+            let a = &mut layer.self_attn;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            let m = &mut layer.mlp;
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        out
+    }
+
+    /// Final hidden states `[b, s, hidden]` for `ids: [b, s]`.
+    ///
+    /// `keys` covers the cached tokens plus `ids`. With `cache`, keys and values
+    /// of this call are appended to it. `dropout` enables LoRA dropout (training).
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        keys: &KeyMask,
+        mut cache: Option<&mut KvCache>,
+        mut dropout: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_size());
+        let (cos, sin) = self.rope.tables(&keys.positions(s), b, s, self.dtype)?;
+        let mask = keys.additive(s, cfg.window(), &self.device)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = embed(&self.embed_tokens, ids)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let a = &layer.self_attn;
+            let h = rms_norm(&x, &layer.input_layernorm, cfg.rms_norm_eps)?;
+            let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+                Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?)
+            };
+            let q = heads(a.q_proj.forward(&h, dropout.as_deref_mut())?, nh)?;
+            let k = heads(a.k_proj.forward(&h, dropout.as_deref_mut())?, nkv)?;
+            let v = heads(a.v_proj.forward(&h, dropout.as_deref_mut())?, nkv)?;
+            let q = apply_rope(&q, &cos, &sin)?;
+            let mut k = apply_rope(&k, &cos, &sin)?;
+            let mut v = v;
+            if let Some(c) = cache.as_deref_mut() {
+                if let Some((pk, pv)) = &c.layers[l] {
+                    k = Tensor::cat(&[pk, &k], 2)?;
+                    v = Tensor::cat(&[pv, &v], 2)?;
+                }
+                c.layers[l] = Some((k.clone(), v.clone()));
+            }
+            let k = repeat_kv(k, nh / nkv)?;
+            let v = repeat_kv(v, nh / nkv)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+            let probs = candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, D::Minus1)?;
+            let o = probs.to_dtype(self.dtype)?.matmul(&v.contiguous()?)?;
+            let o = o.transpose(1, 2)?.reshape((b, s, nh * hd))?;
+            x = (x + a.o_proj.forward(&o, dropout.as_deref_mut())?)?;
+            let h = rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?;
+            let m = &layer.mlp;
+            let g = m.gate_proj.forward(&h, dropout.as_deref_mut())?.silu()?;
+            let u = m.up_proj.forward(&h, dropout.as_deref_mut())?;
+            x = (x + m.down_proj.forward(&(g * u)?, dropout.as_deref_mut())?)?;
+        }
+        rms_norm(&x, &self.norm, cfg.rms_norm_eps)
+    }
+
+    /// Logits `[..., vocab]` for hidden states `[..., hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden, None)
+    }
+
+    /// Logits for every position, without cache or dropout.
+    pub fn forward(&self, ids: &Tensor, keys: &KeyMask) -> Result<Tensor> {
+        self.logits(&self.hidden(ids, keys, None, None)?)
+    }
+
+    /// All weights under their HF names, LoRA folded in (for `merge`).
+    pub fn merged_tensors(&mut self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        out.insert(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        );
+        out.insert("model.norm.weight".to_string(), self.norm.clone());
+        if !self.cfg.tie_word_embeddings {
+            out.insert("lm_head.weight".to_string(), self.lm_head.merged_weight()?);
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            out.insert(
+                format!("{p}.input_layernorm.weight"),
+                layer.input_layernorm.clone(),
+            );
+            out.insert(
+                format!("{p}.post_attention_layernorm.weight"),
+                layer.post_attention_layernorm.clone(),
+            );
+        }
+        for (name, lin) in self.linears_mut() {
+            out.insert(format!("{name}.weight"), lin.merged_weight()?);
+            if let Some(b) = &lin.bias {
+                out.insert(format!("{name}.bias"), b.clone());
+            }
+        }
+        Ok(out)
+    }
+}
