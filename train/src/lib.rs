@@ -12,10 +12,12 @@ pub mod config;
 pub mod error;
 pub mod io;
 pub mod linear;
+pub mod loader;
 pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod rng;
+pub mod tokenizer;
 pub mod weights;
 
 pub use config::{Architecture, Config};
