@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod io;
 pub mod linear;
@@ -16,8 +17,10 @@ pub mod loader;
 pub mod lora;
 pub mod loss;
 pub mod model;
+pub mod optim;
 pub mod rng;
 pub mod tokenizer;
+pub mod trainer;
 pub mod weights;
 
 pub use config::{Architecture, Config};

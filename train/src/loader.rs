@@ -39,18 +39,19 @@ impl ModelSpec {
     pub fn parse(s: &str) -> Result<ModelSpec> {
         if let Some(rest) = s.strip_prefix("tiny:") {
             let mut parts = rest.splitn(2, ':');
-            let arch =
-                match parts.next().unwrap_or_default() {
-                    "llama" => Architecture::Llama,
-                    "qwen2" => Architecture::Qwen2,
-                    "mistral" => Architecture::Mistral,
-                    other => return Err(Error::Model {
+            let arch = match parts.next().unwrap_or_default() {
+                "llama" => Architecture::Llama,
+                "qwen2" => Architecture::Qwen2,
+                "mistral" => Architecture::Mistral,
+                other => {
+                    return Err(Error::Model {
                         spec: s.into(),
                         message: format!(
                             "unknown tiny architecture `{other}`; expected llama, qwen2 or mistral"
                         ),
-                    }),
-                };
+                    })
+                }
+            };
             let seed = match parts.next() {
                 Some(n) => n.parse().map_err(|_| Error::Model {
                     spec: s.into(),

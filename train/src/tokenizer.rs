@@ -311,9 +311,11 @@ fn byte_level_bpe_json(
         "qwen2" => split(
             r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
         ),
-        other => return Err(format!(
+        other => {
+            return Err(format!(
             "GGUF pre-tokenizer `{other}` is not supported; put a tokenizer.json beside the model"
-        )),
+        ))
+        }
     };
     let vocab: serde_json::Map<String, Value> = tokens
         .iter()

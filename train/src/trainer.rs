@@ -1,0 +1,382 @@
+//! The training loop: micro-batches with gradient accumulation, AdamW, warmup and
+//! decay, clipping, periodic evaluation and checkpoints that resume exactly.
+//!
+//! Data order is a pure function of the seed and the step: example `k` of the
+//! stream is `perm(seed, k / n)[k % n]`, so a checkpoint needs only the step, the
+//! dropout generator's state, the adapter and the optimizer moments. On CPU the
+//! loss sequence after a resume equals the uninterrupted one (tested).
+//!
+//! A checkpoint is a folder `step-NNNNNNN/` written completely, then named in
+//! `LATEST` (written atomically); older folders are removed after that.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::data::{collate, Example};
+use crate::error::{Error, Result};
+use crate::io::{read_json, save_safetensors, write_atomic, write_json};
+use crate::lora::Adapter;
+use crate::loss::{causal_lm_loss, targets};
+use crate::model::Decoder;
+use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig, Decay};
+use crate::rng::Rng;
+
+/// Loop settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSettings {
+    /// Optimizer.
+    pub optimizer: AdamWConfig,
+    /// Warmup steps.
+    pub warmup_steps: u64,
+    /// Decay after warmup.
+    pub decay: Decay,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Optimizer steps in all.
+    pub steps: u64,
+    /// Clip the global gradient norm to this.
+    pub max_grad_norm: Option<f64>,
+    /// Evaluate every N steps (0: only at the end).
+    pub eval_every: u64,
+    /// Checkpoint every N steps (0: never).
+    pub save_every: u64,
+    /// Seed of data order and dropout.
+    pub seed: u64,
+    /// Padding token id.
+    pub pad_id: u32,
+}
+
+impl TrainSettings {
+    /// Steps needed to see the training set `epochs` times.
+    pub fn steps_for_epochs(epochs: f64, examples: usize, batch: usize, accum: usize) -> u64 {
+        let per_step = (batch * accum).max(1) as f64;
+        ((epochs * examples as f64) / per_step).ceil().max(1.0) as u64
+    }
+}
+
+/// One line of the metrics log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Optimizer step (1-based).
+    pub step: u64,
+    /// Mean token loss of the step's batch.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Throughput of this step (all tokens, padding excluded).
+    pub tokens_per_s: f64,
+    /// Tokens seen so far.
+    pub tokens_seen: u64,
+    /// Eval loss, on steps that evaluate.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub eval_loss: Option<f64>,
+}
+
+/// Callbacks from the loop: progress, and whether to stop.
+pub trait Observer {
+    /// After each optimizer step.
+    fn on_step(&mut self, _m: &StepMetrics, _total: u64) {}
+    /// Polled between micro-batches; `true` stops with [`Error::Cancelled`] after saving a checkpoint.
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+impl Observer for () {}
+
+/// What training produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    /// Steps done.
+    pub steps: u64,
+    /// Step the run resumed from (0 for a fresh start).
+    pub resumed_from: u64,
+    /// Eval loss before the first step.
+    pub initial_eval_loss: Option<f64>,
+    /// Best eval loss and its step.
+    pub best_eval_loss: Option<f64>,
+    /// Step of the best eval loss.
+    pub best_step: Option<u64>,
+    /// Eval loss at the end.
+    pub final_eval_loss: Option<f64>,
+    /// Mean loss of the last step.
+    pub final_train_loss: f64,
+    /// Tokens seen.
+    pub tokens_seen: u64,
+    /// Every step's metrics, from step 1 (including steps before a resume).
+    pub history: Vec<StepMetrics>,
+    /// Adapter tensors of the best eval step (or the last step without eval).
+    #[serde(skip)]
+    pub best_adapter: HashMap<String, Tensor>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct State {
+    step: u64,
+    rng: u64,
+    tokens_seen: u64,
+    initial_eval_loss: Option<f64>,
+    best_eval_loss: Option<f64>,
+    best_step: Option<u64>,
+    history: Vec<StepMetrics>,
+}
+
+/// Mean token loss over `examples`, without dropout.
+pub fn evaluate(model: &Decoder, examples: &[Example], batch: usize, pad_id: u32) -> Result<f64> {
+    let mut sum = 0f64;
+    let mut tokens = 0usize;
+    for chunk in examples.chunks(batch.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let b = collate(&refs, pad_id, model.device())?;
+        let l = causal_lm_loss(model, &b.ids, &b.keys, &b.labels, None)?;
+        sum += l
+            .sum
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        tokens += l.tokens;
+    }
+    if tokens == 0 {
+        return Err(Error::Invalid(
+            "the eval set has no token with a loss".into(),
+        ));
+    }
+    Ok(sum / tokens as f64)
+}
+
+fn order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    Rng::new(seed).fork(epoch + 1).shuffle(&mut idx);
+    idx
+}
+
+/// Runs the loop on `model` (with `adapter` attached), resuming from `checkpoints` if it holds one.
+pub fn train(
+    model: &Decoder,
+    adapter: &Adapter,
+    train_set: &[Example],
+    eval_set: &[Example],
+    s: &TrainSettings,
+    checkpoints: Option<&Path>,
+    observer: &mut dyn Observer,
+) -> Result<TrainReport> {
+    if train_set.is_empty() {
+        return Err(Error::Invalid("the training set is empty (after dropping examples with no answer token within max_len)".into()));
+    }
+    if s.batch_size == 0 || s.grad_accum == 0 {
+        return Err(Error::Invalid(
+            "batch_size and grad_accum must be at least 1".into(),
+        ));
+    }
+    let mut opt = AdamW::new(adapter.vars.clone(), s.optimizer.clone())?;
+    let mut st = State {
+        step: 0,
+        rng: Rng::new(s.seed).fork(0xD20).state(),
+        tokens_seen: 0,
+        initial_eval_loss: None,
+        best_eval_loss: None,
+        best_step: None,
+        history: vec![],
+    };
+    let mut best_adapter = adapter.tensors()?;
+    if let Some(dir) = checkpoints {
+        if let Some((saved, path)) = latest(dir)? {
+            st = saved;
+            let tensors = load_map(&path.join("adapter.safetensors"))?;
+            adapter.restore(&tensors, &path)?;
+            opt.load_state(&load_map(&path.join("optimizer.safetensors"))?, &path)?;
+            let best = path.join("best.safetensors");
+            best_adapter = if best.exists() {
+                load_map(&best)?
+            } else {
+                tensors
+            };
+            tracing::info!(step = st.step, "resumed from checkpoint {}", path.display());
+        }
+    }
+    let resumed_from = st.step;
+    let do_eval = !eval_set.is_empty();
+    if do_eval && st.step == 0 {
+        let l = evaluate(model, eval_set, s.batch_size, s.pad_id)?;
+        st.initial_eval_loss = Some(l);
+    }
+    let n = train_set.len();
+    let per_step = s.batch_size * s.grad_accum;
+    let names: HashMap<candle_core::TensorId, String> = adapter
+        .vars
+        .iter()
+        .map(|(k, v)| (v.as_tensor().id(), k.clone()))
+        .collect();
+    let orders = &mut (u64::MAX, Vec::new());
+    while st.step < s.steps {
+        let started = Instant::now();
+        let first = st.step as usize * per_step;
+        let picked: Vec<&Example> = (first..first + per_step)
+            .map(|k| {
+                let epoch = (k / n) as u64;
+                if orders.0 != epoch {
+                    *orders = (epoch, order(s.seed, epoch, n));
+                }
+                &train_set[orders.1[k % n]]
+            })
+            .collect();
+        let total_targets: usize = picked
+            .chunks(s.batch_size)
+            .map(|c| {
+                targets(&c.iter().map(|e| e.labels.clone()).collect::<Vec<_>>())
+                    .0
+                    .len()
+            })
+            .sum();
+        let mut rng = Rng::new(st.rng);
+        let mut grads: HashMap<String, Tensor> = HashMap::new();
+        let mut loss_sum = 0f64;
+        let mut tokens = 0usize;
+        for micro in picked.chunks(s.batch_size) {
+            if observer.cancelled() {
+                return Err(Error::Cancelled);
+            }
+            let b = collate(micro, s.pad_id, model.device())?;
+            tokens += b.tokens;
+            let l = causal_lm_loss(model, &b.ids, &b.keys, &b.labels, Some(&mut rng))?;
+            if l.tokens == 0 {
+                continue;
+            }
+            let scaled = (l.sum / total_targets as f64)?;
+            loss_sum += scaled
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+            let g = scaled.backward()?;
+            for (_, var) in &adapter.vars {
+                if let Some(t) = g.get(var.as_tensor()) {
+                    let key = names[&var.as_tensor().id()].clone();
+                    let t = t.clone();
+                    let entry = grads.remove(&key);
+                    grads.insert(
+                        key,
+                        match entry {
+                            Some(acc) => (acc + t)?,
+                            None => t,
+                        },
+                    );
+                }
+            }
+        }
+        let grad_norm = clip_grad_norm(&mut grads, s.max_grad_norm)?;
+        let lr = lr_at(st.step, s.optimizer.lr, s.warmup_steps, s.steps, s.decay);
+        opt.step(&grads, lr)?;
+        st.step += 1;
+        st.rng = rng.state();
+        st.tokens_seen += tokens as u64;
+        let mut m = StepMetrics {
+            step: st.step,
+            loss: loss_sum,
+            lr,
+            grad_norm,
+            tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            tokens_seen: st.tokens_seen,
+            eval_loss: None,
+        };
+        let eval_now =
+            do_eval && ((s.eval_every > 0 && st.step % s.eval_every == 0) || st.step == s.steps);
+        if eval_now {
+            let l = evaluate(model, eval_set, s.batch_size, s.pad_id)?;
+            m.eval_loss = Some(l);
+            if st.best_eval_loss.is_none_or(|b| l < b) {
+                st.best_eval_loss = Some(l);
+                st.best_step = Some(st.step);
+                best_adapter = adapter.tensors()?;
+            }
+        }
+        if !do_eval {
+            best_adapter = adapter.tensors()?;
+        }
+        observer.on_step(&m, s.steps);
+        st.history.push(m);
+        if let Some(dir) = checkpoints {
+            if s.save_every > 0 && st.step % s.save_every == 0 && st.step < s.steps {
+                save_checkpoint(dir, &st, adapter, &opt, &best_adapter)?;
+            }
+        }
+    }
+    let last = st.history.last().cloned();
+    Ok(TrainReport {
+        steps: st.step,
+        resumed_from,
+        initial_eval_loss: st.initial_eval_loss,
+        best_eval_loss: st.best_eval_loss,
+        best_step: st.best_step,
+        final_eval_loss: last.as_ref().and_then(|m| m.eval_loss),
+        final_train_loss: last.map(|m| m.loss).unwrap_or(f64::NAN),
+        tokens_seen: st.tokens_seen,
+        history: st.history,
+        best_adapter,
+    })
+}
+
+fn load_map(path: &Path) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .map_err(|e| Error::format(path, format!("cannot read checkpoint tensors: {e}")))
+}
+
+fn latest(dir: &Path) -> Result<Option<(State, PathBuf)>> {
+    let pointer = dir.join("LATEST");
+    let Ok(name) = std::fs::read_to_string(&pointer) else {
+        return Ok(None);
+    };
+    let path = dir.join(name.trim());
+    let v = read_json(&path.join("state.json"))?;
+    let st: State = serde_json::from_value(v)
+        .map_err(|e| Error::format(path.join("state.json"), e.to_string()))?;
+    Ok(Some((st, path)))
+}
+
+fn save_checkpoint(
+    dir: &Path,
+    st: &State,
+    adapter: &Adapter,
+    opt: &AdamW,
+    best: &HashMap<String, Tensor>,
+) -> Result<()> {
+    let name = format!("step-{:07}", st.step);
+    let path = dir.join(&name);
+    save_safetensors(&path.join("adapter.safetensors"), &adapter.tensors()?)?;
+    let mut ostate = HashMap::new();
+    for (k, v) in opt.state()? {
+        ostate.insert(k, v);
+    }
+    save_safetensors(&path.join("optimizer.safetensors"), &ostate)?;
+    save_safetensors(&path.join("best.safetensors"), best)?;
+    write_json(
+        &path.join("state.json"),
+        &serde_json::to_value(st).expect("state serialises"),
+    )?;
+    write_atomic(&dir.join("LATEST"), name.as_bytes())?;
+    for entry in std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .flatten()
+    {
+        let n = entry.file_name().to_string_lossy().to_string();
+        if n.starts_with("step-") && n != name {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    tracing::debug!(step = st.step, "checkpoint saved");
+    Ok(())
+}
+
+/// Metrics as JSON lines.
+pub fn metrics_jsonl(history: &[StepMetrics]) -> String {
+    history
+        .iter()
+        .map(|m| json!(m).to_string() + "\n")
+        .collect()
+}
