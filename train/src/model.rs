@@ -400,7 +400,9 @@ impl Decoder {
                     k = Tensor::cat(&[pk, &k], 2)?;
                     v = Tensor::cat(&[pv, &v], 2)?;
                 }
-                c.layers[l] = Some((k.clone(), v.clone()));
+                // Cached values never need a gradient; detaching keeps generation
+                // from holding the graph of every earlier step.
+                c.layers[l] = Some((k.detach(), v.detach()));
             }
             let k = repeat_kv(k, nh / nkv)?;
             let v = repeat_kv(v, nh / nkv)?;

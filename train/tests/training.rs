@@ -183,3 +183,39 @@ fn resumed_run_reproduces_the_uninterrupted_losses_exactly() {
     assert_eq!(losses(&full), losses(&resumed));
     assert_eq!(full.best_eval_loss, resumed.best_eval_loss);
 }
+
+#[test]
+fn cached_batched_generation_equals_uncached_greedy_decoding() {
+    use pipe_train::generate::{generate, Sampling};
+    let m = loader::load("tiny:llama:1", DType::F32, &Device::Cpu).unwrap();
+    let prompts = vec![
+        m.tokenizer.encode("hello there").unwrap(),
+        m.tokenizer.encode("hi").unwrap(),
+    ];
+    let s = Sampling {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let mut rngs = vec![Rng::new(0), Rng::new(1)];
+    let batched = generate(&m.model, &m.tokenizer, &prompts, &s, &[], &mut rngs).unwrap();
+    for (p, g) in prompts.iter().zip(&batched) {
+        // Reference: full forward over the growing sequence, no cache, no padding.
+        let mut seq = p.clone();
+        for _ in 0..6 {
+            let ids = Tensor::new(seq.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = m.model.forward(&ids, &KeyMask::full(1, seq.len())).unwrap();
+            let last: Vec<f32> = logits
+                .squeeze(0)
+                .unwrap()
+                .get(seq.len() - 1)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            seq.push(pipe_train::generate::pick(&last, &s, &mut Rng::new(0)));
+        }
+        assert_eq!(g.ids, seq[p.len()..].to_vec());
+    }
+}

@@ -1,0 +1,241 @@
+//! Generation with an external KV cache: batched prompts with left padding,
+//! greedy or seeded temperature/top-p sampling, EOS and stop strings.
+
+use candle_core::{DType, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::model::{Decoder, KeyMask, KvCache};
+use crate::rng::Rng;
+use crate::tokenizer::TextTokenizer;
+
+/// Decoding settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sampling {
+    /// Tokens to generate at most.
+    #[serde(default = "default_max_new")]
+    pub max_new_tokens: usize,
+    /// 0 means greedy.
+    #[serde(default)]
+    pub temperature: f64,
+    /// Nucleus mass kept when sampling.
+    #[serde(default = "default_top_p")]
+    pub top_p: f64,
+    /// Generation ends when the text contains one of these (it is cut before it).
+    #[serde(default)]
+    pub stop: Vec<String>,
+}
+
+fn default_max_new() -> usize {
+    128
+}
+fn default_top_p() -> f64 {
+    1.0
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            max_new_tokens: default_max_new(),
+            temperature: 0.0,
+            top_p: 1.0,
+            stop: vec![],
+        }
+    }
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Finish {
+    /// An end-of-sequence token.
+    Eos,
+    /// A stop string.
+    Stop,
+    /// `max_new_tokens` reached.
+    Length,
+}
+
+/// One generated continuation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    /// New token ids (EOS excluded).
+    pub ids: Vec<u32>,
+    /// Decoded text, cut at a stop string.
+    pub text: String,
+    /// Why it ended.
+    pub finish: Finish,
+}
+
+/// Picks the next token from `logits` (f32, one row).
+pub fn pick(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .fold((0usize, f32::NEG_INFINITY), |b, (i, &x)| {
+                if x > b.1 {
+                    (i, x)
+                } else {
+                    b
+                }
+            })
+            .0 as u32
+    };
+    if s.temperature <= 0.0 {
+        return argmax();
+    }
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut probs: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (i, ((x as f64 - max) / s.temperature).exp()))
+        .collect();
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut kept = 0f64;
+    let mut cut = probs.len();
+    for (n, p) in probs.iter().enumerate() {
+        kept += p.1 / total;
+        if kept >= s.top_p {
+            cut = n + 1;
+            break;
+        }
+    }
+    probs.truncate(cut);
+    let mass: f64 = probs.iter().map(|p| p.1).sum();
+    let mut u = rng.uniform() * mass;
+    for (i, p) in &probs {
+        u -= p;
+        if u <= 0.0 {
+            return *i as u32;
+        }
+    }
+    probs.last().map(|p| p.0 as u32).unwrap_or_else(argmax)
+}
+
+/// Generates for a batch of prompts (token ids). `rngs` holds one generator per
+/// prompt so results do not depend on how prompts are batched.
+pub fn generate(
+    model: &Decoder,
+    tokenizer: &TextTokenizer,
+    prompts: &[Vec<u32>],
+    s: &Sampling,
+    eos: &[u32],
+    rngs: &mut [Rng],
+) -> Result<Vec<Generation>> {
+    let b = prompts.len();
+    let device = model.device();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let pad = eos.first().copied().unwrap_or(0);
+    let mut ids = Vec::with_capacity(b * longest);
+    let mut valid = Vec::with_capacity(b * longest);
+    for p in prompts {
+        ids.extend(std::iter::repeat_n(pad, longest - p.len()));
+        ids.extend(p);
+        valid.extend(std::iter::repeat_n(false, longest - p.len()));
+        valid.extend(std::iter::repeat_n(true, p.len()));
+    }
+    let mut keys = KeyMask {
+        batch: b,
+        keys: longest,
+        valid,
+    };
+    let mut cache = KvCache::new(model.config().num_hidden_layers);
+    let mut input = Tensor::from_vec(ids, (b, longest), device)?;
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut finish: Vec<Option<Finish>> = vec![None; b];
+    let mut texts: Vec<String> = vec![String::new(); b];
+    for _ in 0..s.max_new_tokens {
+        let h = model.hidden(&input, &keys, Some(&mut cache), None)?;
+        let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
+        let logits: Vec<Vec<f32>> = model.logits(&last)?.to_dtype(DType::F32)?.to_vec2()?;
+        let mut next = Vec::with_capacity(b);
+        for r in 0..b {
+            if finish[r].is_some() {
+                next.push(pad);
+                continue;
+            }
+            let t = pick(&logits[r], s, &mut rngs[r]);
+            next.push(t);
+            if eos.contains(&t) {
+                finish[r] = Some(Finish::Eos);
+                continue;
+            }
+            out[r].push(t);
+            if !s.stop.is_empty() {
+                let text = tokenizer.decode(&out[r], false)?;
+                if let Some(pos) = s.stop.iter().filter_map(|st| text.find(st.as_str())).min() {
+                    texts[r] = text[..pos].to_string();
+                    finish[r] = Some(Finish::Stop);
+                }
+            }
+        }
+        if finish.iter().all(Option::is_some) {
+            break;
+        }
+        let mut valid = Vec::with_capacity(b * (keys.keys + 1));
+        for r in 0..b {
+            valid.extend_from_slice(&keys.valid[r * keys.keys..(r + 1) * keys.keys]);
+            valid.push(true);
+        }
+        keys = KeyMask {
+            batch: b,
+            keys: keys.keys + 1,
+            valid,
+        };
+        input = Tensor::from_vec(next, (b, 1), device)?;
+    }
+    let mut result = Vec::with_capacity(b);
+    for r in 0..b {
+        let f = finish[r].unwrap_or(Finish::Length);
+        let text = if f == Finish::Stop {
+            std::mem::take(&mut texts[r])
+        } else {
+            tokenizer.decode(&out[r], true)?
+        };
+        result.push(Generation {
+            ids: std::mem::take(&mut out[r]),
+            text,
+            finish: f,
+        });
+    }
+    Ok(result)
+}
+
+/// Log-probabilities of the next token at the last position, for scoring.
+pub fn next_token_logprobs(model: &Decoder, ids: &[u32]) -> Result<Vec<f32>> {
+    let t = Tensor::new(ids, model.device())?.unsqueeze(0)?;
+    let h = model.hidden(&t, &KeyMask::full(1, ids.len()), None, None)?;
+    let last = h.narrow(1, ids.len() - 1, 1)?.squeeze(1)?;
+    let lp = candle_nn::ops::log_softmax(&model.logits(&last)?.to_dtype(DType::F32)?, D::Minus1)?;
+    Ok(lp.squeeze(0)?.to_vec1()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_argmax_and_top_p_keeps_the_nucleus() {
+        let logits = [0.0f32, 5.0, 1.0, 4.9];
+        assert_eq!(pick(&logits, &Sampling::default(), &mut Rng::new(0)), 1);
+        let s = Sampling {
+            temperature: 1.0,
+            top_p: 0.5,
+            ..Default::default()
+        };
+        let mut rng = Rng::new(3);
+        for _ in 0..50 {
+            let t = pick(&logits, &s, &mut rng);
+            assert!(t == 1 || t == 3, "{t}");
+        }
+        let s = Sampling {
+            temperature: 1.0,
+            top_p: 0.4,
+            ..Default::default()
+        };
+        assert!((0..20).all(|_| pick(&logits, &s, &mut rng) == 1));
+    }
+}
