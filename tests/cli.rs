@@ -959,3 +959,115 @@ fn ctrl_c_stops_cleanly_keeps_the_checkpoint_and_says_how_to_resume() {
     let runs = p.ok(&["runs"]);
     assert!(runs.stdout.contains("interrupted"), "{}", runs.stdout);
 }
+
+const TINY_SFT: &str = r#"
+name: tiny-sft
+stages:
+  data:
+    run: cp qa.jsonl out/train.jsonl
+    deps: [qa.jsonl]
+    outs: [out/train.jsonl]
+  sft:
+    uses: sft
+    inputs: {train: data.train, val: data.train}
+    with:
+      model: "tiny:llama:3"
+      lora: {r: 4, alpha: 8, dropout: 0.1, target_modules: all-linear}
+      optimizer: {lr: 0.01}
+      schedule: {warmup_steps: 1, decay: cosine}
+      steps: 6
+      batch_size: 2
+      eval_every: 3
+      save_every: 2
+  gen:
+    uses: generate
+    inputs: {prompts: data.train, adapter: sft.adapter}
+    with: {model: "tiny:llama:3", max_new_tokens: 5, batch_size: 3, temperature: 0.7, top_p: 0.9, seed: 4}
+"#;
+
+fn qa_lines(n: usize) -> String {
+    (0..n)
+        .map(|i| format!("{{\"prompt\": \"{i}+1=\", \"response\": \"{}\"}}\n", i + 1))
+        .collect()
+}
+
+#[test]
+fn sft_writes_a_peft_adapter_and_generate_uses_it() {
+    let p = Project::new();
+    p.file("p.yaml", TINY_SFT).file("qa.jsonl", &qa_lines(7));
+    let run = p.ok(&["run", "p.yaml", "--no-progress"]);
+    assert_eq!(
+        run.status_of("sft").as_deref(),
+        Some("ran"),
+        "{}",
+        run.stdout
+    );
+    let show: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "sft", "--json"]).stdout).unwrap();
+    let adapter = p.join(show["outputs"]["adapter"]["path"].as_str().unwrap());
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
+    let st = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+    let text = String::from_utf8_lossy(&st[..4096.min(st.len())]).to_string();
+    assert!(text.contains("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
+    let metrics = p.join(show["outputs"]["metrics"]["path"].as_str().unwrap());
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    assert!(lines[2]["eval_loss"].is_f64() && lines[5]["eval_loss"].is_f64());
+    let png = std::fs::read(p.join(show["outputs"]["curve"]["path"].as_str().unwrap())).unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
+    let m = &show["metrics"];
+    assert!(
+        m["best_eval_loss"].as_f64().unwrap() < m["initial_eval_loss"].as_f64().unwrap(),
+        "{m}"
+    );
+
+    let gen: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "gen", "--json"]).stdout).unwrap();
+    let out =
+        std::fs::read_to_string(p.join(gen["outputs"]["generations"]["path"].as_str().unwrap()))
+            .unwrap();
+    let recs: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 7);
+    assert!(recs
+        .iter()
+        .all(|r| r["generation"].is_string() && r["new_tokens"].as_u64().unwrap() <= 5));
+    assert_eq!(recs[3]["prompt"], "3+1=");
+
+    let again = p.ok(&["run", "p.yaml", "--no-progress"]);
+    assert_eq!(again.status_of("sft").as_deref(), Some("cached"));
+    assert_eq!(again.status_of("gen").as_deref(), Some("cached"));
+}
+
+#[test]
+fn sft_params_are_checked_with_their_field_path() {
+    let p = Project::new();
+    p.file("p.yaml", &TINY_SFT.replace("lora: {r: 4,", "lora: {r: 0,"))
+        .file("qa.jsonl", &qa_lines(3));
+    let out = p.pipe(&["check", "p.yaml"]);
+    assert_eq!(out.code, 2, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("lora.r must be at least 1"),
+        "{}",
+        out.stderr
+    );
+    p.file("p.yaml", &TINY_SFT.replace("steps: 6", "stepz: 6"));
+    let out = p.pipe(&["check", "p.yaml"]);
+    assert!(
+        out.stderr.contains("stepz") && out.stderr.contains("steps"),
+        "{}",
+        out.stderr
+    );
+}

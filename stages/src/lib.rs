@@ -11,8 +11,12 @@
 pub mod command;
 mod contract;
 pub mod fsio;
+pub mod generate;
+mod ml;
 mod params;
+mod plot;
 mod registry;
+pub mod sft;
 pub mod split;
 
 pub use contract::{
@@ -27,5 +31,7 @@ pub fn builtin() -> Registry {
     let mut registry = Registry::new();
     registry.register(command::CommandStage);
     registry.register(split::SplitStage);
+    registry.register(sft::SftStage);
+    registry.register(generate::GenerateStage);
     registry
 }

@@ -28,3 +28,48 @@ pub use config::{Architecture, Config};
 pub use error::{Error, Result};
 pub use model::{Decoder, KeyMask, KvCache};
 pub use rng::Rng;
+
+/// Picks a device from `auto`, `cpu`, `cuda` or `cuda:N`. `auto` means the first
+/// GPU when built with the `cuda` feature and one is present, else the CPU.
+pub fn device(spec: &str) -> Result<candle_core::Device> {
+    let cuda = |n: usize| {
+        candle_core::Device::new_cuda(n).map_err(|e| {
+            Error::Invalid(format!(
+                "device `{spec}`: {e} (GPU support needs a build with `--features cuda`)"
+            ))
+        })
+    };
+    match spec {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "auto" => Ok(if candle_core::utils::cuda_is_available() {
+            cuda(0)?
+        } else {
+            candle_core::Device::Cpu
+        }),
+        "cuda" => cuda(0),
+        s => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => cuda(n),
+            None => Err(Error::Invalid(format!(
+                "device `{spec}`: expected auto, cpu, cuda or cuda:N"
+            ))),
+        },
+    }
+}
+
+/// The dtype for `auto|f32|bf16|f16` on a device: f32 on CPU, bf16 on GPU for `auto`.
+pub fn dtype(spec: &str, device: &candle_core::Device) -> Result<candle_core::DType> {
+    use candle_core::DType;
+    match spec {
+        "auto" => Ok(if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        }),
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        other => Err(Error::Invalid(format!(
+            "dtype `{other}`: expected auto, f32, bf16 or f16"
+        ))),
+    }
+}

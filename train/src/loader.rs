@@ -35,7 +35,8 @@ pub enum ModelSpec {
 }
 
 impl ModelSpec {
-    /// Reads a spec: `tiny:ARCH[:SEED]`, a path to a `.gguf` file or a folder, or `org/name`.
+    /// Reads a spec: `tiny:ARCH[:SEED]`, a path to a `.gguf` file or a folder, or
+    /// `org/name`; the prefixes `gguf:` and `hf:` make the kind explicit.
     pub fn parse(s: &str) -> Result<ModelSpec> {
         if let Some(rest) = s.strip_prefix("tiny:") {
             let mut parts = rest.splitn(2, ':');
@@ -60,6 +61,17 @@ impl ModelSpec {
                 None => 0,
             };
             return Ok(ModelSpec::Tiny { arch, seed });
+        }
+        if let Some(p) = s.strip_prefix("gguf:") {
+            return Ok(ModelSpec::Gguf(PathBuf::from(p)));
+        }
+        if let Some(id) = s.strip_prefix("hf:") {
+            let path = PathBuf::from(id);
+            return Ok(if path.is_dir() {
+                ModelSpec::Dir(path)
+            } else {
+                ModelSpec::Hub(id.to_string())
+            });
         }
         let path = PathBuf::from(s);
         if s.ends_with(".gguf") {

@@ -178,7 +178,8 @@ impl Adapter {
     pub fn tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut m = HashMap::new();
         for (k, v) in &self.vars {
-            m.insert(k.clone(), v.as_tensor().to_dtype(DType::F32)?);
+            // A copy: `Var::set` writes in place, so a shared tensor would change under us.
+            m.insert(k.clone(), v.as_tensor().to_dtype(DType::F32)?.copy()?);
         }
         Ok(m)
     }

@@ -285,8 +285,8 @@ pub fn train(
             tokens_seen: st.tokens_seen,
             eval_loss: None,
         };
-        let eval_now =
-            do_eval && ((s.eval_every > 0 && st.step % s.eval_every == 0) || st.step == s.steps);
+        let eval_now = do_eval
+            && ((s.eval_every > 0 && st.step.is_multiple_of(s.eval_every)) || st.step == s.steps);
         if eval_now {
             let l = evaluate(model, eval_set, s.batch_size, s.pad_id)?;
             m.eval_loss = Some(l);
@@ -302,7 +302,7 @@ pub fn train(
         observer.on_step(&m, s.steps);
         st.history.push(m);
         if let Some(dir) = checkpoints {
-            if s.save_every > 0 && st.step % s.save_every == 0 && st.step < s.steps {
+            if s.save_every > 0 && st.step.is_multiple_of(s.save_every) && st.step < s.steps {
                 save_checkpoint(dir, &st, adapter, &opt, &best_adapter)?;
             }
         }

@@ -1,0 +1,91 @@
+//! A loss-curve PNG drawn without a font stack: training loss in blue, eval loss
+//! in orange, on a light grid with the y axis from 0 to the largest loss. Exact
+//! values live in `metrics.jsonl`; the picture is for a glance.
+
+use std::path::Path;
+
+const W: usize = 640;
+const H: usize = 400;
+const PAD: usize = 30;
+
+struct Canvas(Vec<u8>);
+
+impl Canvas {
+    fn put(&mut self, x: i64, y: i64, c: [u8; 3]) {
+        if x >= 0 && y >= 0 && (x as usize) < W && (y as usize) < H {
+            let i = (y as usize * W + x as usize) * 3;
+            self.0[i..i + 3].copy_from_slice(&c);
+        }
+    }
+
+    fn line(&mut self, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: [u8; 3], thick: i64) {
+        let n = ((x1 - x0).abs().max((y1 - y0).abs()).ceil() as usize).max(1);
+        for i in 0..=n {
+            let t = i as f64 / n as f64;
+            let (x, y) = (x0 + (x1 - x0) * t, y0 + (y1 - y0) * t);
+            for dx in -thick / 2..=thick / 2 {
+                for dy in -thick / 2..=thick / 2 {
+                    self.put(x.round() as i64 + dx, y.round() as i64 + dy, c);
+                }
+            }
+        }
+    }
+}
+
+/// Draws `train` and `eval` series of (step, loss) into a PNG at `path`.
+pub fn loss_curve(path: &Path, train: &[(f64, f64)], eval: &[(f64, f64)]) -> std::io::Result<()> {
+    let mut c = Canvas(vec![255; W * H * 3]);
+    let max_x = train.iter().chain(eval).map(|p| p.0).fold(1.0, f64::max);
+    let max_y = train
+        .iter()
+        .chain(eval)
+        .map(|p| p.1)
+        .filter(|v| v.is_finite())
+        .fold(1e-9, f64::max)
+        * 1.05;
+    let sx = |x: f64| PAD as f64 + x / max_x * (W - 2 * PAD) as f64;
+    let sy = |y: f64| (H - PAD) as f64 - y / max_y * (H - 2 * PAD) as f64;
+    for i in 0..=4 {
+        let y = sy(max_y * i as f64 / 4.0);
+        c.line((PAD as f64, y), ((W - PAD) as f64, y), [225, 225, 225], 1);
+    }
+    c.line(
+        (PAD as f64, (H - PAD) as f64),
+        ((W - PAD) as f64, (H - PAD) as f64),
+        [60, 60, 60],
+        1,
+    );
+    c.line(
+        (PAD as f64, PAD as f64),
+        (PAD as f64, (H - PAD) as f64),
+        [60, 60, 60],
+        1,
+    );
+    for (series, color, thick) in [(train, [31, 119, 180], 1), (eval, [255, 127, 14], 3)] {
+        for w in series.windows(2) {
+            c.line(
+                (sx(w[0].0), sy(w[0].1)),
+                (sx(w[1].0), sy(w[1].1)),
+                color,
+                thick,
+            );
+        }
+        if let [only] = series {
+            c.line(
+                (sx(only.0) - 2.0, sy(only.1)),
+                (sx(only.0) + 2.0, sy(only.1)),
+                color,
+                thick,
+            );
+        }
+    }
+    let mut bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut bytes, W as u32, H as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header().map_err(std::io::Error::other)?;
+        w.write_image_data(&c.0).map_err(std::io::Error::other)?;
+    }
+    std::fs::write(path, bytes)
+}
