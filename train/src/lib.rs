@@ -11,6 +11,7 @@
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod io;
 pub mod linear;

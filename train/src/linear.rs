@@ -3,7 +3,7 @@
 //!
 //! candle's matmul backward always computes the gradient of both operands, so a
 //! frozen `[out, in]` weight would cost a full extra matmul and a weight-sized
-//! buffer per step. [`FrozenMatmul`] is a custom op that runs the same matmul
+//! buffer per step. [`frozen_matmul`] is a custom op that runs the same matmul
 //! kernel forward and returns only `dy · W` backward.
 
 use candle_core::backend::BackendStorage;

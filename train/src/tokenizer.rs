@@ -199,6 +199,13 @@ impl TextTokenizer {
         self.chat_template.as_deref()
     }
 
+    /// The tokenizer as a `tokenizer.json` document.
+    pub fn to_json(&self) -> String {
+        self.inner
+            .to_string(false)
+            .expect("a loaded tokenizer serialises")
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -1,0 +1,102 @@
+"""An adapter trained by `pipe` loads in Python `peft`, and the logits agree.
+
+1. `reference_io export` writes a tiny random Llama as an HF folder;
+2. `pipe run` trains a LoRA adapter on it with the `sft` stage (all-linear, rsLoRA);
+3. Python loads the folder with `transformers`, the adapter with
+   `peft.PeftModel.from_pretrained`, and compares its logits with pipe-train's
+   logits for the same adapter; then compares pipe's merged export with
+   `merge_and_unload()`.
+
+Run from the repository root:  python scripts/reference/check_peft_interop.py
+Needs: torch, transformers, peft, safetensors. Prints max |Δlogits|.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+REF = os.path.join(ROOT, "target/release/examples/reference_io")
+PIPE = os.path.join(ROOT, "target/release/pipe")
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, text=True, capture_output=True, **kw).stdout
+
+
+def main():
+    sh("cargo", "build", "--release", "--quiet", "--bin", "pipe", cwd=ROOT)
+    sh("cargo", "build", "--release", "--quiet", "-p", "pipe-train", "--example", "reference_io", cwd=ROOT)
+    work = tempfile.mkdtemp(prefix="pipe-peft-")
+    base = os.path.join(work, "base")
+    sh(REF, "export", "tiny:llama:3", base)
+    with open(os.path.join(work, "qa.jsonl"), "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"prompt": f"What is {i} plus 2?", "response": f"{i + 2}."}) + "\n")
+    with open(os.path.join(work, "p.yaml"), "w") as f:
+        f.write(f"""
+name: interop
+stages:
+  data:
+    run: cp qa.jsonl out/train.jsonl
+    deps: [qa.jsonl]
+    outs: [out/train.jsonl]
+  sft:
+    uses: sft
+    inputs: {{train: data.train}}
+    with:
+      model: {base}
+      lora: {{r: 8, alpha: 16, dropout: 0.05, target_modules: all-linear, use_rslora: true}}
+      optimizer: {{lr: 0.01}}
+      steps: 20
+      batch_size: 4
+""")
+    sh(PIPE, "run", "p.yaml", "--no-progress", cwd=work)
+    show = json.loads(sh(PIPE, "show", "sft", "--json", cwd=work))
+    adapter = os.path.join(work, show["outputs"]["adapter"]["path"])
+
+    ids = [257, 117, 115, 101, 114, 10, 87, 104, 97, 116, 32, 105, 115, 32, 55, 63, 258, 10, 257]
+    with open(os.path.join(work, "ids.json"), "w") as f:
+        json.dump(ids, f)
+    out = os.path.join(work, "pipe_logits.safetensors")
+    sh(REF, "logits", base, os.path.join(work, "ids.json"), out, adapter)
+    pipe_logits = load_file(out)["logits"]
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(model, adapter).eval()
+    with torch.no_grad():
+        ref = peft_model(torch.tensor([ids])).logits[0]
+    d_adapter = (ref - pipe_logits).abs().max().item()
+    with peft_model.disable_adapter(), torch.no_grad():
+        plain = peft_model(torch.tensor([ids])).logits[0]
+    effect = (ref - plain).abs().max().item()
+
+    merged_dir = os.path.join(work, "merged")
+    sh(REF, "export", base, merged_dir, adapter)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    unloaded = peft_model.merge_and_unload().eval()
+    with torch.no_grad():
+        m1 = merged(torch.tensor([ids])).logits[0]
+        m2 = unloaded(torch.tensor([ids])).logits[0]
+    d_merge = (m1 - m2).abs().max().item()
+    report = {
+        "adapter": adapter,
+        "keys": len(load_file(os.path.join(adapter, "adapter_model.safetensors"))),
+        "adapter_effect_max_abs_logit_change": effect,
+        "peft_vs_pipe_max_abs_diff": d_adapter,
+        "pipe_merged_vs_peft_merge_and_unload_max_abs_diff": d_merge,
+        "sft_metrics": show["metrics"],
+    }
+    print(json.dumps(report, indent=1))
+    ok = d_adapter <= 1e-4 and d_merge <= 1e-4 and effect > 1e-2
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
