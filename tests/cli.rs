@@ -1071,3 +1071,29 @@ fn sft_params_are_checked_with_their_field_path() {
         out.stderr
     );
 }
+
+#[test]
+fn smollm2_pipeline_runs_end_to_end_with_the_smoke_profile() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let pipeline = root.join("pipelines/smollm2_sft.yaml");
+    let p = Project::new();
+    let out = p.ok(&[
+        "run",
+        pipeline.to_str().unwrap(),
+        "--profile",
+        "smoke",
+        "--no-progress",
+    ]);
+    for stage in ["data", "split", "sft", "answer"] {
+        assert_eq!(
+            out.status_of(stage).as_deref(),
+            Some("ran"),
+            "{}",
+            out.stdout
+        );
+    }
+    let show: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "sft", "--json"]).stdout).unwrap();
+    assert_eq!(show["metrics"]["steps"], 4);
+    assert_eq!(show["metrics"]["train_examples"], 32);
+}
