@@ -9,9 +9,11 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod cross_entropy;
 pub mod data;
 pub mod error;
 pub mod export;
+pub mod fused;
 pub mod generate;
 pub mod io;
 pub mod linear;

@@ -165,9 +165,15 @@ pub fn dropout_with(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
     Ok((x * mask)?)
 }
 
-/// RMSNorm from differentiable ops (the fused kernel records no backward), in f32.
+/// RMSNorm with a backward (candle's fused kernel records none): our fused CPU
+/// kernel for f32 on the CPU, composed ops in f32 elsewhere.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
+    if x.device().is_cpu() && dtype == DType::F32 && weight.dtype() == DType::F32 {
+        return Ok(x
+            .contiguous()?
+            .apply_op2(weight, crate::fused::RmsNorm { eps: eps as f32 })?);
+    }
     let x = x.to_dtype(DType::F32)?;
     let var = x.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;

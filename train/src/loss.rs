@@ -7,6 +7,7 @@
 
 use candle_core::{DType, Tensor, D};
 
+use crate::cross_entropy::CrossEntropy;
 use crate::error::Result;
 use crate::model::{Decoder, KeyMask};
 use crate::rng::Rng;
@@ -60,9 +61,16 @@ pub fn causal_lm_loss(
     let n = at.len();
     let picked = hidden.index_select(&Tensor::from_vec(at, n, device)?, 0)?;
     let logits = model.logits(&picked)?.to_dtype(DType::F32)?;
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let want = Tensor::from_vec(want, (n, 1), device)?;
-    let nll = logp.gather(&want, 1)?.sum_all()?.neg()?;
+    let nll = if device.is_cpu() {
+        logits
+            .contiguous()?
+            .apply_op1(CrossEntropy { targets: want })?
+            .sum_all()?
+    } else {
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let want = Tensor::from_vec(want, (n, 1), device)?;
+        logp.gather(&want, 1)?.sum_all()?.neg()?
+    };
     Ok(LossSum {
         sum: nll,
         tokens: n,

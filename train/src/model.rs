@@ -61,6 +61,16 @@ impl KeyMask {
         window: Option<usize>,
         device: &Device,
     ) -> Result<Tensor> {
+        let m = self.additive_values(queries, window);
+        Ok(Tensor::from_vec(
+            m,
+            (self.batch, 1, queries, self.keys),
+            device,
+        )?)
+    }
+
+    /// The values of [`KeyMask::additive`], row-major `[b, queries, keys]`.
+    pub fn additive_values(&self, queries: usize, window: Option<usize>) -> Vec<f32> {
         let past = self.keys - queries;
         let mut m = vec![0f32; self.batch * queries * self.keys];
         for b in 0..self.batch {
@@ -76,11 +86,7 @@ impl KeyMask {
                 }
             }
         }
-        Ok(Tensor::from_vec(
-            m,
-            (self.batch, 1, queries, self.keys),
-            device,
-        )?)
+        m
     }
 }
 
@@ -380,7 +386,18 @@ impl Decoder {
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_size());
         let (cos, sin) = self.rope.tables(&keys.positions(s), b, s, self.dtype)?;
-        let mask = keys.additive(s, cfg.window(), &self.device)?;
+        let fused = self.device.is_cpu() && self.dtype == DType::F32;
+        let mask_values = std::sync::Arc::new(keys.additive_values(s, cfg.window()));
+        let mask = if fused {
+            None
+        } else {
+            let (b, t) = (keys.batch, keys.keys);
+            Some(Tensor::from_vec(
+                mask_values.as_ref().clone(),
+                (b, 1, s, t),
+                &self.device,
+            )?)
+        };
         let scale = 1.0 / (hd as f64).sqrt();
         let mut x = embed(&self.embed_tokens, ids)?;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -406,8 +423,16 @@ impl Decoder {
             }
             let k = repeat_kv(k, nh / nkv)?;
             let v = repeat_kv(v, nh / nkv)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-            let probs = candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, D::Minus1)?;
+            let probs = match &mask {
+                None => q.matmul(&k.t()?)?.apply_op1(crate::fused::MaskedSoftmax {
+                    mask: mask_values.clone(),
+                    scale: scale as f32,
+                })?,
+                Some(mask) => {
+                    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+                    candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?
+                }
+            };
             let o = probs.to_dtype(self.dtype)?.matmul(&v.contiguous()?)?;
             let o = o.transpose(1, 2)?.reshape((b, s, nh * hd))?;
             x = (x + a.o_proj.forward(&o, dropout.as_deref_mut())?)?;
