@@ -2,6 +2,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    pipe_stages::prepare_process();
     let cli = pipe::cli::Cli::parse();
     pipe::init_tracing(cli.verbose);
     match pipe::run(cli) {

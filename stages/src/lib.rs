@@ -35,3 +35,10 @@ pub fn builtin() -> Registry {
     registry.register(generate::GenerateStage);
     registry
 }
+
+/// Process-wide setup the model stages benefit from (glibc keeps freed memory for
+/// reuse instead of returning it to the kernel; see `pipe_train::allocator`).
+/// Binaries call it first thing in `main`.
+pub fn prepare_process() {
+    pipe_train::allocator::keep_freed_memory();
+}

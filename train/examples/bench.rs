@@ -35,6 +35,7 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    pipe_train::allocator::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let device = pipe_train::device(
         std::env::var("PIPE_BENCH_DEVICE")

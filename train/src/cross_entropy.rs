@@ -67,10 +67,12 @@ impl CustomOp1 for CrossEntropy {
     fn bwd(
         &self,
         arg: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let (n, v) = arg.dims2()?;
+        // The forward's log-sum-exp, recovered without another pass: lse = nll + x[target].
+        let nll: Vec<f32> = res.to_vec1()?;
         let g: Vec<f32> = grad.to_vec1()?;
         let arg = arg.contiguous()?;
         let (storage, layout) = arg.storage_and_layout();
@@ -84,12 +86,12 @@ impl CustomOp1 for CrossEntropy {
         std::thread::scope(|s| {
             for (chunk_i, chunk) in out.chunks_mut(per * v).enumerate() {
                 let targets = &self.targets;
-                let g = &g;
+                let (g, nll) = (&g, &nll);
                 s.spawn(move || {
                     for (j, orow) in chunk.chunks_mut(v).enumerate() {
                         let r = chunk_i * per + j;
                         let row = &data[r * v..(r + 1) * v];
-                        let lse = row_lse(row);
+                        let lse = nll[r] + row[targets[r] as usize];
                         for (o, &x) in orow.iter_mut().zip(row) {
                             *o = (x - lse).exp() * g[r];
                         }

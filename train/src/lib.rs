@@ -8,6 +8,7 @@
 //! stages in `pipe-stages` call it with plain paths and settings.
 #![warn(missing_docs)]
 
+pub mod allocator;
 pub mod config;
 pub mod cross_entropy;
 pub mod data;
