@@ -125,6 +125,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 arg(&args, "--new", 128),
                 arg(&args, "--prompt-len", 32),
             );
+            if std::env::var("PIPE_BENCH_QUANT").as_deref() != Ok("none") {
+                m.model
+                    .quantize_for_decoding(candle_core::quantized::GgmlDType::Q8_0)?;
+            }
             let prompts: Vec<Vec<u32>> = (0..batch)
                 .map(|_| {
                     (0..plen)

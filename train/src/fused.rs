@@ -305,3 +305,226 @@ mod tests {
         assert!(ga.get(w.as_tensor()).is_none(), "norm weights are frozen");
     }
 }
+
+/// HF-style (half-split) RoPE on `[b, h, s, d]` with per-row angles:
+/// `cos`/`sin` are `[b, s, d/2]`. The rotation is orthogonal, so the backward is
+/// the same rotation with `−sin`.
+pub struct Rope {
+    /// Cosines, `[b, s, d/2]`.
+    pub cos: Arc<Vec<f32>>,
+    /// Sines, `[b, s, d/2]`.
+    pub sin: Arc<Vec<f32>>,
+}
+
+impl Rope {
+    fn rotate(&self, x: &[f32], dims: (usize, usize, usize, usize), sign: f32) -> Vec<f32> {
+        let (_, h, s, d) = dims;
+        let half = d / 2;
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, d, |r, y| {
+            let (bi, si) = (r / (h * s), r % s);
+            let base = (bi * s + si) * half;
+            let (c, sn) = (&self.cos[base..base + half], &self.sin[base..base + half]);
+            let xr = &x[r * d..(r + 1) * d];
+            for i in 0..half {
+                let (x1, x2, si_) = (xr[i], xr[i + half], sign * sn[i]);
+                y[i] = x1 * c[i] - x2 * si_;
+                y[i + half] = x2 * c[i] + x1 * si_;
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = l.shape().dims4()?;
+        let x = f32_slice(s, l, "rope")?;
+        Ok((
+            CpuStorage::F32(self.rotate(x, dims, 1.0)),
+            l.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let dims = grad.dims4()?;
+        let out = with_data(grad, |g| self.rotate(g, dims, -1.0))?;
+        Ok(Some(Tensor::from_vec(out, grad.shape(), grad.device())?))
+    }
+}
+
+/// SwiGLU `silu(gate) · up` for the MLP, with gradients for both inputs.
+pub struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = f32_slice(s1, l1, "swiglu gate")?;
+        let u = f32_slice(s2, l2, "swiglu up")?;
+        let d = l1.shape().dims().last().copied().unwrap_or(1);
+        let mut out = vec![0f32; g.len()];
+        par_rows(&mut out, d, |r, y| {
+            for (i, o) in y.iter_mut().enumerate() {
+                let gv = g[r * d + i];
+                *o = gv / (1.0 + (-gv).exp()) * u[r * d + i];
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = gate.dim(candle_core::D::Minus1)?;
+        let n = gate.elem_count();
+        let (dg, du) = with_data(gate, |g| {
+            with_data(up, |u| {
+                with_data(grad, |dy| {
+                    // Interleave both gradients in one buffer so one parallel pass writes them.
+                    let mut both = vec![0f32; 2 * n];
+                    par_rows(&mut both, 2 * d, |r, o| {
+                        for i in 0..d {
+                            let k = r * d + i;
+                            let sig = 1.0 / (1.0 + (-g[k]).exp());
+                            let silu = g[k] * sig;
+                            o[i] = dy[k] * u[k] * sig * (1.0 + g[k] * (1.0 - sig));
+                            o[d + i] = dy[k] * silu;
+                        }
+                    });
+                    let mut dg = Vec::with_capacity(n);
+                    let mut du = Vec::with_capacity(n);
+                    for row in both.chunks(2 * d) {
+                        dg.extend_from_slice(&row[..d]);
+                        du.extend_from_slice(&row[d..]);
+                    }
+                    (dg, du)
+                })
+            })
+        })???;
+        let dev = gate.device();
+        Ok((
+            Some(Tensor::from_vec(dg, gate.shape(), dev)?),
+            Some(Tensor::from_vec(du, up.shape(), dev)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod more_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Var {
+        let mut rng = crate::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        Var::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn swiglu_matches_composed_ops_with_gradients() {
+        let (g, u, probe) = (
+            rand(&[3, 5, 8], 1),
+            rand(&[3, 5, 8], 2),
+            rand(&[3, 5, 8], 3),
+        );
+        let fused = g.as_tensor().apply_op2(u.as_tensor(), SwiGlu).unwrap();
+        let composed = (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-6);
+        let ga = (fused * probe.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gb = (composed * probe.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&g, &u] {
+            assert!(
+                max_diff(
+                    ga.get(v.as_tensor()).unwrap(),
+                    gb.get(v.as_tensor()).unwrap()
+                ) < 1e-5
+            );
+        }
+    }
+
+    #[test]
+    fn rope_backward_is_the_inverse_rotation() {
+        let x = rand(&[2, 3, 4, 8], 4);
+        let probe = rand(&[2, 3, 4, 8], 5);
+        let mut rng = crate::Rng::new(6);
+        let angles: Vec<f32> = (0..2 * 4 * 4).map(|_| rng.normal() as f32).collect();
+        let op = || Rope {
+            cos: Arc::new(angles.iter().map(|a| a.cos()).collect()),
+            sin: Arc::new(angles.iter().map(|a| a.sin()).collect()),
+        };
+        let y = x.as_tensor().apply_op1(op()).unwrap();
+        // Composed reference: x·cos + rotate_half(x)·sin with [b, 1, s, d] tables.
+        let c = Tensor::from_vec(op().cos.to_vec(), (2, 1, 4, 4), &Device::Cpu).unwrap();
+        let s = Tensor::from_vec(op().sin.to_vec(), (2, 1, 4, 4), &Device::Cpu).unwrap();
+        let c = Tensor::cat(&[&c, &c], 3).unwrap();
+        let s = Tensor::cat(&[&s, &s], 3).unwrap();
+        let xt = x.as_tensor();
+        let rot = Tensor::cat(
+            &[
+                &xt.narrow(3, 4, 4).unwrap().neg().unwrap(),
+                &xt.narrow(3, 0, 4).unwrap(),
+            ],
+            3,
+        )
+        .unwrap();
+        let want = (xt.broadcast_mul(&c).unwrap() + rot.broadcast_mul(&s).unwrap()).unwrap();
+        assert!(max_diff(&y, &want) < 1e-6);
+        let ga = (y * probe.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gb = (want * probe.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(max_diff(ga.get(xt).unwrap(), gb.get(xt).unwrap()) < 1e-5);
+    }
+}

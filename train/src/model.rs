@@ -6,6 +6,7 @@
 //! Field and tensor names follow HF checkpoints (`model.layers.N.self_attn.q_proj`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 
@@ -130,6 +131,7 @@ impl KvCache {
 
 struct Rope {
     inv_freq: Tensor,
+    inv_host: Vec<f32>,
 }
 
 impl Rope {
@@ -154,8 +156,23 @@ impl Rope {
         }
         let inv: Vec<f32> = inv.into_iter().map(|f| f as f32).collect();
         Ok(Rope {
-            inv_freq: Tensor::from_vec(inv, (1, 1, d / 2), device)?,
+            inv_freq: Tensor::from_vec(inv.clone(), (1, 1, d / 2), device)?,
+            inv_host: inv,
         })
+    }
+
+    /// `cos`, `sin` of shape `[b, s, head/2]` on the host, for the fused kernel.
+    fn host_tables(&self, positions: &[f32]) -> (Arc<Vec<f32>>, Arc<Vec<f32>>) {
+        let mut cos = Vec::with_capacity(positions.len() * self.inv_host.len());
+        let mut sin = Vec::with_capacity(cos.capacity());
+        for &p in positions {
+            for &f in &self.inv_host {
+                let a = p * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        (Arc::new(cos), Arc::new(sin))
     }
 
     /// `cos`, `sin` of shape `[b, 1, s, head]` for positions `[b, s]`.
@@ -353,6 +370,18 @@ impl Decoder {
         &self.device
     }
 
+    /// Adds quantized copies of every projection and of `lm_head` for decoding
+    /// (see [`Linear::quantize`]); training and prefill keep using f32.
+    pub fn quantize_for_decoding(
+        &mut self,
+        dtype: candle_core::quantized::GgmlDType,
+    ) -> Result<()> {
+        for (_, lin) in self.linears_mut() {
+            lin.quantize(dtype)?;
+        }
+        self.lm_head.quantize(dtype)
+    }
+
     /// Every projection with its checkpoint name (without `.weight`), in layer order.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
@@ -385,7 +414,20 @@ impl Decoder {
         let (b, s) = ids.dims2()?;
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_size());
-        let (cos, sin) = self.rope.tables(&keys.positions(s), b, s, self.dtype)?;
+        let positions = keys.positions(s);
+        let (cos, sin) = self.rope.tables(&positions, b, s, self.dtype)?;
+        let (hcos, hsin) = self.rope.host_tables(&positions);
+        let rope = |x: &Tensor| -> Result<Tensor> {
+            if self.device.is_cpu() && self.dtype == DType::F32 {
+                let op = crate::fused::Rope {
+                    cos: hcos.clone(),
+                    sin: hsin.clone(),
+                };
+                Ok(x.contiguous()?.apply_op1(op)?)
+            } else {
+                apply_rope(x, &cos, &sin)
+            }
+        };
         let fused = self.device.is_cpu() && self.dtype == DType::F32;
         let mask_values = std::sync::Arc::new(keys.additive_values(s, cfg.window()));
         let mask = if fused {
@@ -409,8 +451,8 @@ impl Decoder {
             let q = heads(a.q_proj.forward(&h, dropout.as_deref_mut())?, nh)?;
             let k = heads(a.k_proj.forward(&h, dropout.as_deref_mut())?, nkv)?;
             let v = heads(a.v_proj.forward(&h, dropout.as_deref_mut())?, nkv)?;
-            let q = apply_rope(&q, &cos, &sin)?;
-            let mut k = apply_rope(&k, &cos, &sin)?;
+            let q = rope(&q)?;
+            let mut k = rope(&k)?;
             let mut v = v;
             if let Some(c) = cache.as_deref_mut() {
                 if let Some((pk, pv)) = &c.layers[l] {
@@ -438,9 +480,15 @@ impl Decoder {
             x = (x + a.o_proj.forward(&o, dropout.as_deref_mut())?)?;
             let h = rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?;
             let m = &layer.mlp;
-            let g = m.gate_proj.forward(&h, dropout.as_deref_mut())?.silu()?;
+            let g = m.gate_proj.forward(&h, dropout.as_deref_mut())?;
             let u = m.up_proj.forward(&h, dropout.as_deref_mut())?;
-            x = (x + m.down_proj.forward(&(g * u)?, dropout.as_deref_mut())?)?;
+            let act = if fused {
+                g.contiguous()?
+                    .apply_op2(&u.contiguous()?, crate::fused::SwiGlu)?
+            } else {
+                (g.silu()? * u)?
+            };
+            x = (x + m.down_proj.forward(&act, dropout.as_deref_mut())?)?;
         }
         rms_norm(&x, &self.norm, cfg.rms_norm_eps)
     }
