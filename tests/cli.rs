@@ -983,6 +983,10 @@ stages:
     uses: generate
     inputs: {prompts: data.train, adapter: sft.adapter}
     with: {model: "tiny:llama:3", max_new_tokens: 5, batch_size: 3, temperature: 0.7, top_p: 0.9, seed: 4}
+  merge:
+    uses: merge
+    inputs: {adapter: sft.adapter}
+    with: {model: "tiny:llama:3"}
 "#;
 
 fn qa_lines(n: usize) -> String {
@@ -1045,6 +1049,19 @@ fn sft_writes_a_peft_adapter_and_generate_uses_it() {
         .iter()
         .all(|r| r["generation"].is_string() && r["new_tokens"].as_u64().unwrap() <= 5));
     assert_eq!(recs[3]["prompt"], "3+1=");
+
+    let merged: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "merge", "--json"]).stdout).unwrap();
+    let dir = p.join(merged["outputs"]["model"]["path"].as_str().unwrap());
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(dir.join(f).is_file(), "merged model lacks {f}");
+    }
+    assert_eq!(merged["metrics"]["merged_tensors"], 14);
 
     let again = p.ok(&["run", "p.yaml", "--no-progress"]);
     assert_eq!(again.status_of("sft").as_deref(), Some("cached"));

@@ -36,6 +36,21 @@ struct GenerateParams {
     chat_template: String,
     #[serde(default = "default_prompt")]
     prompt_field: String,
+    /// `q8_0` (default): token-by-token decoding on the CPU uses Q8_0 copies of
+    /// the weights; `none`: f32 throughout.
+    #[serde(default = "default_quantize")]
+    quantize: Quantize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Quantize {
+    Q8_0,
+    None,
+}
+
+fn default_quantize() -> Quantize {
+    Quantize::Q8_0
 }
 
 fn default_batch() -> usize {
@@ -95,6 +110,12 @@ impl Stage for GenerateStage {
             pipe_train::lora::load(&mut loaded.model, dir)
                 .map_err(ml::failed("loading the adapter"))?;
             ctx.log(&format!("adapter {}", dir.display()));
+        }
+        if p.quantize == Quantize::Q8_0 {
+            loaded
+                .model
+                .quantize_for_decoding(candle_core::quantized::GgmlDType::Q8_0)
+                .map_err(ml::failed("quantizing for decoding"))?;
         }
         let chat = ml::apply_template_choice(&mut loaded.tokenizer, &p.chat_template);
         let path = ctx.input("prompts")?;

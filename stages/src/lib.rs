@@ -12,6 +12,7 @@ pub mod command;
 mod contract;
 pub mod fsio;
 pub mod generate;
+pub mod merge;
 mod ml;
 mod params;
 mod plot;
@@ -33,6 +34,7 @@ pub fn builtin() -> Registry {
     registry.register(split::SplitStage);
     registry.register(sft::SftStage);
     registry.register(generate::GenerateStage);
+    registry.register(merge::MergeStage);
     registry
 }
 

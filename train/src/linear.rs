@@ -148,6 +148,16 @@ impl Linear {
 
     /// Applies the projection; `dropout` draws the LoRA dropout mask when training.
     pub fn forward(&self, x: &Tensor, dropout: Option<&mut Rng>) -> Result<Tensor> {
+        self.apply(x, dropout, false)
+    }
+
+    /// Applies the projection without recording anything for backward (LoRA
+    /// weights are read as constants): for generation.
+    pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, None, true)
+    }
+
+    fn apply(&self, x: &Tensor, dropout: Option<&mut Rng>, constant: bool) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
         let mut y = match &self.quantized {
             Some(q) if rows <= QUANTIZED_MAX_ROWS && x.dtype() == DType::F32 && !x.track_op() => {
@@ -163,8 +173,12 @@ impl Linear {
                 Some(rng) if l.dropout > 0.0 => dropout_with(x, l.dropout, rng)?,
                 _ => x.clone(),
             };
-            let a = l.a.as_tensor().to_dtype(x.dtype())?;
-            let b = l.b.as_tensor().to_dtype(x.dtype())?;
+            let (mut a, mut b) = (l.a.as_tensor().clone(), l.b.as_tensor().clone());
+            if constant {
+                (a, b) = (a.detach(), b.detach());
+            }
+            let a = a.to_dtype(x.dtype())?;
+            let b = b.to_dtype(x.dtype())?;
             let d = h.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
             y = (y + (d * l.scale)?)?;
         }
@@ -216,4 +230,52 @@ pub fn embed(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let e = candle_nn::Embedding::new(weight.clone(), weight.dim(1)?);
     Ok(e.forward(&ids.reshape(b * s)?)?
         .reshape((b, s, weight.dim(1)?))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn quantized_copy_serves_few_rows_and_stays_close_to_f32() {
+        let mut rng = Rng::new(3);
+        let w: Vec<f32> = (0..48 * 64).map(|_| rng.normal() as f32).collect();
+        let x: Vec<f32> = (0..2 * 64).map(|_| rng.normal() as f32).collect();
+        let w = Tensor::from_vec(w, (48, 64), &Device::Cpu).unwrap();
+        let x = Tensor::from_vec(x, (1, 2, 64), &Device::Cpu).unwrap();
+        let mut lin = Linear::new(w, None);
+        let exact = lin.forward_inference(&x).unwrap();
+        lin.quantize(GgmlDType::Q8_0).unwrap();
+        assert!(lin.quantized.is_some());
+        let q = lin.forward_inference(&x).unwrap();
+        let err = (&q - &exact)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = exact
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            err > 0.0 && err / scale < 2e-2,
+            "relative error {}",
+            err / scale
+        );
+        // Many rows go through the f32 weight: exact again.
+        let big = x.repeat((1, 4, 1)).unwrap();
+        let many = lin.forward_inference(&big).unwrap();
+        let again = frozen_matmul(&big, &lin.weight).unwrap();
+        assert_eq!(
+            many.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            again.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
 }

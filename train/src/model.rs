@@ -211,6 +211,14 @@ fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
         .reshape((b, h * n, t, d))?)
 }
 
+fn project(lin: &Linear, x: &Tensor, dropout: Option<&mut Rng>, inference: bool) -> Result<Tensor> {
+    if inference {
+        lin.forward_inference(x)
+    } else {
+        lin.forward(x, dropout)
+    }
+}
+
 /// Self-attention projections of one layer.
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -414,6 +422,8 @@ impl Decoder {
         let (b, s) = ids.dims2()?;
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_size());
+        // With a cache this is generation: nothing needs a gradient.
+        let inference = cache.is_some();
         let positions = keys.positions(s);
         let (cos, sin) = self.rope.tables(&positions, b, s, self.dtype)?;
         let (hcos, hsin) = self.rope.host_tables(&positions);
@@ -448,9 +458,18 @@ impl Decoder {
             let heads = |t: Tensor, n: usize| -> Result<Tensor> {
                 Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?)
             };
-            let q = heads(a.q_proj.forward(&h, dropout.as_deref_mut())?, nh)?;
-            let k = heads(a.k_proj.forward(&h, dropout.as_deref_mut())?, nkv)?;
-            let v = heads(a.v_proj.forward(&h, dropout.as_deref_mut())?, nkv)?;
+            let q = heads(
+                project(&a.q_proj, &h, dropout.as_deref_mut(), inference)?,
+                nh,
+            )?;
+            let k = heads(
+                project(&a.k_proj, &h, dropout.as_deref_mut(), inference)?,
+                nkv,
+            )?;
+            let v = heads(
+                project(&a.v_proj, &h, dropout.as_deref_mut(), inference)?,
+                nkv,
+            )?;
             let q = rope(&q)?;
             let mut k = rope(&k)?;
             let mut v = v;
@@ -477,24 +496,27 @@ impl Decoder {
             };
             let o = probs.to_dtype(self.dtype)?.matmul(&v.contiguous()?)?;
             let o = o.transpose(1, 2)?.reshape((b, s, nh * hd))?;
-            x = (x + a.o_proj.forward(&o, dropout.as_deref_mut())?)?;
+            x = (x + project(&a.o_proj, &o, dropout.as_deref_mut(), inference)?)?;
             let h = rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?;
             let m = &layer.mlp;
-            let g = m.gate_proj.forward(&h, dropout.as_deref_mut())?;
-            let u = m.up_proj.forward(&h, dropout.as_deref_mut())?;
+            let g = project(&m.gate_proj, &h, dropout.as_deref_mut(), inference)?;
+            let u = project(&m.up_proj, &h, dropout.as_deref_mut(), inference)?;
             let act = if fused {
                 g.contiguous()?
                     .apply_op2(&u.contiguous()?, crate::fused::SwiGlu)?
             } else {
                 (g.silu()? * u)?
             };
-            x = (x + m.down_proj.forward(&act, dropout.as_deref_mut())?)?;
+            x = (x + project(&m.down_proj, &act, dropout.as_deref_mut(), inference)?)?;
         }
         rms_norm(&x, &self.norm, cfg.rms_norm_eps)
     }
 
     /// Logits `[..., vocab]` for hidden states `[..., hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        if !hidden.track_op() {
+            return self.lm_head.forward_inference(hidden);
+        }
         self.lm_head.forward(hidden, None)
     }
 

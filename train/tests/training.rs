@@ -219,3 +219,44 @@ fn cached_batched_generation_equals_uncached_greedy_decoding() {
         assert_eq!(g.ids, seq[p.len()..].to_vec());
     }
 }
+
+#[test]
+fn merged_export_reloads_with_the_adapters_outputs() {
+    let mut m = loader::load("tiny:qwen2:6", DType::F32, &Device::Cpu).unwrap();
+    let adapter = lora::attach(&mut m.model, &all_linear(0.0), &mut Rng::new(1)).unwrap();
+    let data = examples(&m.tokenizer, 8);
+    let mut s = settings(3, 0);
+    s.warmup_steps = 0;
+    train(&m.model, &adapter, &data, &[], &s, None, &mut ()).unwrap();
+    let ids = Tensor::new(&[[257u32, 50, 60, 258, 70]], &Device::Cpu).unwrap();
+    let keys = KeyMask::full(1, 5);
+    let want: Vec<f32> = m
+        .model
+        .forward(&ids, &keys)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    pipe_train::export::save_hf_dir(&mut m.model, &m.tokenizer, dir.path()).unwrap();
+    let back = loader::load(dir.path().to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        back.tokenizer.encode("<|im_start|>hé").unwrap(),
+        m.tokenizer.encode("<|im_start|>hé").unwrap()
+    );
+    let got: Vec<f32> = back
+        .model
+        .forward(&ids, &keys)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let d = want
+        .iter()
+        .zip(&got)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(d < 1e-5, "merged model differs by {d}");
+}
