@@ -1,7 +1,8 @@
 """An adapter trained by `pipe` loads in Python `peft`, and the logits agree.
 
-1. `reference_io export` writes a tiny random Llama as an HF folder;
-2. `pipe run` trains a LoRA adapter on it with the `sft` stage (all-linear, rsLoRA);
+1. `reference_io export` writes a tiny random model as an HF folder;
+2. `pipe run` trains a LoRA adapter on it with the `sft` stage (all-linear, rsLoRA;
+   in the second scenario also two new special tokens on a tied-embedding Qwen2);
 3. Python loads the folder with `transformers`, the adapter with
    `peft.PeftModel.from_pretrained`, and compares its logits with pipe-train's
    logits for the same adapter; then compares pipe's merged export with
@@ -30,15 +31,14 @@ def sh(*args, **kw):
     return subprocess.run(args, check=True, text=True, capture_output=True, **kw).stdout
 
 
-def main():
-    sh("cargo", "build", "--release", "--quiet", "--bin", "pipe", cwd=ROOT)
-    sh("cargo", "build", "--release", "--quiet", "-p", "pipe-train", "--example", "reference_io", cwd=ROOT)
-    work = tempfile.mkdtemp(prefix="pipe-peft-")
+def scenario(name, preset, extra, new_vocab=None):
+    """Trains with `pipe` and compares with `peft`; returns the measured differences."""
+    work = tempfile.mkdtemp(prefix=f"pipe-peft-{name}-")
     base = os.path.join(work, "base")
-    sh(REF, "export", "tiny:llama:3", base)
+    sh(REF, "export", preset, base)
     with open(os.path.join(work, "qa.jsonl"), "w") as f:
         for i in range(24):
-            f.write(json.dumps({"prompt": f"What is {i} plus 2?", "response": f"{i + 2}."}) + "\n")
+            f.write(json.dumps({"prompt": f"What is {i} plus 2?", "response": f"<cite>{i + 2}</cite>."}) + "\n")
     with open(os.path.join(work, "p.yaml"), "w") as f:
         f.write(f"""
 name: interop
@@ -56,12 +56,15 @@ stages:
       optimizer: {{lr: 0.01}}
       steps: 20
       batch_size: 4
+{extra}
 """)
     sh(PIPE, "run", "p.yaml", "--no-progress", cwd=work)
     show = json.loads(sh(PIPE, "show", "sft", "--json", cwd=work))
     adapter = os.path.join(work, show["outputs"]["adapter"]["path"])
 
     ids = [257, 117, 115, 101, 114, 10, 87, 104, 97, 116, 32, 105, 115, 32, 55, 63, 258, 10, 257]
+    if new_vocab:
+        ids += list(range(259, new_vocab))
     with open(os.path.join(work, "ids.json"), "w") as f:
         json.dump(ids, f)
     out = os.path.join(work, "pipe_logits.safetensors")
@@ -69,6 +72,10 @@ stages:
     pipe_logits = load_file(out)["logits"]
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if new_vocab:
+        # The usual workflow: resize the base, then load the adapter (which
+        # carries the resized matrices and the trained rows).
+        model.resize_token_embeddings(new_vocab)
     peft_model = PeftModel.from_pretrained(model, adapter).eval()
     with torch.no_grad():
         ref = peft_model(torch.tensor([ids])).logits[0]
@@ -85,16 +92,26 @@ stages:
         m1 = merged(torch.tensor([ids])).logits[0]
         m2 = unloaded(torch.tensor([ids])).logits[0]
     d_merge = (m1 - m2).abs().max().item()
-    report = {
-        "adapter": adapter,
-        "keys": len(load_file(os.path.join(adapter, "adapter_model.safetensors"))),
+    return {
+        "scenario": name,
+        "adapter_keys": len(load_file(os.path.join(adapter, "adapter_model.safetensors"))),
         "adapter_effect_max_abs_logit_change": effect,
         "peft_vs_pipe_max_abs_diff": d_adapter,
         "pipe_merged_vs_peft_merge_and_unload_max_abs_diff": d_merge,
-        "sft_metrics": show["metrics"],
+        "final_train_loss": show["metrics"]["final_train_loss"],
     }
-    print(json.dumps(report, indent=1))
-    ok = d_adapter <= 1e-4 and d_merge <= 1e-4 and effect > 1e-2
+
+
+def main():
+    sh("cargo", "build", "--release", "--quiet", "--bin", "pipe", cwd=ROOT)
+    sh("cargo", "build", "--release", "--quiet", "-p", "pipe-train", "--example", "reference_io", cwd=ROOT)
+    reports = [
+        scenario("llama-lora", "tiny:llama:3", ""),
+        scenario("qwen2-tied-new-tokens", "tiny:qwen2:3", "      new_special_tokens: [\"<cite>\", \"</cite>\"]", new_vocab=261),
+    ]
+    print(json.dumps(reports, indent=1))
+    ok = all(r["peft_vs_pipe_max_abs_diff"] <= 1e-4 and r["pipe_merged_vs_peft_merge_and_unload_max_abs_diff"] <= 1e-4
+             and r["adapter_effect_max_abs_logit_change"] > 1e-2 for r in reports)
     sys.exit(0 if ok else 1)
 
 

@@ -58,8 +58,13 @@ impl Stage for MergeStage {
     fn run(&self, ctx: &StageContext) -> Result<Outcome, StageError> {
         let p: MergeParams = parse_params(&ctx.params)?;
         let mut loaded = ml::load_model(ctx, &p.model, "cpu", &p.dtype)?;
-        let adapter = pipe_train::lora::load(&mut loaded.model, ctx.input("adapter")?)
+        let adapter_dir = ctx.input("adapter")?;
+        let adapter = pipe_train::lora::load(&mut loaded.model, adapter_dir)
             .map_err(ml::failed("loading the adapter"))?;
+        if adapter_dir.join("tokenizer.json").is_file() {
+            loaded.tokenizer = pipe_train::tokenizer::TextTokenizer::from_dir(adapter_dir)
+                .map_err(ml::failed("loading the adapter's tokenizer"))?;
+        }
         let dir = ctx.out_dir.join("model");
         std::fs::create_dir_all(&dir).map_err(StageError::io("creating the model folder"))?;
         pipe_train::export::save_hf_dir(&mut loaded.model, &loaded.tokenizer, &dir)

@@ -85,6 +85,10 @@ struct SftParams {
     prompt_field: String,
     #[serde(default = "default_response")]
     response_field: String,
+    /// Special tokens to add; their embedding rows start at the mean of the
+    /// existing rows and are trained (PEFT `trainable_token_indices`).
+    #[serde(default)]
+    new_special_tokens: Vec<String>,
 }
 
 fn default_batch() -> usize {
@@ -225,6 +229,14 @@ impl Stage for SftStage {
         let p: SftParams = parse_params(&ctx.params)?;
         p.validate()?;
         let mut loaded = ml::load_model(ctx, &p.model, &p.device, &p.dtype)?;
+        let new_ids = if p.new_special_tokens.is_empty() {
+            Vec::new()
+        } else {
+            loaded
+                .tokenizer
+                .add_special_tokens(&p.new_special_tokens)
+                .map_err(ml::failed("with.new_special_tokens"))?
+        };
         let chat = ml::apply_template_choice(&mut loaded.tokenizer, &p.chat_template);
         let fmt = Formatter {
             tokenizer: &loaded.tokenizer,
@@ -280,12 +292,24 @@ impl Stage for SftStage {
             seed: p.seed,
             pad_id,
         };
-        let adapter = pipe_train::lora::attach(
+        let mut adapter = pipe_train::lora::attach(
             &mut loaded.model,
             &p.lora,
             &mut Rng::new(p.seed).fork(0x10A),
         )
         .map_err(ml::failed("attaching LoRA"))?;
+        if !new_ids.is_empty() {
+            pipe_train::lora::add_trainable_tokens(
+                &mut loaded.model,
+                &mut adapter,
+                new_ids.clone(),
+            )
+            .map_err(ml::failed("adding trainable token rows"))?;
+            ctx.log(&format!(
+                "new special tokens {:?} → ids {new_ids:?}",
+                p.new_special_tokens
+            ));
+        }
         ctx.log(&format!(
             "{} train / {} val examples ({dropped} dropped: no answer token within max_len {}), {steps} steps, {} trainable parameters",
             train_set.len(),

@@ -8,7 +8,7 @@ use std::path::Path;
 use serde_json::json;
 
 use crate::error::Result;
-use crate::io::{save_safetensors, write_atomic, write_json};
+use crate::io::{save_safetensors, write_json};
 use crate::model::Decoder;
 use crate::tokenizer::TextTokenizer;
 
@@ -36,17 +36,5 @@ pub fn save_hf_dir(model: &mut Decoder, tokenizer: &TextTokenizer, dir: &Path) -
     }
     write_json(&dir.join("config.json"), &c)?;
     save_safetensors(&dir.join("model.safetensors"), &model.merged_tensors()?)?;
-    write_atomic(&dir.join("tokenizer.json"), tokenizer.to_json().as_bytes())?;
-    let eos = tokenizer
-        .eos_id()
-        .and_then(|id| tokenizer.decode(&[id], false).ok());
-    write_json(
-        &dir.join("tokenizer_config.json"),
-        &json!({
-            "chat_template": tokenizer.chat_template(),
-            "eos_token": eos,
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "clean_up_tokenization_spaces": false,
-        }),
-    )
+    tokenizer.save(dir)
 }

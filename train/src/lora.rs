@@ -125,6 +125,52 @@ pub struct Adapter {
     pub config: LoraConfig,
     /// `(peft key, variable)` in a stable order (layer, module, A before B).
     pub vars: Vec<(String, Var)>,
+    /// Trained token rows, if any (PEFT `trainable_token_indices`).
+    pub tokens: Option<TokenRows>,
+}
+
+/// What saving trained token rows in PEFT's layout needs besides their values.
+pub struct TokenRows {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Whether the output layer shares the rows.
+    pub tied: bool,
+    /// The resized base matrices `(embedding, untied lm_head)`, saved when the
+    /// vocabulary grew so that `peft` can restore them into a resized base model.
+    pub resized: Option<(Tensor, Option<Tensor>)>,
+}
+
+const TOKENS_KEY: &str = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
+const TOKENS_BASE_KEY: &str = "base_model.model.model.embed_tokens.token_adapter.base_layer.weight";
+const HEAD_TOKENS_KEY: &str = "base_model.model.lm_head.token_adapter.trainable_tokens_delta";
+const HEAD_TOKENS_BASE_KEY: &str = "base_model.model.lm_head.token_adapter.base_layer.weight";
+const HEAD_KEY: &str = "base_model.model.lm_head.weight";
+
+/// Makes the embedding rows of `ids` trainable (growing the vocabulary with
+/// mean-initialised rows first if an id is beyond it) and adds them to `adapter`.
+pub fn add_trainable_tokens(
+    model: &mut Decoder,
+    adapter: &mut Adapter,
+    ids: Vec<u32>,
+) -> Result<()> {
+    let need = ids.iter().map(|&i| i as usize + 1).max().unwrap_or(0);
+    let grew = need > model.config().vocab_size;
+    model.resize_vocab(need)?;
+    let values = model.train_tokens(ids.clone())?;
+    let tied = model.config().tie_word_embeddings;
+    let resized = if grew {
+        let head = if tied {
+            None
+        } else {
+            Some(model.lm_head.weight.clone())
+        };
+        Some((model.embed_tokens.clone(), head))
+    } else {
+        None
+    };
+    adapter.vars.push((TOKENS_KEY.to_string(), values));
+    adapter.tokens = Some(TokenRows { ids, tied, resized });
+    Ok(())
 }
 
 fn peft_key(module: &str, ab: char) -> String {
@@ -165,6 +211,7 @@ pub fn attach(model: &mut Decoder, config: &LoraConfig, rng: &mut Rng) -> Result
     Ok(Adapter {
         config: config.clone(),
         vars,
+        tokens: None,
     })
 }
 
@@ -195,7 +242,7 @@ impl Adapter {
             .collect();
         modules.sort();
         modules.dedup();
-        let cfg = serde_json::json!({
+        let mut cfg = serde_json::json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
             "base_model_name_or_path": base_model,
@@ -211,8 +258,28 @@ impl Adapter {
             "modules_to_save": null,
             "use_dora": false,
         });
+        let mut tensors = self.tensors()?;
+        if let Some(t) = &self.tokens {
+            cfg["trainable_token_indices"] = serde_json::json!({"embed_tokens": t.ids});
+            let values = tensors[TOKENS_KEY].clone();
+            if t.tied {
+                tensors.insert(HEAD_TOKENS_KEY.to_string(), values);
+            }
+            if let Some((embed, head)) = &t.resized {
+                tensors.insert(TOKENS_BASE_KEY.to_string(), embed.to_dtype(DType::F32)?);
+                if t.tied {
+                    tensors.insert(
+                        HEAD_TOKENS_BASE_KEY.to_string(),
+                        embed.to_dtype(DType::F32)?,
+                    );
+                }
+                if let Some(h) = head {
+                    tensors.insert(HEAD_KEY.to_string(), h.to_dtype(DType::F32)?);
+                }
+            }
+        }
         write_json(&dir.join("adapter_config.json"), &cfg)?;
-        save_safetensors(&dir.join("adapter_model.safetensors"), &self.tensors()?)
+        save_safetensors(&dir.join("adapter_model.safetensors"), &tensors)
     }
 
     /// Copies values from a map by PEFT key (a checkpoint), checking every key.
@@ -259,7 +326,7 @@ pub fn load(model: &mut Decoder, dir: &Path) -> Result<Adapter> {
         use_rslora: field("use_rslora").as_bool().unwrap_or(false),
     };
     let mut rng = Rng::new(0);
-    let adapter = attach(model, &config, &mut rng)?;
+    let mut adapter = attach(model, &config, &mut rng)?;
     let path = dir.join("adapter_model.safetensors");
     let tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)
         .map_err(|e| Error::format(&path, format!("cannot read safetensors: {e}")))?;
@@ -268,6 +335,33 @@ pub fn load(model: &mut Decoder, dir: &Path) -> Result<Adapter> {
         .into_iter()
         .map(|(k, v)| (k.replace(".default.weight", ".weight"), v))
         .collect();
+    if let Some(idx) = raw.get("trainable_token_indices").filter(|v| !v.is_null()) {
+        let ids: Vec<u32> = serde_json::from_value(
+            idx.get("embed_tokens").cloned().unwrap_or_default(),
+        )
+        .map_err(|e| {
+            Error::format(
+                &cfg_path,
+                format!("trainable_token_indices.embed_tokens: {e}"),
+            )
+        })?;
+        let device = model.device().clone();
+        let dtype = model.dtype();
+        let tied = model.config().tie_word_embeddings;
+        // When the vocabulary grew, the adapter carries the resized base matrices.
+        if let Some(base) = tensors.get(TOKENS_BASE_KEY) {
+            model.resize_vocab(base.dim(0)?)?;
+            model.embed_tokens = base.to_dtype(dtype)?.to_device(&device)?;
+            if tied {
+                model.lm_head = crate::linear::Linear::new(model.embed_tokens.clone(), None);
+            }
+        }
+        if let (Some(head), false) = (tensors.get(HEAD_KEY), tied) {
+            model.lm_head =
+                crate::linear::Linear::new(head.to_dtype(dtype)?.to_device(&device)?, None);
+        }
+        add_trainable_tokens(model, &mut adapter, ids)?;
+    }
     adapter.restore(&tensors, &path)?;
     Ok(adapter)
 }

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 
 use crate::config::Config;
 use crate::error::Result;
@@ -256,6 +256,17 @@ pub struct Layer {
     pub mlp: Mlp,
 }
 
+/// Embedding rows whose values are trained (new special tokens). With tied
+/// embeddings the same rows serve as output rows, as in PEFT.
+#[derive(Debug, Clone)]
+pub struct TrainableTokens {
+    /// Token ids, in order.
+    pub ids: Vec<u32>,
+    /// Their embedding rows, `[ids, hidden]`.
+    pub values: Var,
+    ids_t: Tensor,
+}
+
 /// The decoder LM.
 pub struct Decoder {
     cfg: Config,
@@ -267,6 +278,8 @@ pub struct Decoder {
     pub norm: Tensor,
     /// Output projection; shares the embedding when the config ties them.
     pub lm_head: Linear,
+    /// Embedding rows trained as values (new special tokens), PEFT's trainable-tokens layout.
+    pub tokens: Option<TrainableTokens>,
     rope: Rope,
     dtype: DType,
     device: Device,
@@ -357,6 +370,7 @@ impl Decoder {
             layers,
             norm,
             lm_head,
+            tokens: None,
             rope: Rope::new(cfg, &device)?,
             dtype,
             device,
@@ -451,7 +465,7 @@ impl Decoder {
             )?)
         };
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = embed(&self.embed_tokens, ids)?;
+        let mut x = embed(&self.embedding(inference)?, ids)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let a = &layer.self_attn;
             let h = rms_norm(&x, &layer.input_layernorm, cfg.rms_norm_eps)?;
@@ -514,10 +528,81 @@ impl Decoder {
 
     /// Logits `[..., vocab]` for hidden states `[..., hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        if !hidden.track_op() {
-            return self.lm_head.forward_inference(hidden);
+        let inference = !hidden.track_op();
+        let base = if inference {
+            self.lm_head.forward_inference(hidden)?
+        } else {
+            self.lm_head.forward(hidden, None)?
+        };
+        match &self.tokens {
+            Some(t) if self.cfg.tie_word_embeddings => {
+                // Columns of the trained rows: replace the frozen values, keep the gradient path.
+                let mut v = t.values.as_tensor().to_dtype(base.dtype())?;
+                if inference {
+                    v = v.detach();
+                }
+                let cols = hidden.broadcast_matmul(&v.t()?)?;
+                let dim = base.rank() - 1;
+                let old = base.index_select(&t.ids_t, dim)?.detach();
+                Ok(base.index_add(&t.ids_t, &(cols - old)?, dim)?)
+            }
+            _ => Ok(base),
         }
-        self.lm_head.forward(hidden, None)
+    }
+
+    /// The input embedding matrix with trained rows in place.
+    fn embedding(&self, inference: bool) -> Result<Tensor> {
+        let Some(t) = &self.tokens else {
+            return Ok(self.embed_tokens.clone());
+        };
+        let mut v = t.values.as_tensor().to_dtype(self.dtype)?;
+        if inference {
+            v = v.detach();
+        }
+        let old = self.embed_tokens.index_select(&t.ids_t, 0)?;
+        Ok(self.embed_tokens.index_add(&t.ids_t, &(v - old)?, 0)?)
+    }
+
+    /// Grows the vocabulary to `vocab` rows; new embedding (and untied output)
+    /// rows are the mean of the existing ones, as `resize_token_embeddings` does
+    /// with `mean_resizing`.
+    pub fn resize_vocab(&mut self, vocab: usize) -> Result<()> {
+        let old = self.cfg.vocab_size;
+        if vocab <= old {
+            return Ok(());
+        }
+        let grow = |w: &Tensor| -> Result<Tensor> {
+            let mean = w
+                .to_dtype(DType::F32)?
+                .mean_keepdim(0)?
+                .to_dtype(w.dtype())?;
+            Ok(Tensor::cat(&[w, &mean.repeat((vocab - old, 1))?], 0)?)
+        };
+        self.embed_tokens = grow(&self.embed_tokens)?;
+        if self.cfg.tie_word_embeddings {
+            self.lm_head = Linear::new(self.embed_tokens.clone(), None);
+        } else {
+            self.lm_head = Linear::new(grow(&self.lm_head.weight)?, None);
+        }
+        self.cfg.vocab_size = vocab;
+        Ok(())
+    }
+
+    /// Makes the embedding rows of `ids` trainable, starting from their current values.
+    pub fn train_tokens(&mut self, ids: Vec<u32>) -> Result<Var> {
+        let ids_t = Tensor::new(ids.as_slice(), &self.device)?;
+        let values = Var::from_tensor(
+            &self
+                .embed_tokens
+                .index_select(&ids_t, 0)?
+                .to_dtype(DType::F32)?,
+        )?;
+        self.tokens = Some(TrainableTokens {
+            ids,
+            values: values.clone(),
+            ids_t,
+        });
+        Ok(values)
     }
 
     /// Logits for every position, without cache or dropout.
@@ -530,7 +615,7 @@ impl Decoder {
         let mut out = HashMap::new();
         out.insert(
             "model.embed_tokens.weight".to_string(),
-            self.embed_tokens.clone(),
+            self.embedding(true)?,
         );
         out.insert("model.norm.weight".to_string(), self.norm.clone());
         if !self.cfg.tie_word_embeddings {

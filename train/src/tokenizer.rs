@@ -199,6 +199,41 @@ impl TextTokenizer {
         self.chat_template.as_deref()
     }
 
+    /// Adds special tokens (kept whole, never split) and returns their ids;
+    /// tokens already in the vocabulary keep their id.
+    pub fn add_special_tokens(&mut self, tokens: &[String]) -> Result<Vec<u32>> {
+        let added: Vec<tokenizers::AddedToken> = tokens
+            .iter()
+            .map(|t| tokenizers::AddedToken::from(t.clone(), true))
+            .collect();
+        self.inner
+            .add_special_tokens(added)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        self.fingerprint.push_str(&format!("\nadded:{tokens:?}"));
+        tokens
+            .iter()
+            .map(|t| {
+                self.token_id(t)
+                    .ok_or_else(|| Error::Tokenizer(format!("could not add the token `{t}`")))
+            })
+            .collect()
+    }
+
+    /// Writes `tokenizer.json` and `tokenizer_config.json` (chat template, EOS) into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        crate::io::write_atomic(&dir.join("tokenizer.json"), self.to_json().as_bytes())?;
+        crate::io::write_json(
+            &dir.join("tokenizer_config.json"),
+            &json!({
+                "chat_template": self.chat_template(),
+                "eos_token": self.eos,
+                "bos_token": self.bos,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "clean_up_tokenization_spaces": false,
+            }),
+        )
+    }
+
     /// The tokenizer as a `tokenizer.json` document.
     pub fn to_json(&self) -> String {
         self.inner
@@ -362,6 +397,21 @@ mod tests {
         assert_eq!(ids.len(), 2 + "user\nhé 12".len());
         assert_eq!(t.decode(&ids, true).unwrap(), "user\nhé 12");
         assert_eq!(t.eos_id(), Some(258));
+    }
+
+    #[test]
+    fn added_special_tokens_get_new_ids_and_stay_whole() {
+        let mut t = TextTokenizer::bytes_chatml();
+        let ids = t
+            .add_special_tokens(&["<cite>".into(), "<|im_end|>".into()])
+            .unwrap();
+        assert_eq!(ids, vec![259, 258]);
+        assert_eq!(t.encode("a<cite>b").unwrap(), vec![97, 259, 98]);
+        let dir = tempfile::tempdir().unwrap();
+        t.save(dir.path()).unwrap();
+        let back = TextTokenizer::from_dir(dir.path()).unwrap();
+        assert_eq!(back.encode("a<cite>b").unwrap(), vec![97, 259, 98]);
+        assert_eq!(back.eos_id(), Some(258));
     }
 
     #[test]

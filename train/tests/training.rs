@@ -260,3 +260,100 @@ fn merged_export_reloads_with_the_adapters_outputs() {
         .fold(0f32, f32::max);
     assert!(d < 1e-5, "merged model differs by {d}");
 }
+
+#[test]
+fn new_special_tokens_train_save_and_reload() {
+    for arch in ["tiny:qwen2:2", "tiny:llama:2"] {
+        let mut m = loader::load(arch, DType::F32, &Device::Cpu).unwrap();
+        let ids = m.tokenizer.add_special_tokens(&["<cite>".into()]).unwrap();
+        assert_eq!(ids, vec![259]);
+        let mut adapter = lora::attach(&mut m.model, &all_linear(0.0), &mut Rng::new(1)).unwrap();
+        lora::add_trainable_tokens(&mut m.model, &mut adapter, ids.clone()).unwrap();
+        assert_eq!(m.model.config().vocab_size, 260);
+        // The new row starts at the mean of the old ones.
+        let emb = &m.model.embed_tokens;
+        let mean = emb.narrow(0, 0, 259).unwrap().mean_keepdim(0).unwrap();
+        let row = emb.narrow(0, 259, 1).unwrap();
+        let d = (mean - &row)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6);
+        let f = Formatter {
+            tokenizer: &m.tokenizer,
+            chat: true,
+            mask: LossMask::AnswerOnly,
+            max_len: 64,
+        };
+        let data: Vec<Example> = (0..6)
+            .map(|i| {
+                f.example(&Record::Pair {
+                    prompt: format!("q{i}"),
+                    response: format!("<cite>{i}"),
+                })
+                .unwrap()
+                .unwrap()
+            })
+            .collect();
+        assert!(data[0].ids.contains(&259));
+        let before = adapter.vars.last().unwrap().1.as_tensor().copy().unwrap();
+        let mut s = settings(4, 0);
+        s.warmup_steps = 0;
+        train(&m.model, &adapter, &data, &[], &s, None, &mut ()).unwrap();
+        let after = adapter.vars.last().unwrap().1.as_tensor().copy().unwrap();
+        let moved = (after - before)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(moved > 1e-4, "{arch}: the new token's row did not train");
+
+        let ids_t = Tensor::new(data[0].ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let keys = KeyMask::full(1, data[0].ids.len());
+        let want: Vec<f32> = m
+            .model
+            .forward(&ids_t, &keys)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        adapter.save(dir.path(), arch).unwrap();
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg["trainable_token_indices"]["embed_tokens"],
+            serde_json::json!([259])
+        );
+        let mut fresh = loader::load(arch, DType::F32, &Device::Cpu).unwrap();
+        lora::load(&mut fresh.model, dir.path()).unwrap();
+        let got: Vec<f32> = fresh
+            .model
+            .forward(&ids_t, &keys)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(want.len(), got.len());
+        let d = want
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-5, "{arch}: reloaded adapter differs by {d}");
+    }
+}
