@@ -5,21 +5,16 @@
 //! The composed version (`log_softmax` then `gather`) materialises five
 //! `[tokens, vocab]` tensors forward and as many backward; with SmolLM2's 49k
 //! vocabulary and 1024 tokens each is 200 MB. This op keeps one (the gradient).
-//! Rows are split across threads with `std::thread::scope`.
+//! Rows are split over rayon's pool.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+
+use crate::fused::par_rows;
 
 /// `nll[i] = logsumexp(logits[i]) − logits[i, target[i]]` for f32 `[n, vocab]` logits.
 pub struct CrossEntropy {
     /// Target token per row.
     pub targets: Vec<u32>,
-}
-
-fn threads(rows: usize) -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(rows.max(1))
 }
 
 fn row_lse(row: &[f32]) -> f32 {
@@ -47,19 +42,9 @@ impl CustomOp1 for CrossEntropy {
         };
         let data = &data[start..end];
         let mut out = vec![0f32; n];
-        let per = n.div_ceil(threads(n));
-        std::thread::scope(|s| {
-            for (chunk_i, chunk) in out.chunks_mut(per).enumerate() {
-                let data = &data;
-                let targets = &self.targets;
-                s.spawn(move || {
-                    for (j, o) in chunk.iter_mut().enumerate() {
-                        let r = chunk_i * per + j;
-                        let row = &data[r * v..(r + 1) * v];
-                        *o = row_lse(row) - row[targets[r] as usize];
-                    }
-                });
-            }
+        par_rows(&mut out, 1, |r, o| {
+            let row = &data[r * v..(r + 1) * v];
+            o[0] = row_lse(row) - row[self.targets[r] as usize];
         });
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
@@ -82,23 +67,13 @@ impl CustomOp1 for CrossEntropy {
         let (start, _) = layout.contiguous_offsets().expect("made contiguous");
         let data = &data[start..start + n * v];
         let mut out = vec![0f32; n * v];
-        let per = n.div_ceil(threads(n));
-        std::thread::scope(|s| {
-            for (chunk_i, chunk) in out.chunks_mut(per * v).enumerate() {
-                let targets = &self.targets;
-                let (g, nll) = (&g, &nll);
-                s.spawn(move || {
-                    for (j, orow) in chunk.chunks_mut(v).enumerate() {
-                        let r = chunk_i * per + j;
-                        let row = &data[r * v..(r + 1) * v];
-                        let lse = nll[r] + row[targets[r] as usize];
-                        for (o, &x) in orow.iter_mut().zip(row) {
-                            *o = (x - lse).exp() * g[r];
-                        }
-                        orow[targets[r] as usize] -= g[r];
-                    }
-                });
+        par_rows(&mut out, v, |r, orow| {
+            let row = &data[r * v..(r + 1) * v];
+            let lse = nll[r] + row[self.targets[r] as usize];
+            for (o, &x) in orow.iter_mut().zip(row) {
+                *o = (x - lse).exp() * g[r];
             }
+            orow[self.targets[r] as usize] -= g[r];
         });
         drop(storage);
         Ok(Some(Tensor::from_vec(out, (n, v), arg.device())?))

@@ -6,30 +6,27 @@
 //! reduction), each allocating a fresh tensor; RMSNorm is similar. Those passes,
 //! not the matmuls, dominated a LoRA step on CPU. Here each is one pass forward
 //! and one backward, split over threads. Other devices and dtypes use the
-//! composed ops (see [`crate::model`]).
+//! composed ops (see [`crate::model`]). Work is split over rayon's pool.
 
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
 
-/// Runs `f(row_index, row)` over `rows` equal rows of `out`, on all cores.
+/// Runs `f(row_index, row)` over the rows of `out` (each `width` long) on
+/// rayon's pool, the one candle's own CPU kernels use, so the two never compete
+/// for cores.
 pub(crate) fn par_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let rows = out.len() / width.max(1);
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(rows.max(1));
-    let per = rows.div_ceil(threads.max(1)).max(1);
-    std::thread::scope(|s| {
-        for (c, chunk) in out.chunks_mut(per * width).enumerate() {
-            let f = &f;
-            s.spawn(move || {
-                for (j, row) in chunk.chunks_mut(width).enumerate() {
-                    f(c * per + j, row);
-                }
-            });
-        }
-    });
+    use rayon::prelude::*;
+    let width = width.max(1);
+    let rows = out.len() / width;
+    let per = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+    out.par_chunks_mut(per * width)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            for (j, row) in chunk.chunks_mut(width).enumerate() {
+                f(c * per + j, row);
+            }
+        });
 }
 
 /// The f32 data of a contiguous CPU tensor, handed to `f`.
