@@ -50,13 +50,16 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
     Ok(&data[start..end])
 }
 
-/// `softmax(scale · scores + mask)` over the last axis of `[b, h, s, t]` scores;
-/// `mask` is `[b, s, t]`, shared by the heads.
+/// `softmax(scale · scores + mask)` over the last axis of `[b, h, r, t]` scores;
+/// `mask` is `[b, queries, t]`, shared by the heads. Row `i` of a head is query
+/// `i % queries`, so grouped-query layouts (`r = rep · queries`) work too.
 pub struct MaskedSoftmax {
-    /// Additive mask, `[b, s, t]`.
+    /// Additive mask, `[b, queries, t]`.
     pub mask: Arc<Vec<f32>>,
     /// Factor on the scores.
     pub scale: f32,
+    /// Queries per batch row.
+    pub queries: usize,
 }
 
 impl CustomOp1 for MaskedSoftmax {
@@ -67,17 +70,18 @@ impl CustomOp1 for MaskedSoftmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, q, t) = l.shape().dims4()?;
         let x = f32_slice(s, l, "masked softmax")?;
-        if self.mask.len() != b * q * t {
+        let nq = self.queries;
+        if self.mask.len() != b * nq * t || q % nq != 0 {
             candle_core::bail!(
                 "masked softmax: mask has {} values, expected {}",
                 self.mask.len(),
-                b * q * t
+                b * nq * t
             )
         }
         let mut out = vec![0f32; x.len()];
         par_rows(&mut out, t, |r, y| {
-            let (bi, qi) = (r / (h * q), r % q);
-            let m = &self.mask[(bi * q + qi) * t..(bi * q + qi + 1) * t];
+            let (bi, qi) = (r / (h * q), r % nq);
+            let m = &self.mask[(bi * nq + qi) * t..(bi * nq + qi + 1) * t];
             let xr = &x[r * t..(r + 1) * t];
             let mut max = f32::NEG_INFINITY;
             for ((o, &v), &mv) in y.iter_mut().zip(xr).zip(m) {
@@ -230,6 +234,7 @@ mod tests {
             .apply_op1(MaskedSoftmax {
                 mask: Arc::new(mask.clone()),
                 scale: 0.5,
+                queries: 4,
             })
             .unwrap();
         let m = Tensor::from_vec(mask, (2, 1, 4, 5), &Device::Cpu).unwrap();

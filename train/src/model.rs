@@ -496,19 +496,27 @@ impl Decoder {
                 // from holding the graph of every earlier step.
                 c.layers[l] = Some((k.detach(), v.detach()));
             }
-            let k = repeat_kv(k, nh / nkv)?;
-            let v = repeat_kv(v, nh / nkv)?;
-            let probs = match &mask {
-                None => q.matmul(&k.t()?)?.apply_op1(crate::fused::MaskedSoftmax {
-                    mask: mask_values.clone(),
-                    scale: scale as f32,
-                })?,
+            let o = match &mask {
+                None => {
+                    // Grouped-query attention without copying K/V per query head:
+                    // the `rep` query heads of a KV head become `rep · s` rows.
+                    let rep = nh / nkv;
+                    let qg = q.reshape((b, nkv, rep * s, hd))?;
+                    let probs = qg.matmul(&k.t()?)?.apply_op1(crate::fused::MaskedSoftmax {
+                        mask: mask_values.clone(),
+                        scale: scale as f32,
+                        queries: s,
+                    })?;
+                    probs.matmul(&v.contiguous()?)?.reshape((b, nh, s, hd))?
+                }
                 Some(mask) => {
+                    let k = repeat_kv(k, nh / nkv)?;
+                    let v = repeat_kv(v, nh / nkv)?;
                     let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-                    candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?
+                    let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
+                    probs.to_dtype(self.dtype)?.matmul(&v.contiguous()?)?
                 }
             };
-            let o = probs.to_dtype(self.dtype)?.matmul(&v.contiguous()?)?;
             let o = o.transpose(1, 2)?.reshape((b, s, nh * hd))?;
             x = (x + project(&a.o_proj, &o, dropout.as_deref_mut(), inference)?)?;
             let h = rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?;
