@@ -185,6 +185,11 @@ impl Observer for Progress<'_> {
         ));
     }
 
+    fn on_resume(&mut self, step: u64) {
+        self.0
+            .log(&format!("resuming at step {step} from a checkpoint"));
+    }
+
     fn cancelled(&self) -> bool {
         self.0.cancel.is_cancelled()
     }
@@ -327,12 +332,6 @@ impl Stage for SftStage {
             &mut Progress(ctx),
         )
         .map_err(ml::failed("training"))?;
-        if report.resumed_from > 0 {
-            ctx.log(&format!(
-                "resumed at step {} from a checkpoint",
-                report.resumed_from
-            ));
-        }
         adapter
             .restore(&report.best_adapter, &ctx.checkpoint_dir)
             .map_err(ml::failed("restoring the best adapter"))?;
@@ -367,6 +366,7 @@ impl Stage for SftStage {
 
         let mut metrics = BTreeMap::new();
         metrics.insert("steps".into(), json!(report.steps));
+        metrics.insert("resumed_from_step".into(), json!(report.resumed_from));
         metrics.insert("train_examples".into(), json!(train_set.len()));
         metrics.insert("dropped_examples".into(), json!(dropped));
         metrics.insert("tokens_seen".into(), json!(report.tokens_seen));

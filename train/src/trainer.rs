@@ -85,6 +85,8 @@ pub struct StepMetrics {
 pub trait Observer {
     /// After each optimizer step.
     fn on_step(&mut self, _m: &StepMetrics, _total: u64) {}
+    /// After a checkpoint was loaded, before the first step.
+    fn on_resume(&mut self, _step: u64) {}
     /// Polled between micro-batches; `true` stops with [`Error::Cancelled`] after saving a checkpoint.
     fn cancelled(&self) -> bool {
         false
@@ -200,6 +202,7 @@ pub fn train(
                 tensors
             };
             tracing::info!(step = st.step, "resumed from checkpoint {}", path.display());
+            observer.on_resume(st.step);
         }
     }
     let resumed_from = st.step;
