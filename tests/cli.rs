@@ -1114,3 +1114,50 @@ fn smollm2_pipeline_runs_end_to_end_with_the_smoke_profile() {
     assert_eq!(show["metrics"]["steps"], 4);
     assert_eq!(show["metrics"]["train_examples"], 32);
 }
+
+#[test]
+fn generate_resumes_after_the_last_complete_batch_in_its_checkpoint() {
+    let p = Project::new();
+    p.file(
+        "p.yaml",
+        "stages:\n  data:\n    run: cp qa.jsonl out/train.jsonl\n    deps: [qa.jsonl]\n    outs: [out/train.jsonl]\n  gen:\n    uses: generate\n    inputs: {prompts: data.train}\n    with: {model: \"tiny:llama:3\", max_new_tokens: 3, batch_size: 2}\n",
+    )
+    .file("qa.jsonl", &qa_lines(7));
+    p.ok(&["run", "p.yaml", "--only", "data", "--no-progress"]);
+    let status: serde_json::Value =
+        serde_json::from_str(&p.ok(&["status", "p.yaml", "--json"]).stdout).unwrap();
+    let key = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == "gen")
+        .unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // What an interrupted run leaves: two finished records and a torn third line.
+    let done = "{\"prompt\":\"0+1=\",\"generation\":\"FROM-CHECKPOINT\"}\n{\"prompt\":\"1+1=\",\"generation\":\"FROM-CHECKPOINT\"}\n{\"prompt\":\"2+";
+    p.file(
+        &format!("cache/checkpoints/{key}/generations.partial.jsonl"),
+        done,
+    );
+    p.ok(&["run", "p.yaml", "--no-progress"]);
+    let show: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "gen", "--json"]).stdout).unwrap();
+    assert_eq!(show["metrics"]["resumed_after"], 2);
+    let out =
+        std::fs::read_to_string(p.join(show["outputs"]["generations"]["path"].as_str().unwrap()))
+            .unwrap();
+    let recs: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 7);
+    assert_eq!(recs[1]["generation"], "FROM-CHECKPOINT");
+    assert_eq!(recs[2]["prompt"], "2+1=");
+    assert_ne!(recs[2]["generation"], "FROM-CHECKPOINT");
+    assert!(
+        !p.join(&format!("cache/checkpoints/{key}")).exists(),
+        "checkpoint removed after the record"
+    );
+}
