@@ -72,11 +72,13 @@ fn check(arch: &str) {
     let base = c.model.forward(&c.ids, &c.keys).unwrap();
     let d = max_diff_valid(&base, &c.io["base_logits"], &c.keys);
     assert!(d <= 1e-4, "{arch}: base logits differ by {d}");
+    report(arch, "base logits max |Δ|", d);
 
     let adapter = lora::load(&mut c.model, &fixture(arch).join("adapter")).unwrap();
     let logits = c.model.forward(&c.ids, &c.keys).unwrap();
     let d = max_diff_valid(&logits, &c.io["lora_logits"], &c.keys);
     assert!(d <= 1e-4, "{arch}: LoRA logits differ by {d}");
+    report(arch, "LoRA logits max |Δ|", d);
 
     let loss = causal_lm_loss(&c.model, &c.ids, &c.keys, &c.labels, None).unwrap();
     let mean = (loss.sum / loss.tokens as f64).unwrap();
@@ -87,9 +89,11 @@ fn check(arch: &str) {
         "{arch}: loss {got} vs {}",
         want[0]
     );
+    report(arch, "mean loss |Δ|", (got - want[0]).abs());
 
     let grads = mean.backward().unwrap();
     assert_eq!(adapter.vars.len(), 28);
+    let mut worst_grad = 0f32;
     for (key, var) in &adapter.vars {
         let g = grads
             .get(var.as_tensor())
@@ -111,12 +115,19 @@ fn check(arch: &str) {
             .to_scalar::<f32>()
             .unwrap();
         assert!(scale > 0.0, "{arch}: reference gradient of {key} is zero");
+        worst_grad = worst_grad.max(diff / scale);
         assert!(
             diff / scale <= 1e-4,
             "{arch}: gradient of {key} differs by {} relative",
             diff / scale
         );
     }
+    report(arch, "worst LoRA gradient relative Δ", worst_grad);
+}
+
+/// Prints the measured figures (`cargo test --test parity -- --nocapture`).
+fn report(arch: &str, what: &str, value: f32) {
+    println!("{arch}: {what} = {value:.3e}");
 }
 
 #[test]
