@@ -8,6 +8,7 @@
 //! is delegated to `pipe-train`.
 #![warn(missing_docs)]
 
+pub mod bm25;
 pub mod command;
 mod contract;
 pub mod fsio;
