@@ -17,6 +17,7 @@ pub mod merge;
 mod ml;
 mod params;
 mod plot;
+pub mod readers;
 mod registry;
 pub mod sft;
 pub mod split;
