@@ -728,7 +728,7 @@ fn error_unknown_stage_key() {
 fn error_unknown_stage_kind() {
     assert_eq!(
         check_error("stages:\n  a:\n    uses: splt\n", &[]),
-        "error: p.yaml:3:11: unknown stage kind `splt`; built-in kinds are `generate`, `merge`, `sft`, `split`\n  help: did you mean `split`?\n"
+        "error: p.yaml:3:11: unknown stage kind `splt`; built-in kinds are `build_data`, `generate`, `merge`, `sft`, `split`\n  help: did you mean `split`?\n"
     );
 }
 
@@ -1159,5 +1159,126 @@ fn generate_resumes_after_the_last_complete_batch_in_its_checkpoint() {
     assert!(
         !p.join(&format!("cache/checkpoints/{key}")).exists(),
         "checkpoint removed after the record"
+    );
+}
+
+#[test]
+fn build_data_reads_every_format_with_rejects_and_clean_negatives() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let pipeline = root.join("pipelines/data.yaml");
+    let p = Project::new();
+    p.ok(&["run", pipeline.to_str().unwrap(), "--no-progress"]);
+    let show: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "build_data", "--json"]).stdout).unwrap();
+    let m = &show["metrics"];
+    assert_eq!(
+        (m["records"].as_u64(), m["rejects"].as_u64()),
+        (Some(9), Some(4)),
+        "{m}"
+    );
+    let rejects =
+        std::fs::read_to_string(p.join(show["outputs"]["rejects"]["path"].as_str().unwrap()))
+            .unwrap();
+    let at: Vec<String> = rejects
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["at"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        at,
+        [
+            "examples/data/raw/hotpot_dev_distractor.json:10",
+            "examples/data/raw/fever_dev.jsonl:4",
+            "examples/data/raw/NQ-open.dev.jsonl:3",
+            "examples/data/raw/popQA.tsv:4"
+        ]
+    );
+    let records =
+        std::fs::read_to_string(p.join(show["outputs"]["records"]["path"].as_str().unwrap()))
+            .unwrap();
+    let mut negatives = 0;
+    for line in records.lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        if r["source"] == "fever" {
+            continue;
+        }
+        let answers: Vec<String> = r["answers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| pipe_stages::split::normalize(a.as_str().unwrap()))
+            .collect();
+        for n in r["negatives"].as_array().unwrap() {
+            let chunk = r["evidence"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["id"] == *n)
+                .unwrap();
+            let text = format!(
+                " {} {} ",
+                pipe_stages::split::normalize(chunk["title"].as_str().unwrap()),
+                pipe_stages::split::normalize(chunk["text"].as_str().unwrap())
+            );
+            for a in &answers {
+                assert!(
+                    !text.contains(&format!(" {a} ")),
+                    "negative {n} contains `{a}`"
+                );
+            }
+            negatives += 1;
+        }
+    }
+    assert!(negatives >= 10, "{negatives}");
+    // NQ-Open has no evidence of its own: retrieval supplies a supporting passage.
+    let nq: serde_json::Value =
+        serde_json::from_str(records.lines().find(|l| l.contains("goldberg")).unwrap()).unwrap();
+    assert_eq!(nq["support"], serde_json::json!(["w3"]));
+}
+
+#[test]
+fn build_data_enforces_pins_and_the_reject_rate() {
+    let p = Project::new();
+    p.file(
+        "nq.jsonl",
+        "{\"question\": \"q\", \"answer\": [\"a\"]}\n{\"question\": \"broken\"}\n",
+    );
+    let yaml = |extra: &str| {
+        format!("stages:\n  build_data:\n    uses: build_data\n    with:\n      sources: [{{format: nq_open, path: nq.jsonl{extra}}}]\n      max_reject_rate: 0.6\n")
+    };
+    p.file("p.yaml", &yaml(&format!(", sha256: {}", "0".repeat(64))));
+    let out = p.pipe(&["run", "p.yaml", "--no-progress"]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("the file changed")
+            && out.stderr.contains("accept_changed_sources=true"),
+        "{}",
+        out.stderr
+    );
+    p.ok(&[
+        "run",
+        "p.yaml",
+        "--no-progress",
+        "--set",
+        "build_data.with.accept_changed_sources=true",
+    ]);
+    p.file("p.yaml", &yaml("").replace("0.6", "0.1"));
+    let out = p.pipe(&["run", "p.yaml", "--no-progress"]);
+    assert!(
+        out.stderr.contains("1 of 2 records rejected (50.0%)")
+            && out.stderr.contains("nq.jsonl:2: missing `answer`"),
+        "{}",
+        out.stderr
+    );
+    p.file("p.yaml", &yaml("").replace("nq_open", "nq_opn"));
+    let out = p.pipe(&["check", "p.yaml"]);
+    assert!(
+        out.stderr.contains("did you mean `nq_open`?"),
+        "{}",
+        out.stderr
     );
 }

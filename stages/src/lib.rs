@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod bm25;
+pub mod build_data;
 pub mod command;
 mod contract;
 pub mod fsio;
@@ -34,6 +35,7 @@ pub fn builtin() -> Registry {
     let mut registry = Registry::new();
     registry.register(command::CommandStage);
     registry.register(split::SplitStage);
+    registry.register(build_data::BuildDataStage);
     registry.register(sft::SftStage);
     registry.register(generate::GenerateStage);
     registry.register(merge::MergeStage);
