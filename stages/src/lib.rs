@@ -16,6 +16,7 @@ pub mod fsio;
 pub mod generate;
 pub mod merge;
 mod ml;
+pub mod oracle_task;
 mod params;
 mod plot;
 pub mod readers;
