@@ -227,32 +227,22 @@ impl Stage for BuildDataStage {
         let mut retrieved = 0usize;
         let mut negatives = 0usize;
         if let Some(path) = corpus_path {
-            let (text, _) = read_text(&path)?;
-            let mut passages = Vec::new();
-            for (n, line) in text
-                .lines()
-                .enumerate()
-                .filter(|(_, l)| !l.trim().is_empty())
-            {
-                let v: Value = serde_json::from_str(line).map_err(|e| {
-                    StageError::Failed(format!(
-                        "{}:{}: invalid JSON passage: {e}",
-                        path.display(),
-                        n + 1
-                    ))
-                })?;
-                let get = |k: &str| {
-                    v.get(k)
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_string()
-                };
-                passages.push(Passage {
-                    id: get("id"),
-                    title: get("title"),
-                    text: get("text"),
-                });
-            }
+            let passages: Vec<Passage> = crate::ml::read_jsonl(&path)?
+                .iter()
+                .map(|v| {
+                    let get = |k: &str| {
+                        v.get(k)
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_string()
+                    };
+                    Passage {
+                        id: get("id"),
+                        title: get("title"),
+                        text: get("text"),
+                    }
+                })
+                .collect();
             let index = Bm25::new(passages);
             for r in records.iter_mut() {
                 let is_claim = r.source == "fever";

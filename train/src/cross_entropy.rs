@@ -9,7 +9,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use crate::fused::par_rows;
+use crate::fused::{par_rows, with_data};
 
 /// `nll[i] = logsumexp(logits[i]) − logits[i, target[i]]` for f32 `[n, vocab]` logits.
 pub struct CrossEntropy {
@@ -59,23 +59,18 @@ impl CustomOp1 for CrossEntropy {
         // The forward's log-sum-exp, recovered without another pass: lse = nll + x[target].
         let nll: Vec<f32> = res.to_vec1()?;
         let g: Vec<f32> = grad.to_vec1()?;
-        let arg = arg.contiguous()?;
-        let (storage, layout) = arg.storage_and_layout();
-        let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-            candle_core::bail!("fused cross-entropy needs f32 logits on the CPU")
-        };
-        let (start, _) = layout.contiguous_offsets().expect("made contiguous");
-        let data = &data[start..start + n * v];
-        let mut out = vec![0f32; n * v];
-        par_rows(&mut out, v, |r, orow| {
-            let row = &data[r * v..(r + 1) * v];
-            let lse = nll[r] + row[self.targets[r] as usize];
-            for (o, &x) in orow.iter_mut().zip(row) {
-                *o = (x - lse).exp() * g[r];
-            }
-            orow[self.targets[r] as usize] -= g[r];
-        });
-        drop(storage);
+        let out = with_data(arg, |data| {
+            let mut out = vec![0f32; n * v];
+            par_rows(&mut out, v, |r, orow| {
+                let row = &data[r * v..(r + 1) * v];
+                let lse = nll[r] + row[self.targets[r] as usize];
+                for (o, &x) in orow.iter_mut().zip(row) {
+                    *o = (x - lse).exp() * g[r];
+                }
+                orow[self.targets[r] as usize] -= g[r];
+            });
+            out
+        })?;
         Ok(Some(Tensor::from_vec(out, (n, v), arg.device())?))
     }
 }

@@ -30,7 +30,7 @@ pub(crate) fn par_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f3
 }
 
 /// The f32 data of a contiguous CPU tensor, handed to `f`.
-fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+pub(crate) fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
@@ -196,121 +196,10 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Var, D};
-
-    fn rand(shape: &[usize], seed: u64) -> Var {
-        let mut rng = crate::Rng::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
-        Var::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
-    #[test]
-    fn masked_softmax_matches_composed_ops_with_gradient() {
-        let x = rand(&[2, 3, 4, 5], 1);
-        let mut mask = vec![0f32; 2 * 4 * 5];
-        for (i, m) in mask.iter_mut().enumerate() {
-            if i % 3 == 0 {
-                *m = -1e30;
-            }
-        }
-        let probe = rand(&[2, 3, 4, 5], 2);
-        let fused = x
-            .as_tensor()
-            .apply_op1(MaskedSoftmax {
-                mask: Arc::new(mask.clone()),
-                scale: 0.5,
-                queries: 4,
-            })
-            .unwrap();
-        let m = Tensor::from_vec(mask, (2, 1, 4, 5), &Device::Cpu).unwrap();
-        let composed = candle_nn::ops::softmax(
-            &(x.as_tensor() * 0.5).unwrap().broadcast_add(&m).unwrap(),
-            D::Minus1,
-        )
-        .unwrap();
-        assert!(max_diff(&fused, &composed) < 1e-6);
-        let ga = (fused * probe.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gb = (composed * probe.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert!(
-            max_diff(
-                ga.get(x.as_tensor()).unwrap(),
-                gb.get(x.as_tensor()).unwrap()
-            ) < 1e-5
-        );
-    }
-
-    #[test]
-    fn rms_norm_matches_composed_ops_with_gradient() {
-        let x = rand(&[3, 7, 16], 3);
-        let w = rand(&[16], 4);
-        let probe = rand(&[3, 7, 16], 5);
-        let fused = x
-            .as_tensor()
-            .apply_op2(w.as_tensor(), RmsNorm { eps: 1e-6 })
-            .unwrap();
-        let var = x
-            .as_tensor()
-            .sqr()
-            .unwrap()
-            .mean_keepdim(D::Minus1)
-            .unwrap();
-        let composed = x
-            .as_tensor()
-            .broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap())
-            .unwrap()
-            .broadcast_mul(w.as_tensor())
-            .unwrap();
-        assert!(max_diff(&fused, &composed) < 1e-5);
-        let ga = (fused * probe.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gb = (composed * probe.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert!(
-            max_diff(
-                ga.get(x.as_tensor()).unwrap(),
-                gb.get(x.as_tensor()).unwrap()
-            ) < 1e-5
-        );
-        assert!(ga.get(w.as_tensor()).is_none(), "norm weights are frozen");
-    }
-}
-
 /// HF-style (half-split) RoPE on `[b, h, s, d]` with per-row angles:
 /// `cos`/`sin` are `[b, s, d/2]`. The rotation is orthogonal, so the backward is
 /// the same rotation with `−sin`.
+#[derive(Clone)]
 pub struct Rope {
     /// Cosines, `[b, s, d/2]`.
     pub cos: Arc<Vec<f32>>,
@@ -434,9 +323,9 @@ impl CustomOp2 for SwiGlu {
 }
 
 #[cfg(test)]
-mod more_tests {
+mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{Device, Var, D};
 
     fn rand(shape: &[usize], seed: u64) -> Var {
         let mut rng = crate::Rng::new(seed);
@@ -454,6 +343,94 @@ mod more_tests {
             .unwrap()
             .to_scalar()
             .unwrap()
+    }
+
+    #[test]
+    fn masked_softmax_matches_composed_ops_with_gradient() {
+        let x = rand(&[2, 3, 4, 5], 1);
+        let mut mask = vec![0f32; 2 * 4 * 5];
+        for (i, m) in mask.iter_mut().enumerate() {
+            if i % 3 == 0 {
+                *m = -1e30;
+            }
+        }
+        let probe = rand(&[2, 3, 4, 5], 2);
+        let fused = x
+            .as_tensor()
+            .apply_op1(MaskedSoftmax {
+                mask: Arc::new(mask.clone()),
+                scale: 0.5,
+                queries: 4,
+            })
+            .unwrap();
+        let m = Tensor::from_vec(mask, (2, 1, 4, 5), &Device::Cpu).unwrap();
+        let composed = candle_nn::ops::softmax(
+            &(x.as_tensor() * 0.5).unwrap().broadcast_add(&m).unwrap(),
+            D::Minus1,
+        )
+        .unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-6);
+        let ga = (fused * probe.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gb = (composed * probe.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(
+            max_diff(
+                ga.get(x.as_tensor()).unwrap(),
+                gb.get(x.as_tensor()).unwrap()
+            ) < 1e-5
+        );
+    }
+
+    #[test]
+    fn rms_norm_matches_composed_ops_with_gradient() {
+        let x = rand(&[3, 7, 16], 3);
+        let w = rand(&[16], 4);
+        let probe = rand(&[3, 7, 16], 5);
+        let fused = x
+            .as_tensor()
+            .apply_op2(w.as_tensor(), RmsNorm { eps: 1e-6 })
+            .unwrap();
+        let var = x
+            .as_tensor()
+            .sqr()
+            .unwrap()
+            .mean_keepdim(D::Minus1)
+            .unwrap();
+        let composed = x
+            .as_tensor()
+            .broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(w.as_tensor())
+            .unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-5);
+        let ga = (fused * probe.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gb = (composed * probe.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(
+            max_diff(
+                ga.get(x.as_tensor()).unwrap(),
+                gb.get(x.as_tensor()).unwrap()
+            ) < 1e-5
+        );
+        assert!(ga.get(w.as_tensor()).is_none(), "norm weights are frozen");
     }
 
     #[test]

@@ -439,20 +439,25 @@ impl Decoder {
         // With a cache this is generation: nothing needs a gradient.
         let inference = cache.is_some();
         let positions = keys.positions(s);
-        let (cos, sin) = self.rope.tables(&positions, b, s, self.dtype)?;
-        let (hcos, hsin) = self.rope.host_tables(&positions);
+        let fused = self.device.is_cpu() && self.dtype == DType::F32;
+        // The fused CPU kernel takes host tables; other devices take tensors.
+        enum Tables {
+            Host(crate::fused::Rope),
+            Device(Tensor, Tensor),
+        }
+        let tables = if fused {
+            let (cos, sin) = self.rope.host_tables(&positions);
+            Tables::Host(crate::fused::Rope { cos, sin })
+        } else {
+            let (cos, sin) = self.rope.tables(&positions, b, s, self.dtype)?;
+            Tables::Device(cos, sin)
+        };
         let rope = |x: &Tensor| -> Result<Tensor> {
-            if self.device.is_cpu() && self.dtype == DType::F32 {
-                let op = crate::fused::Rope {
-                    cos: hcos.clone(),
-                    sin: hsin.clone(),
-                };
-                Ok(x.contiguous()?.apply_op1(op)?)
-            } else {
-                apply_rope(x, &cos, &sin)
+            match &tables {
+                Tables::Host(op) => Ok(x.contiguous()?.apply_op1(op.clone())?),
+                Tables::Device(cos, sin) => apply_rope(x, cos, sin),
             }
         };
-        let fused = self.device.is_cpu() && self.dtype == DType::F32;
         let mask_values = std::sync::Arc::new(keys.additive_values(s, cfg.window()));
         let mask = if fused {
             None
