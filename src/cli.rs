@@ -95,6 +95,10 @@ pub struct RunArgs {
     /// No progress bars.
     #[arg(long)]
     pub no_progress: bool,
+    /// Let stages downstream of these gates run although the gate decided REVIEW
+    /// (comma-separated stage names; a FAIL is never accepted).
+    #[arg(long, value_delimiter = ',', value_name = "GATE")]
+    pub accept: Vec<String>,
 }
 
 /// `pipe status`.
@@ -201,6 +205,10 @@ pub struct GcArgs {
     /// Also delete checkpoints of unfinished stages.
     #[arg(long)]
     pub checkpoints: bool,
+    /// Also delete the memo directories (oracle replies and generations cached per item,
+    /// shared across fingerprints); the next run asks the oracle again.
+    #[arg(long)]
+    pub memo: bool,
     /// Say what would be deleted, delete nothing.
     #[arg(long)]
     pub dry_run: bool,

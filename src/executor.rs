@@ -35,6 +35,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// Echo stage log lines to stderr.
     pub echo_logs: bool,
+    /// Gates whose REVIEW decision the run accepts (`--accept`).
+    pub accept: Vec<String>,
 }
 
 /// How one stage ended in this execution.
@@ -50,6 +52,8 @@ pub struct StageResult {
     pub message: Option<String>,
     /// Output name → artifact, for ran and cached stages.
     pub outputs: BTreeMap<String, ArtifactInfo>,
+    /// A gate stage's decision.
+    pub gate: Option<pipe_stages::Gate>,
 }
 
 impl StageResult {
@@ -65,12 +69,42 @@ impl StageResult {
             seconds: started.elapsed().as_secs_f64(),
             message: Some(message.into()),
             outputs: BTreeMap::new(),
+            gate: None,
         }
     }
 
     /// True for ran and cached stages.
     pub fn ok(&self) -> bool {
         matches!(self.status, StageStatus::Ran | StageStatus::Cached)
+    }
+
+    /// Why stages downstream of this one may not run: a FAIL, or a REVIEW that the run
+    /// did not accept. Names the report so a person can judge.
+    pub fn gate_block(&self, stage: &str, accept: &[String], store: &Store) -> Option<String> {
+        let gate = self.gate.as_ref()?;
+        let accepted = accept
+            .iter()
+            .any(|a| a == stage || stage.split('@').next() == Some(a.as_str()));
+        let report = self
+            .outputs
+            .get(&gate.report)
+            .map(|a| store.object_path(&a.digest).display().to_string())
+            .unwrap_or_else(|| format!("output `{}`", gate.report));
+        let why = if gate.reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", gate.reasons.join("; "))
+        };
+        match gate.decision {
+            pipe_stages::Decision::Pass => None,
+            pipe_stages::Decision::Review if accepted => None,
+            pipe_stages::Decision::Review => Some(format!(
+                "gate `{stage}` decided REVIEW{why}; read {report}, then rerun with `--accept {stage}` to continue"
+            )),
+            pipe_stages::Decision::Fail => Some(format!(
+                "gate `{stage}` decided FAIL{why}; see {report}"
+            )),
+        }
     }
 }
 
@@ -181,6 +215,19 @@ pub async fn execute(
             }
             let spec = &pipeline.stages[idx];
             let started = Instant::now();
+            let gated = parents.iter().find_map(|p| {
+                results[*p].as_ref().and_then(|r| {
+                    r.gate_block(&pipeline.stages[*p].name, &options.accept, &shared.store)
+                })
+            });
+            if let Some(why) = gated {
+                let r = StageResult::fail(StageStatus::Skipped, None, started, why);
+                on_done(&spec.name, &r);
+                results[idx] = Some(r);
+                waiting.remove(i);
+                i = 0;
+                continue;
+            }
             if let Some(bad) = parents
                 .iter()
                 .find(|p| !results[**p].as_ref().is_some_and(StageResult::ok))
@@ -328,6 +375,7 @@ fn process(shared: &Shared, idx: usize, upstream: &Outputs, mode: Mode) -> Stage
             seconds: started.elapsed().as_secs_f64(),
             message: None,
             outputs: rec.outputs,
+            gate: rec.gate,
         }
     };
     match shared.store.complete_record(&key) {
@@ -361,12 +409,13 @@ fn process(shared: &Shared, idx: usize, upstream: &Outputs, mode: Mode) -> Stage
         return hit(rec);
     }
     match compute(shared, spec, &fp, upstream, started) {
-        Ok(outputs) => StageResult {
+        Ok((outputs, gate)) => StageResult {
             status: StageStatus::Ran,
             key: Some(key),
             seconds: started.elapsed().as_secs_f64(),
             message: None,
             outputs,
+            gate,
         },
         Err(StageError::Cancelled) => StageResult::fail(
             StageStatus::Cancelled,
@@ -384,7 +433,7 @@ fn compute(
     fp: &Fingerprint,
     upstream: &Outputs,
     started: Instant,
-) -> Result<BTreeMap<String, ArtifactInfo>, StageError> {
+) -> Result<(BTreeMap<String, ArtifactInfo>, Option<pipe_stages::Gate>), StageError> {
     let store = &shared.store;
     let pipeline = &shared.pipeline;
     let stage = shared
@@ -435,6 +484,7 @@ fn compute(
         out_dir: tmp.out(),
         checkpoint_dir,
         workdir: pipeline.workdir.clone(),
+        memo_root: store.memo_root(),
         cancel: shared.cancel.clone(),
         reporter: reporter.clone(),
     };
@@ -517,6 +567,7 @@ fn compute(
         fingerprint: fp.doc.clone(),
         outputs: outputs.clone(),
         metrics: outcome.metrics,
+        gate: outcome.gate.clone(),
         log: Some(log_art.digest),
         started: started_at,
         seconds: started.elapsed().as_secs_f64(),
@@ -525,7 +576,7 @@ fn compute(
     store.write_record(&record).map_err(store_err)?;
     let _ = store.set_ref(&pipeline.name, &spec.name, key);
     store.remove_checkpoint(key);
-    Ok(outputs)
+    Ok((outputs, outcome.gate))
 }
 
 /// Workspace outs of a `run:` stage whose content differs from the record (or are gone).

@@ -54,6 +54,9 @@ pub struct StageRecord {
     /// Metrics reported by the stage.
     #[serde(default)]
     pub metrics: BTreeMap<String, Value>,
+    /// A gate stage's decision (re-applied on every cache hit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<pipe_stages::Gate>,
     /// Digest of the log object.
     #[serde(default)]
     pub log: Option<String>,
@@ -341,6 +344,11 @@ impl Store {
         let p = self.root.join("checkpoints").join(key);
         fs::create_dir_all(&p).map_err(io_err("creating", &p))?;
         Ok(p)
+    }
+
+    /// Root of the memo directories stages share across fingerprints.
+    pub fn memo_root(&self) -> PathBuf {
+        self.root.join("memo")
     }
 
     /// Whether `key` has a checkpoint with something in it.

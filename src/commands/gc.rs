@@ -71,6 +71,12 @@ pub fn run(args: &GcArgs, cache: &Path) -> anyhow::Result<u8> {
         for k in &dead_checkpoints {
             store.remove_checkpoint(k);
         }
+        if args.memo {
+            let memo = store.memo_root();
+            if memo.exists() {
+                std::fs::remove_dir_all(&memo)?;
+            }
+        }
         // Refs to records that are gone would only confuse `pipe status`.
         for (pipeline, stage, key) in store.refs()? {
             if store.record(&key).ok().flatten().is_none() {
@@ -94,5 +100,11 @@ pub fn run(args: &GcArgs, cache: &Path) -> anyhow::Result<u8> {
         dead_checkpoints.len(),
         kept_runs.len()
     );
+    if args.memo {
+        println!(
+            "{verb} the memo directories ({})",
+            store.memo_root().display()
+        );
+    }
     Ok(crate::exit::OK)
 }

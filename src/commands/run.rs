@@ -25,6 +25,17 @@ pub fn run(args: &RunArgs, cache: &Path, registry: &Registry, verbose: u8) -> an
     };
     plan.select(&pipeline, &selection)?;
     let capacity = capacity(&args.resources)?;
+    for a in &args.accept {
+        if !pipeline
+            .stages
+            .iter()
+            .any(|s| &s.name == a || s.name.split('@').next() == Some(a.as_str()))
+        {
+            return Err(
+                UsageError(format!("`--accept {a}`: the pipeline has no stage `{a}`")).into(),
+            );
+        }
+    }
     let store = Store::open(cache)?;
     let _store_lock = store.run_lock(false)?;
     store.sweep_tmp()?;
@@ -81,6 +92,7 @@ pub fn run(args: &RunArgs, cache: &Path, registry: &Registry, verbose: u8) -> an
         cancel: cancel.clone(),
         progress: !args.no_progress,
         echo_logs: verbose > 0,
+        accept: args.accept.clone(),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -143,13 +155,30 @@ pub fn run(args: &RunArgs, cache: &Path, registry: &Registry, verbose: u8) -> an
     println!("{:<width$}  {:<9} {:>8}  key", "stage", "status", "time");
     for (i, spec) in pipeline.stages.iter().enumerate() {
         let Some(r) = &results[i] else { continue };
+        let gate = r
+            .gate
+            .as_ref()
+            .map(|g| format!("  gate {}", g.decision.as_str()))
+            .unwrap_or_default();
         println!(
-            "{:<width$}  {:<9} {:>8}  {}",
+            "{:<width$}  {:<9} {:>8}  {}{gate}",
             spec.name,
             r.status.as_str(),
             secs(r.seconds),
             r.key.as_deref().map(short).unwrap_or("-")
         );
+    }
+    let mut gate_msgs: Vec<&str> = Vec::new();
+    for r in results.iter().flatten() {
+        if let Some(m) = r.message.as_deref() {
+            if r.status == StageStatus::Skipped && m.starts_with("gate ") && !gate_msgs.contains(&m)
+            {
+                gate_msgs.push(m);
+            }
+        }
+    }
+    for m in &gate_msgs {
+        eprintln!("stopped: {m}");
     }
     for (i, spec) in pipeline.stages.iter().enumerate() {
         if let Some(r) = &results[i] {

@@ -322,6 +322,9 @@ impl Stage for BuildDataStage {
         metrics.insert("reject_rate".into(), json!(rate));
         metrics.insert("retrieved_evidence".into(), json!(retrieved));
         metrics.insert("hard_negatives".into(), json!(negatives));
-        Ok(Outcome { metrics })
+        Ok(Outcome {
+            metrics,
+            ..Outcome::default()
+        })
     }
 }

@@ -116,6 +116,45 @@ impl OutputDecl {
 pub struct Outcome {
     /// Scalar or small structured metrics, kept in the stage record and compared by `pipe diff`.
     pub metrics: BTreeMap<String, Value>,
+    /// Set by gate stages (calibrate, validate): whether downstream stages may run. The
+    /// result is stored whatever the decision, so a rerun does not repeat the work.
+    pub gate: Option<Gate>,
+}
+
+/// A gate stage's decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Decision {
+    /// Downstream stages run.
+    Pass,
+    /// Downstream stages wait for a person: they run only when the run names the gate
+    /// with `--accept`.
+    Review,
+    /// Downstream stages never run on this result.
+    Fail,
+}
+
+impl Decision {
+    /// `PASS`, `REVIEW`, `FAIL`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Pass => "PASS",
+            Decision::Review => "REVIEW",
+            Decision::Fail => "FAIL",
+        }
+    }
+}
+
+/// A decision with what a person needs to judge it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Gate {
+    /// The decision.
+    pub decision: Decision,
+    /// The output holding the human-readable report (an output name of the stage).
+    pub report: String,
+    /// Why, one line per threshold that was missed (empty on PASS).
+    #[serde(default)]
+    pub reasons: Vec<String>,
 }
 
 /// Why a stage did not finish.
@@ -194,6 +233,9 @@ pub struct StageContext {
     pub checkpoint_dir: PathBuf,
     /// Directory that relative workspace paths are resolved against.
     pub workdir: PathBuf,
+    /// Durable root shared by every run and fingerprint, for memoising expensive per-item
+    /// work (oracle replies, generations); see [`StageContext::memo_dir`].
+    pub memo_root: PathBuf,
     /// Set when the run is interrupted.
     pub cancel: CancelToken,
     /// Progress and log sink.
@@ -209,6 +251,13 @@ impl StageContext {
                 self.stage
             ))
         })
+    }
+
+    /// A durable directory shared by all stages that use `namespace`, across runs and
+    /// fingerprints. What a stage puts there must be keyed by everything that determines
+    /// it; the engine never invalidates it (`pipe gc --memo` clears it).
+    pub fn memo_dir(&self, namespace: &str) -> PathBuf {
+        self.memo_root.join(namespace)
     }
 
     /// Returns `Err(Cancelled)` once the run has been interrupted.

@@ -253,6 +253,9 @@ impl Stage for GenerateStage {
         for (k, v) in finishes {
             metrics.insert(format!("finish.{k}"), json!(v));
         }
-        Ok(Outcome { metrics })
+        Ok(Outcome {
+            metrics,
+            ..Outcome::default()
+        })
     }
 }

@@ -25,8 +25,8 @@ pub mod sft;
 pub mod split;
 
 pub use contract::{
-    CancelToken, InputDecl, Outcome, OutputDecl, OutputLocation, Reporter, Signature, Stage,
-    StageContext, StageError,
+    CancelToken, Decision, Gate, InputDecl, Outcome, OutputDecl, OutputLocation, Reporter,
+    Signature, Stage, StageContext, StageError,
 };
 pub use params::{parse_params, suggest, ParamError};
 pub use registry::Registry;

@@ -72,6 +72,9 @@ impl Stage for MergeStage {
         let mut metrics = BTreeMap::new();
         metrics.insert("merged_tensors".into(), json!(adapter.vars.len() / 2));
         metrics.insert("adapter_parameters".into(), json!(adapter.parameters()));
-        Ok(Outcome { metrics })
+        Ok(Outcome {
+            metrics,
+            ..Outcome::default()
+        })
     }
 }

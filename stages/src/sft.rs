@@ -391,6 +391,9 @@ impl Stage for SftStage {
         if let Some(s) = report.best_step {
             metrics.insert("best_step".into(), json!(s));
         }
-        Ok(Outcome { metrics })
+        Ok(Outcome {
+            metrics,
+            ..Outcome::default()
+        })
     }
 }

@@ -175,7 +175,10 @@ impl Stage for SplitStage {
             assignment.groups,
             counts
         ));
-        Ok(Outcome { metrics })
+        Ok(Outcome {
+            metrics,
+            ..Outcome::default()
+        })
     }
 }
 
