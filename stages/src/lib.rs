@@ -10,12 +10,14 @@
 
 pub mod bm25;
 pub mod build_data;
+pub mod chat;
 pub mod command;
 mod contract;
 pub mod fsio;
 pub mod generate;
 pub mod merge;
 mod ml;
+pub mod oracle;
 pub mod oracle_task;
 mod params;
 mod plot;
