@@ -85,10 +85,15 @@ impl StageResult {
         let accepted = accept
             .iter()
             .any(|a| a == stage || stage.split('@').next() == Some(a.as_str()));
+        // `OUTPUT` or `OUTPUT/PATH/INSIDE`.
+        let (output, inside) = gate.report.split_once('/').unwrap_or((&gate.report, ""));
         let report = self
             .outputs
-            .get(&gate.report)
-            .map(|a| store.object_path(&a.digest).display().to_string())
+            .get(output)
+            .map(|a| {
+                let p = store.object_path(&a.digest);
+                if inside.is_empty() { p } else { p.join(inside) }.display().to_string()
+            })
             .unwrap_or_else(|| format!("output `{}`", gate.report));
         let why = if gate.reasons.is_empty() {
             String::new()

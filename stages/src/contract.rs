@@ -150,7 +150,7 @@ impl Decision {
 pub struct Gate {
     /// The decision.
     pub decision: Decision,
-    /// The output holding the human-readable report (an output name of the stage).
+    /// The human-readable report: an output name, or `OUTPUT/PATH` inside a directory output.
     pub report: String,
     /// Why, one line per threshold that was missed (empty on PASS).
     #[serde(default)]

@@ -10,6 +10,8 @@
 
 pub mod bm25;
 pub mod build_data;
+pub mod batch_label;
+pub mod calibrate;
 pub mod chat;
 pub mod command;
 mod contract;
@@ -42,6 +44,9 @@ pub fn builtin() -> Registry {
     registry.register(sft::SftStage);
     registry.register(generate::GenerateStage);
     registry.register(merge::MergeStage);
+    registry.register(calibrate::CalibrateStage);
+    registry.register(calibrate::ValidateStage);
+    registry.register(batch_label::BatchLabelStage);
     registry
 }
 
