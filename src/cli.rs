@@ -42,6 +42,40 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Delete what recent and named runs do not reference.
     Gc(GcArgs),
+    /// Serve a model (plus an optional LoRA adapter) behind an OpenAI-compatible API
+    /// (`/v1/chat/completions`, `/v1/models`); concurrent requests are batched.
+    Serve(ServeArgs),
+}
+
+/// `pipe serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The model: `gguf:PATH`, `hf:ORG/NAME`, a folder, or `tiny:ARCH[:SEED]`.
+    pub model: String,
+    /// A PEFT adapter folder (e.g. an `sft` stage's `adapter` output).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Requests decoded together at most.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
+    /// Name reported by `/v1/models` (default: the model argument).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// `auto`, `cpu`, `cuda`, `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// `auto`, `f32`, `bf16`, `f16`.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// Decode with the float weights instead of Q8_0 copies.
+    #[arg(long)]
+    pub no_quantize: bool,
 }
 
 /// A pipeline file and how to load it.

@@ -92,7 +92,9 @@ impl StageResult {
             .get(output)
             .map(|a| {
                 let p = store.object_path(&a.digest);
-                if inside.is_empty() { p } else { p.join(inside) }.display().to_string()
+                if inside.is_empty() { p } else { p.join(inside) }
+                    .display()
+                    .to_string()
             })
             .unwrap_or_else(|| format!("output `{}`", gate.report));
         let why = if gate.reasons.is_empty() {

@@ -16,6 +16,7 @@ mod export;
 mod gc;
 mod run;
 mod runs;
+mod serve;
 mod show;
 mod status;
 mod verify;
@@ -40,6 +41,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Export(args) => export::run(args, cache),
         Command::Verify(args) => verify::run(args, cache),
         Command::Gc(args) => gc::run(args, cache),
+        Command::Serve(args) => serve::run(args),
     }
 }
 

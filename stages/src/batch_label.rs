@@ -185,7 +185,10 @@ impl Stage for BatchLabelStage {
         metrics.insert("prompt_tokens".into(), json!(stats.prompt_tokens));
         metrics.insert("completion_tokens".into(), json!(stats.completion_tokens));
         metrics.insert("cost_usd".into(), json!(cost_total));
-        metrics.insert("spent_this_run_usd".into(), json!(budget.spent() - spent_before));
+        metrics.insert(
+            "spent_this_run_usd".into(),
+            json!(budget.spent() - spent_before),
+        );
         if secs > 0.0 {
             metrics.insert("items_per_s".into(), json!(total as f64 / secs));
         }

@@ -158,13 +158,16 @@ impl Threshold {
         let t = s.trim();
         for op in [">=", "<=", "==", ">", "<"] {
             if let Some(rest) = t.strip_prefix(op) {
-                let value = rest.trim().parse::<f64>().map_err(|_| {
-                    format!("`{s}`: expected a number after `{op}`")
-                })?;
+                let value = rest
+                    .trim()
+                    .parse::<f64>()
+                    .map_err(|_| format!("`{s}`: expected a number after `{op}`"))?;
                 return Ok(Threshold { op, value });
             }
         }
-        Err(format!("`{s}`: expected `>= N`, `> N`, `<= N`, `< N` or `== N`"))
+        Err(format!(
+            "`{s}`: expected `>= N`, `> N`, `<= N`, `< N` or `== N`"
+        ))
     }
 
     /// Whether `x` meets it.
@@ -250,12 +253,19 @@ impl Stage for CalibrateStage {
         }
         check_thresholds("pass_if", &p.pass_if, &p.compare)?;
         check_thresholds("review_if", &p.review_if, &p.compare)?;
-        for (name, fg) in [("answer", &p.compare.answer), ("citations", &p.compare.citations), ("label", &p.compare.label)] {
+        for (name, fg) in [
+            ("answer", &p.compare.answer),
+            ("citations", &p.compare.citations),
+            ("label", &p.compare.label),
+        ] {
             if let Some(fg) = fg {
                 if !spec.returns.contains_key(&fg.field) {
                     return Err(ParamError::new(
                         &["compare", name, "field"],
-                        format!("`{}` is not among the oracle's declared `returns`", fg.field),
+                        format!(
+                            "`{}` is not among the oracle's declared `returns`",
+                            fg.field
+                        ),
                     ));
                 }
             }
@@ -292,7 +302,10 @@ impl Stage for CalibrateStage {
             "template_text": template,
             "sample_spec": p.sample,
         });
-        finish(ctx, &setup, &oracle, &records, &sample, &labels, &m, decision, reasons, &stats, spent, extra, None)
+        finish(
+            ctx, &setup, &oracle, &records, &sample, &labels, &m, decision, reasons, &stats, spent,
+            extra, None,
+        )
     }
 }
 
@@ -313,7 +326,10 @@ impl Stage for ValidateStage {
         let p: ValidateParams = parse_params(params)?;
         check_sample(&p.sample)?;
         if !(0.0..=1.0).contains(&p.tolerance) {
-            return Err(ParamError::new(&["tolerance"], "expected a number in [0, 1]"));
+            return Err(ParamError::new(
+                &["tolerance"],
+                "expected a number in [0, 1]",
+            ));
         }
         let mut sig = signature(vec![]);
         sig.inputs.push(InputDecl::required("calibration"));
@@ -333,12 +349,26 @@ impl Stage for ValidateStage {
             cal_path.to_path_buf()
         };
         let cal: Value = serde_json::from_slice(
-            &std::fs::read(&cal_file).map_err(StageError::io(format!("reading {}", cal_file.display())))?,
+            &std::fs::read(&cal_file)
+                .map_err(StageError::io(format!("reading {}", cal_file.display())))?,
         )
-        .map_err(|e| StageError::Failed(format!("{}: not a calibration report: {e}", cal_file.display())))?;
-        let bad = |what: &str| StageError::Failed(format!("{}: the calibration report lacks `{what}`; bind `calibration` to a calibrate stage's `report`", cal_file.display()));
-        let spec = OracleSpec::from_value(cal.get("oracle_spec").ok_or_else(|| bad("oracle_spec"))?, "oracle")?;
-        let template = cal.get("template_text").and_then(Value::as_str).ok_or_else(|| bad("template_text"))?;
+        .map_err(|e| {
+            StageError::Failed(format!(
+                "{}: not a calibration report: {e}",
+                cal_file.display()
+            ))
+        })?;
+        let bad = |what: &str| {
+            StageError::Failed(format!("{}: the calibration report lacks `{what}`; bind `calibration` to a calibrate stage's `report`", cal_file.display()))
+        };
+        let spec = OracleSpec::from_value(
+            cal.get("oracle_spec").ok_or_else(|| bad("oracle_spec"))?,
+            "oracle",
+        )?;
+        let template = cal
+            .get("template_text")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("template_text"))?;
         let setup_v = cal.get("setup").ok_or_else(|| bad("setup"))?;
         let mut setup: GateSetup = serde_json::from_value(setup_v.clone())
             .map_err(|e| StageError::Failed(format!("{}: `setup`: {e}", cal_file.display())))?;
@@ -356,7 +386,11 @@ impl Stage for ValidateStage {
         let cal_ids: BTreeSet<String> = cal
             .get("sample_ids")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default();
         let records = crate::ml::read_jsonl(ctx.input("corpus")?)?;
         let sample = draw(&records, &p.sample, &setup.id_field, &cal_ids)?;
@@ -367,7 +401,10 @@ impl Stage for ValidateStage {
         let cal_metrics = cal.get("metrics").cloned().unwrap_or(Value::Null);
         let mut drift = BTreeMap::new();
         for name in setup.pass_if.keys() {
-            if let (Some(now), Some(then)) = (m.metrics.get(name), cal_metrics.get(name).and_then(Value::as_f64)) {
+            if let (Some(now), Some(then)) = (
+                m.metrics.get(name),
+                cal_metrics.get(name).and_then(Value::as_f64),
+            ) {
                 let d = now - then;
                 drift.insert(name.clone(), d);
                 if d.abs() > p.tolerance {
@@ -382,7 +419,21 @@ impl Stage for ValidateStage {
             }
         }
         let extra = json!({"calibration_metrics": cal_metrics, "tolerance": p.tolerance, "drift": drift, "excluded_calibration_items": cal_ids.len()});
-        finish(ctx, &setup, &oracle, &records, &sample, &labels, &m, decision, reasons, &stats, spent, extra, Some(&drift))
+        finish(
+            ctx,
+            &setup,
+            &oracle,
+            &records,
+            &sample,
+            &labels,
+            &m,
+            decision,
+            reasons,
+            &stats,
+            spent,
+            extra,
+            Some(&drift),
+        )
     }
 }
 
@@ -403,7 +454,10 @@ pub fn key_without_execution(params: &Value) -> Value {
     let mut v = params.clone();
     if let Some(o) = v.as_object_mut() {
         o.remove("max_cost_usd");
-        if let Some(spec) = o.get("oracle").and_then(|s| OracleSpec::from_value(s, "oracle").ok()) {
+        if let Some(spec) = o
+            .get("oracle")
+            .and_then(|s| OracleSpec::from_value(s, "oracle").ok())
+        {
             o.insert("oracle".into(), spec.key_value());
         }
     }
@@ -475,7 +529,10 @@ fn draw(
     let mut seen = BTreeSet::new();
     for (i, r) in records.iter().enumerate() {
         let id = field_str(r, id_field).ok_or_else(|| {
-            StageError::Failed(format!("corpus record {}: no `{id_field}` field (set `id_field`)", i + 1))
+            StageError::Failed(format!(
+                "corpus record {}: no `{id_field}` field (set `id_field`)",
+                i + 1
+            ))
         })?;
         if !seen.insert(id.clone()) {
             return Err(StageError::Failed(format!(
@@ -530,7 +587,11 @@ fn label_sample(
     max_cost: Option<f64>,
 ) -> Result<(Vec<Labelled>, LabelStats, f64), StageError> {
     let picked: Vec<Value> = sample.iter().map(|p| records[p.index].clone()).collect();
-    let budget = Budget::new(max_cost, oracle.spec.prices.clone(), oracle::spent_so_far(&ctx.checkpoint_dir));
+    let budget = Budget::new(
+        max_cost,
+        oracle.spec.prices.clone(),
+        oracle::spent_so_far(&ctx.checkpoint_dir),
+    );
     let mut stats = LabelStats::default();
     ctx.progress(0, Some(picked.len() as u64), "asking the oracle");
     let mut labels = Vec::with_capacity(picked.len());
@@ -566,7 +627,12 @@ struct Measured {
     worst: Vec<(f64, usize)>,
 }
 
-fn measure(setup: &GateSetup, records: &[Value], sample: &[Picked], labels: &[Labelled]) -> Measured {
+fn measure(
+    setup: &GateSetup,
+    records: &[Value],
+    sample: &[Picked],
+    labels: &[Labelled],
+) -> Measured {
     #[derive(Default)]
     struct Acc {
         n: f64,
@@ -658,9 +724,17 @@ fn measure(setup: &GateSetup, records: &[Value], sample: &[Picked], labels: &[La
             m.insert("citation_recall".into(), mean(&a.cr));
         }
         if !a.gold_labels.is_empty() {
-            let agree = a.gold_labels.iter().zip(&a.pred_labels).filter(|(x, y)| x == y).count() as f64;
+            let agree = a
+                .gold_labels
+                .iter()
+                .zip(&a.pred_labels)
+                .filter(|(x, y)| x == y)
+                .count() as f64;
             m.insert("label_agreement".into(), agree / a.gold_labels.len() as f64);
-            m.insert("label_kappa".into(), cohen_kappa(&a.gold_labels, &a.pred_labels));
+            m.insert(
+                "label_kappa".into(),
+                cohen_kappa(&a.gold_labels, &a.pred_labels),
+            );
         }
         if !a.scores.is_empty() {
             m.insert("score_mean".into(), mean(&a.scores));
@@ -674,7 +748,13 @@ fn measure(setup: &GateSetup, records: &[Value], sample: &[Picked], labels: &[La
             scores.insert(k.clone(), summary(&a.scores));
         }
     }
-    let mut worst: Vec<(f64, usize)> = item_score.iter().copied().enumerate().map(|(i, s)| (s, i)).filter(|(s, _)| *s < 1.0).collect();
+    let mut worst: Vec<(f64, usize)> = item_score
+        .iter()
+        .copied()
+        .enumerate()
+        .map(|(i, s)| (s, i))
+        .filter(|(s, _)| *s < 1.0)
+        .collect();
     worst.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     Measured {
         metrics: finish(&all),
@@ -698,7 +778,9 @@ fn decide(
                 match metrics.get(k) {
                     Some(x) if th.holds(*x) => None,
                     Some(x) => Some(format!("{k} = {x:.3}, needs {th}")),
-                    None => Some(format!("{k} could not be computed (no sampled record has its gold field)")),
+                    None => Some(format!(
+                        "{k} could not be computed (no sampled record has its gold field)"
+                    )),
                 }
             })
             .collect()
@@ -712,7 +794,11 @@ fn decide(
     }
     let mut reasons = pass_miss;
     if !review_if.is_empty() {
-        reasons.extend(misses(review_if).into_iter().map(|m| format!("review: {m}")));
+        reasons.extend(
+            misses(review_if)
+                .into_iter()
+                .map(|m| format!("review: {m}")),
+        );
     }
     (Decision::Fail, reasons)
 }
@@ -797,12 +883,34 @@ fn finish(
             o.insert(k.clone(), v.clone());
         }
     }
-    crate::fsio::write_atomic(&dir.join("report.json"), serde_json::to_string_pretty(&report).expect("json").as_bytes())
-        .map_err(StageError::io("writing report.json"))?;
-    let md = markdown(setup, oracle, &report, m, decision, &reasons_of(&report), drift);
-    crate::fsio::write_atomic(&dir.join("report.md"), md.as_bytes()).map_err(StageError::io("writing report.md"))?;
-    ctx.log(&format!("decision {}: {}", decision.as_str(), reasons_of(&report).join("; ")));
-    let mut metrics: BTreeMap<String, Value> = m.metrics.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    crate::fsio::write_atomic(
+        &dir.join("report.json"),
+        serde_json::to_string_pretty(&report)
+            .expect("json")
+            .as_bytes(),
+    )
+    .map_err(StageError::io("writing report.json"))?;
+    let md = markdown(
+        setup,
+        oracle,
+        &report,
+        m,
+        decision,
+        &reasons_of(&report),
+        drift,
+    );
+    crate::fsio::write_atomic(&dir.join("report.md"), md.as_bytes())
+        .map_err(StageError::io("writing report.md"))?;
+    ctx.log(&format!(
+        "decision {}: {}",
+        decision.as_str(),
+        reasons_of(&report).join("; ")
+    ));
+    let mut metrics: BTreeMap<String, Value> = m
+        .metrics
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
     metrics.insert("decision".into(), json!(decision.as_str()));
     metrics.insert("requests".into(), json!(stats.asked));
     metrics.insert("memo_hits".into(), json!(stats.memo_hits));
@@ -820,7 +928,11 @@ fn reasons_of(report: &Value) -> Vec<String> {
     report
         .get("reasons")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -861,14 +973,30 @@ fn markdown(
         report["sample"]["items"],
         report["sample"]["strata"]
             .as_object()
-            .map(|o| o.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", "))
+            .map(|o| o
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect::<Vec<_>>()
+                .join(", "))
             .unwrap_or_default(),
         report["requests"],
         report["memo_hits"],
         report["spent_usd"].as_f64().unwrap_or(0.0)
     );
-    let _ = writeln!(s, "| metric | value | pass_if | review_if |{}", if drift.is_some() { " drift vs calibration |" } else { "" });
-    let _ = writeln!(s, "|---|---|---|---|{}", if drift.is_some() { "---|" } else { "" });
+    let _ = writeln!(
+        s,
+        "| metric | value | pass_if | review_if |{}",
+        if drift.is_some() {
+            " drift vs calibration |"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        s,
+        "|---|---|---|---|{}",
+        if drift.is_some() { "---|" } else { "" }
+    );
     for (k, v) in &m.metrics {
         let _ = write!(
             s,
@@ -877,17 +1005,32 @@ fn markdown(
             setup.review_if.get(k).map(String::as_str).unwrap_or("")
         );
         if let Some(d) = drift {
-            let _ = write!(s, " {} |", d.get(k).map(|x| format!("{x:+.4}")).unwrap_or_default());
+            let _ = write!(
+                s,
+                " {} |",
+                d.get(k).map(|x| format!("{x:+.4}")).unwrap_or_default()
+            );
         }
         s.push('\n');
     }
     if m.per_stratum.len() > 1 {
         let names: BTreeSet<&String> = m.per_stratum.values().flat_map(|x| x.keys()).collect();
         let _ = writeln!(s, "\n## Per stratum\n");
-        let _ = writeln!(s, "| stratum | {} |", names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(" | "));
+        let _ = writeln!(
+            s,
+            "| stratum | {} |",
+            names
+                .iter()
+                .map(|n| n.as_str())
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
         let _ = writeln!(s, "|---|{}", "---|".repeat(names.len()));
         for (k, ms) in &m.per_stratum {
-            let cells: Vec<String> = names.iter().map(|n| ms.get(*n).map(|x| format!("{x:.3}")).unwrap_or_default()).collect();
+            let cells: Vec<String> = names
+                .iter()
+                .map(|n| ms.get(*n).map(|x| format!("{x:.3}")).unwrap_or_default())
+                .collect();
             let _ = writeln!(s, "| {k} | {} |", cells.join(" | "));
         }
     }
@@ -900,11 +1043,21 @@ fn markdown(
     if let Some(w) = report["worst"].as_array().filter(|w| !w.is_empty()) {
         let _ = writeln!(s, "\n## Worst disagreements\n");
         for item in w {
-            let _ = writeln!(s, "### `{}` ({})\n", item["id"].as_str().unwrap_or(""), item["stratum"].as_str().unwrap_or(""));
+            let _ = writeln!(
+                s,
+                "### `{}` ({})\n",
+                item["id"].as_str().unwrap_or(""),
+                item["stratum"].as_str().unwrap_or("")
+            );
             if let Some(q) = item["question"].as_str() {
                 let _ = writeln!(s, "> {}\n", excerpt(q, 300));
             }
-            for (label, key) in [("gold answer", "gold_answer"), ("gold citations", "gold_citations"), ("gold label", "gold_label"), ("parsed reply", "reply")] {
+            for (label, key) in [
+                ("gold answer", "gold_answer"),
+                ("gold citations", "gold_citations"),
+                ("gold label", "gold_label"),
+                ("parsed reply", "reply"),
+            ] {
                 if !item[key].is_null() {
                     let _ = writeln!(s, "- {label}: `{}`", item[key]);
                 }
@@ -913,7 +1066,14 @@ fn markdown(
                 let _ = writeln!(s, "- raw reply: `{}`", r.replace('`', "'"));
             }
             if let Some(e) = item["errors"].as_array().filter(|e| !e.is_empty()) {
-                let _ = writeln!(s, "- errors: {}", e.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; "));
+                let _ = writeln!(
+                    s,
+                    "- errors: {}",
+                    e.iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
             }
             s.push('\n');
         }
@@ -930,17 +1090,28 @@ mod tests {
         let t = Threshold::parse(">= 0.6").unwrap();
         assert!(t.holds(0.6) && !t.holds(0.59));
         assert!(Threshold::parse("at least 3").is_err());
-        let m: BTreeMap<String, f64> = [("answer_f1".to_string(), 0.5), ("parse_failure_rate".to_string(), 0.0)].into();
-        let pass: BTreeMap<String, String> = [("answer_f1".to_string(), ">= 0.6".to_string())].into();
-        let review: BTreeMap<String, String> = [("answer_f1".to_string(), ">= 0.45".to_string())].into();
+        let m: BTreeMap<String, f64> = [
+            ("answer_f1".to_string(), 0.5),
+            ("parse_failure_rate".to_string(), 0.0),
+        ]
+        .into();
+        let pass: BTreeMap<String, String> =
+            [("answer_f1".to_string(), ">= 0.6".to_string())].into();
+        let review: BTreeMap<String, String> =
+            [("answer_f1".to_string(), ">= 0.45".to_string())].into();
         assert_eq!(decide(&m, &pass, &review).0, Decision::Review);
         assert_eq!(decide(&m, &pass, &BTreeMap::new()).0, Decision::Fail);
-        let strict: BTreeMap<String, String> = [("answer_f1".to_string(), ">= 0.55".to_string())].into();
+        let strict: BTreeMap<String, String> =
+            [("answer_f1".to_string(), ">= 0.55".to_string())].into();
         assert_eq!(decide(&m, &pass, &strict).0, Decision::Fail);
         let (d, reasons) = decide(&m, &pass, &strict);
         assert_eq!(d, Decision::Fail);
-        assert!(reasons[0].contains("answer_f1 = 0.500, needs >= 0.6"), "{reasons:?}");
-        let low: BTreeMap<String, String> = [("answer_f1".to_string(), ">= 0.5".to_string())].into();
+        assert!(
+            reasons[0].contains("answer_f1 = 0.500, needs >= 0.6"),
+            "{reasons:?}"
+        );
+        let low: BTreeMap<String, String> =
+            [("answer_f1".to_string(), ">= 0.5".to_string())].into();
         assert_eq!(decide(&m, &low, &review), (Decision::Pass, vec![]));
     }
 
@@ -949,16 +1120,36 @@ mod tests {
         let records: Vec<Value> = (0..30)
             .map(|i| json!({"id": format!("r{i}"), "source": if i % 3 == 0 { "a" } else { "b" }}))
             .collect();
-        let spec = SampleSpec { by: Some("source".into()), per_stratum: Some(4), counts: [("a".to_string(), 3)].into(), seed: 1 };
+        let spec = SampleSpec {
+            by: Some("source".into()),
+            per_stratum: Some(4),
+            counts: [("a".to_string(), 3)].into(),
+            seed: 1,
+        };
         let s1 = draw(&records, &spec, "id", &BTreeSet::new()).unwrap();
         let s2 = draw(&records, &spec, "id", &BTreeSet::new()).unwrap();
-        assert_eq!(s1.iter().map(|p| &p.id).collect::<Vec<_>>(), s2.iter().map(|p| &p.id).collect::<Vec<_>>());
+        assert_eq!(
+            s1.iter().map(|p| &p.id).collect::<Vec<_>>(),
+            s2.iter().map(|p| &p.id).collect::<Vec<_>>()
+        );
         assert_eq!(s1.iter().filter(|p| p.stratum == "a").count(), 3);
         assert_eq!(s1.iter().filter(|p| p.stratum == "b").count(), 4);
         let used: BTreeSet<String> = s1.iter().map(|p| p.id.clone()).collect();
-        let fresh = draw(&records, &SampleSpec { seed: 2, ..spec.clone() }, "id", &used).unwrap();
+        let fresh = draw(
+            &records,
+            &SampleSpec {
+                seed: 2,
+                ..spec.clone()
+            },
+            "id",
+            &used,
+        )
+        .unwrap();
         assert!(fresh.iter().all(|p| !used.contains(&p.id)));
-        let bad = SampleSpec { counts: [("zzz".to_string(), 1)].into(), ..spec };
+        let bad = SampleSpec {
+            counts: [("zzz".to_string(), 1)].into(),
+            ..spec
+        };
         assert!(draw(&records, &bad, "id", &BTreeSet::new()).is_err());
     }
 }

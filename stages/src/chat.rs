@@ -5,9 +5,10 @@
 
 use std::path::Path;
 
-use pipe_train::generate::{generate, Finish, Sampling};
+use pipe_train::generate::generate;
+pub use pipe_train::generate::{Finish, Sampling};
 use pipe_train::loader::Loaded;
-use pipe_train::tokenizer::Message;
+pub use pipe_train::tokenizer::Message;
 use pipe_train::Rng;
 
 /// One chat completion request.

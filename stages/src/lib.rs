@@ -8,9 +8,9 @@
 //! is delegated to `pipe-train`.
 #![warn(missing_docs)]
 
+pub mod batch_label;
 pub mod bm25;
 pub mod build_data;
-pub mod batch_label;
 pub mod calibrate;
 pub mod chat;
 pub mod command;
