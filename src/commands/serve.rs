@@ -45,7 +45,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<u8> {
         &args.dtype,
         !args.no_quantize,
     )
-    .map_err(|e| super::UsageError(e))?;
+    .map_err(super::UsageError)?;
     let (tx, rx) = mpsc::channel::<Job>();
     let max_batch = args.max_batch.max(1);
     std::thread::Builder::new()

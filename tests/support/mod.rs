@@ -1,6 +1,8 @@
 //! The `Project` builder: a temp directory with files, and the real `pipe` binary run in it.
 #![allow(dead_code)]
 
+pub mod fake_openai;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 

@@ -677,7 +677,12 @@ impl Oracle {
 
 /// First 12 characters of a digest.
 pub fn short(s: &str) -> &str {
-    &s[..s.len().min(12)]
+    let hex = s.len() >= 12 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if hex {
+        &s[..12]
+    } else {
+        s
+    }
 }
 
 /// Reads and writes the money already spent by a stage's fingerprint (kept in its

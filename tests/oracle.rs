@@ -1,0 +1,461 @@
+//! Oracle stages end to end: the real `pipe` binary against loopback servers (a
+//! scripted, misbehaving OpenAI-compatible server that counts requests per item, and
+//! `pipe serve` on a tiny model), and against a local model.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::fake_openai::{FakeOpenAi, Reply};
+use support::{Lcg, Project};
+
+fn corpus(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "{{\"id\": \"r{i}\", \"source\": \"{}\", \"question\": \"question {i}?\", \"answers\": [\"ans {i}\"], \"support\": [\"c{i}\"]}}\n",
+                if i % 2 == 0 { "even" } else { "odd" }
+            )
+        })
+        .collect()
+}
+
+fn good(item: &str) -> String {
+    let i = item.trim_start_matches('r');
+    format!("Sure. {{\"answer\": \"ans {i}\", \"citations\": [\"c{i}\"]}}")
+}
+
+/// A project with `src.jsonl` (n records), the prompt template and a pipeline whose
+/// `label` stage (batch_label) uses `oracle` (a YAML flow mapping body).
+fn project(n: usize, oracle: &str, stages_extra: &str) -> Project {
+    let p = Project::new();
+    p.file("src.jsonl", &corpus(n));
+    p.file(
+        "prompts/answer.j2",
+        "Answer with JSON {\"answer\", \"citations\"}. Q [[{{ id }}]]: {{ question }}\n",
+    );
+    p.file(
+        "pipe.yaml",
+        &format!(
+            r#"
+name: lab
+params:
+  oracle: {{template: prompts/answer.j2, returns: {{answer: string, citations: "list[string]"}}, {oracle}}}
+stages:
+  make:
+    run: cp src.jsonl data/corpus.jsonl
+    deps: [src.jsonl]
+    outs: [data/corpus.jsonl]
+{stages_extra}
+"#
+        ),
+    );
+    p
+}
+
+const LABEL: &str = r#"
+  label:
+    uses: batch_label
+    inputs: {corpus: make.corpus}
+    with: {oracle: "${params.oracle}", batch_size: 4}
+"#;
+
+fn openai(url: &str, extra: &str) -> String {
+    let mut o = format!(
+        "backend: openai, model: fake, base_url: \"{url}\", backoff_s: 0.01, max_retries: 2{extra}"
+    );
+    for (k, v) in [("concurrency", "2"), ("timeout_s", "0.5")] {
+        if !extra.contains(k) {
+            o.push_str(&format!(", {k}: {v}"));
+        }
+    }
+    o
+}
+
+fn jsonl(p: &Project, stage: &str, output: &str) -> Vec<Value> {
+    let out = p.ok(&["export", &format!("{stage}.{output}"), "out.jsonl"]);
+    let _ = out;
+    p.read("out.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn ids(v: &[Value]) -> Vec<String> {
+    let mut ids: Vec<String> = v
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn openai_backend_retries_429_5xx_timeouts_and_garbage_then_records_failures() {
+    let server = FakeOpenAi::start(|r| match (r.item.as_str(), r.seen) {
+        ("r0", 0 | 1) => Reply::Status(429),
+        ("r1", 0) => Reply::Status(503),
+        ("r2", 0) => Reply::Garbage,
+        ("r3", 0) => Reply::Slow(Duration::from_millis(1500), good("r3")),
+        ("r4", _) => Reply::Status(500),
+        ("r5", _) => Reply::Content("I believe the answer is ans 5.".into()),
+        ("r6", _) => Reply::Status(400),
+        (item, _) => Reply::Content(good(item)),
+    });
+    let p = project(10, &openai(&server.url, ""), LABEL);
+    p.ok(&["run", "pipe.yaml", "--no-progress"]);
+    let labels = jsonl(&p, "label", "labels");
+    let failures = jsonl(&p, "label", "failures");
+    assert_eq!(ids(&labels), ["r0", "r1", "r2", "r3", "r7", "r8", "r9"]);
+    assert_eq!(ids(&failures), ["r4", "r5", "r6"]);
+    let r0 = labels.iter().find(|r| r["id"] == "r0").unwrap();
+    assert_eq!(r0["label"]["answer"], "ans 0");
+    assert_eq!(r0["label"]["citations"][0], "c0");
+    let why = |id: &str| {
+        failures.iter().find(|r| r["id"] == id).unwrap()["reason"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(why("r4").contains("HTTP 500"), "{}", why("r4"));
+    assert!(why("r5").contains("no JSON object"), "{}", why("r5"));
+    assert!(why("r6").contains("HTTP 400"), "{}", why("r6"));
+    let c = server.counts();
+    // 429 twice then OK; 503 then OK; garbage then OK; timeout then OK; 500 three times
+    // (max_retries 2); an unparsable reply asked 3 times (retries 2); 400 is not retried.
+    let expect: BTreeMap<String, usize> = [
+        ("r0", 3),
+        ("r1", 2),
+        ("r2", 2),
+        ("r3", 2),
+        ("r4", 3),
+        ("r5", 3),
+        ("r6", 1),
+        ("r7", 1),
+        ("r8", 1),
+        ("r9", 1),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(c, expect);
+
+    // A rerun is cached: no request at all.
+    let total = server.total();
+    p.ok(&["run", "pipe.yaml", "--no-progress"]);
+    assert_eq!(server.total(), total);
+
+    // A new parser (citations no longer required) reruns the stage from the memoised
+    // replies: only r4 and r6, whose requests failed, are asked again.
+    let src = p.read("pipe.yaml").replace(
+        r#"returns: {answer: string, citations: "list[string]"}"#,
+        "returns: {answer: string}",
+    );
+    p.file("pipe.yaml", &src);
+    let out = p.ok(&["run", "pipe.yaml", "--no-progress"]);
+    assert_eq!(out.status_of("label").as_deref(), Some("ran"));
+    let after = server.counts();
+    assert_eq!(after["r4"], 6);
+    assert_eq!(after["r6"], 2);
+    for id in ["r0", "r1", "r2", "r3", "r5", "r7", "r8", "r9"] {
+        assert_eq!(after[id], expect[id], "{id} was asked again");
+    }
+}
+
+#[test]
+fn max_cost_stops_before_the_request_that_could_exceed_it_and_resumes() {
+    let server = FakeOpenAi::start(|r| Reply::Content(good(&r.item)));
+    // Each reply bills 100 + 20 tokens at $1000/Mtok = $0.12; the worst case reserved
+    // before a request is (prompt bytes/3 + 8 + max_new_tokens 16) tokens ≈ $0.06.
+    let oracle = openai(
+        &server.url,
+        ", concurrency: 1, max_new_tokens: 16, prices: {input_per_mtok: 1000, output_per_mtok: 1000}",
+    );
+    let label = LABEL.replace("batch_size: 4}", "batch_size: 4, max_cost_usd: 0.5}");
+    let p = project(8, &oracle, &label);
+    let out = p.pipe(&["run", "pipe.yaml", "--no-progress"]);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains("stopped before exceeding the budget"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("raise `max_cost_usd`"),
+        "{}",
+        out.stderr
+    );
+    let asked = server.total();
+    assert!((1..=4).contains(&asked), "{asked} requests");
+    assert!(
+        asked as f64 * 0.12 <= 0.5 + 1e-9,
+        "spent more than max_cost_usd"
+    );
+
+    // A bigger budget resumes (max_cost_usd is not part of the fingerprint): every item
+    // asked exactly once overall.
+    p.file(
+        "pipe.yaml",
+        &p.read("pipe.yaml")
+            .replace("max_cost_usd: 0.5", "max_cost_usd: 5"),
+    );
+    p.ok(&["run", "pipe.yaml", "--no-progress"]);
+    assert_eq!(server.total(), 8);
+    assert!(server.counts().values().all(|&n| n == 1));
+    assert_eq!(jsonl(&p, "label", "labels").len(), 8);
+}
+
+#[test]
+fn adding_rows_asks_only_for_the_new_rows() {
+    let server = FakeOpenAi::start(|r| Reply::Content(good(&r.item)));
+    let p = project(10, &openai(&server.url, ""), LABEL);
+    p.ok(&["run", "pipe.yaml", "--no-progress"]);
+    assert_eq!(server.total(), 10);
+    p.file("src.jsonl", &corpus(15));
+    let out = p.ok(&["run", "pipe.yaml", "--no-progress"]);
+    assert_eq!(out.status_of("label").as_deref(), Some("ran"));
+    assert_eq!(server.total(), 15);
+    assert!(server.counts().values().all(|&n| n == 1));
+    assert_eq!(jsonl(&p, "label", "labels").len(), 15);
+}
+
+const GATES: &str = r#"
+  calibrate:
+    uses: calibrate
+    inputs: {corpus: make.corpus}
+    with:
+      oracle: "${params.oracle}"
+      compare: {answer: {field: answer, gold: answers}, citations: {field: citations, gold: support}}
+      sample: {by: source, per_stratum: 5, seed: 1}
+      pass_if: {answer_f1: ">= 0.9", parse_failure_rate: "<= 0.1"}
+      review_if: {answer_f1: ">= REVIEW_AT"}
+  validate:
+    uses: validate
+    inputs: {corpus: make.corpus, calibration: calibrate.report}
+    with: {sample: {by: source, per_stratum: 5, seed: 2}, tolerance: 0.5}
+  label:
+    uses: batch_label
+    needs: [validate]
+    inputs: {corpus: make.corpus}
+    with: {oracle: "${params.oracle}", batch_size: 8}
+"#;
+
+#[test]
+fn a_review_gate_stops_downstream_until_accepted_and_a_fail_never_passes() {
+    // Every third request (0, 3, 6, ...) is answered wrongly: 4 of the 10 calibration
+    // items (answer F1 0.6), 3 of the 10 validation items (F1 0.7).
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    let server = FakeOpenAi::start(move |r| {
+        if n.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            .is_multiple_of(3)
+        {
+            Reply::Content("{\"answer\": \"no idea\", \"citations\": []}".into())
+        } else {
+            Reply::Content(good(&r.item))
+        }
+    });
+    let p = project(
+        30,
+        &openai(&server.url, ""),
+        &GATES.replace("REVIEW_AT", "0.5"),
+    );
+    let out = p.pipe(&["run", "pipe.yaml", "--no-progress"]);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stdout.contains("gate REVIEW"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(out.status_of("validate").as_deref(), Some("skipped"));
+    assert_eq!(out.status_of("label").as_deref(), Some("skipped"));
+    assert!(
+        out.stderr.contains("gate `calibrate` decided REVIEW"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("--accept calibrate"), "{}", out.stderr);
+    assert!(out.stderr.contains("report.md"), "{}", out.stderr);
+    assert_eq!(server.total(), 10, "the calibration sample only");
+    p.ok(&["export", "calibrate.report", "cal"]);
+    let report: Value = serde_json::from_str(&p.read("cal/report.json")).unwrap();
+    assert_eq!(report["decision"], "REVIEW");
+    assert!((report["metrics"]["answer_f1"].as_f64().unwrap() - 0.6).abs() < 1e-9);
+    assert!((report["metrics"]["citation_recall"].as_f64().unwrap() - 0.6).abs() < 1e-9);
+    assert_eq!(report["metrics"]["parse_failure_rate"], 0.0);
+    let md = p.read("cal/report.md");
+    assert!(
+        md.contains("REVIEW") && md.contains("Worst disagreements") && md.contains("no idea"),
+        "{md}"
+    );
+
+    // Accepting the calibration lets validate run; its REVIEW (same F1 band) stops
+    // labelling until it is accepted too.
+    let out = p.pipe(&["run", "pipe.yaml", "--no-progress", "--accept", "calibrate"]);
+    assert_eq!(out.status_of("calibrate").as_deref(), Some("cached"));
+    assert_eq!(
+        out.status_of("validate").as_deref(),
+        Some("ran"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(out.status_of("label").as_deref(), Some("skipped"));
+    p.ok(&["export", "validate.report", "val"]);
+    let val: Value = serde_json::from_str(&p.read("val/report.json")).unwrap();
+    let cal_ids: Vec<&Value> = report["sample_ids"].as_array().unwrap().iter().collect();
+    for id in val["sample_ids"].as_array().unwrap() {
+        assert!(
+            !cal_ids.contains(&id),
+            "validate re-used calibration item {id}"
+        );
+    }
+    assert!((val["metrics"]["answer_f1"].as_f64().unwrap() - 0.7).abs() < 1e-9);
+    assert!((val["drift"]["answer_f1"].as_f64().unwrap() - 0.1).abs() < 1e-9);
+    assert_eq!(server.total(), 20);
+    let out = p.ok(&[
+        "run",
+        "pipe.yaml",
+        "--no-progress",
+        "--accept",
+        "calibrate,validate",
+    ]);
+    assert_eq!(out.status_of("label").as_deref(), Some("ran"));
+    // The 20 sampled items were answered already: labelling asks for the other 10.
+    assert_eq!(server.total(), 30);
+    assert!(server.counts().values().all(|&n| n == 1));
+
+    // With a stricter review bar the same replies FAIL, and --accept does not release it.
+    p.file(
+        "pipe.yaml",
+        &p.read("pipe.yaml").replace("\">= 0.5\"", "\">= 0.8\""),
+    );
+    let out = p.pipe(&[
+        "run",
+        "pipe.yaml",
+        "--no-progress",
+        "--accept",
+        "calibrate,validate",
+    ]);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains("gate `calibrate` decided FAIL"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.status_of("label").as_deref(), Some("skipped"));
+    assert_eq!(
+        server.total(),
+        30,
+        "a new threshold re-decides without asking again"
+    );
+}
+
+#[test]
+fn batch_label_killed_with_sigkill_labels_every_item_exactly_once() {
+    let server = FakeOpenAi::start(|r| Reply::Slow(Duration::from_millis(30), good(&r.item)));
+    let n = 400;
+    let p = project(
+        n,
+        &openai(&server.url, ", concurrency: 4, timeout_s: 5"),
+        LABEL,
+    );
+    p.ok(&["run", "pipe.yaml", "--no-progress", "--only", "make"]);
+    let mut rng = Lcg(7);
+    let mut kills = 0;
+    let mut finished = false;
+    while kills < 12 {
+        let mut child = p.spawn(&["run", "pipe.yaml", "--no-progress"]);
+        std::thread::sleep(Duration::from_millis(60 + (rng.next_f64() * 300.0) as u64));
+        if child.try_wait().unwrap().is_some() {
+            finished = true;
+            break;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+    }
+    assert!(
+        kills >= 10,
+        "the run finished after {kills} kills; slow the server down"
+    );
+    assert!(!finished);
+    p.ok(&["run", "pipe.yaml", "--no-progress"]);
+    let labels = jsonl(&p, "label", "labels");
+    let expect: Vec<String> = {
+        let mut v: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids(&labels), expect, "every item exactly once");
+    let counts = server.counts();
+    assert_eq!(counts.len(), n, "every item asked");
+    let total = server.total();
+    // A reply is durable before the item counts as done, so only requests in flight at
+    // a kill (at most `concurrency` = 4 per kill) can be asked again.
+    let repeated = total - n;
+    eprintln!("{kills} kills: {total} requests for {n} items ({repeated} in flight at a kill, asked again)");
+    assert!(
+        repeated <= kills * 4,
+        "{repeated} repeated requests after {kills} kills"
+    );
+}
+
+#[test]
+fn openai_backend_against_pipe_serve_on_loopback() {
+    let p = Project::new();
+    let mut serve = p
+        .command(&["serve", "tiny:llama:3", "--port", "0", "--max-batch", "4"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(serve.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect(&line)
+        .to_string();
+    let p2 = project(6, &format!("backend: openai, model: tiny, base_url: \"{url}\", max_new_tokens: 12, retries: 1, concurrency: 3"), LABEL);
+    let out = p2.ok(&["run", "pipe.yaml", "--no-progress", "-v"]);
+    let _ = serve.kill();
+    let _ = serve.wait();
+    // A random tiny model does not answer in JSON: every item is a recorded failure
+    // carrying the text the server generated.
+    let failures = jsonl(&p2, "label", "failures");
+    let labels = jsonl(&p2, "label", "labels");
+    assert_eq!(failures.len() + labels.len(), 6, "{}", out.stderr);
+    for f in &failures {
+        assert!(f["raw"].as_str().is_some_and(|s| !s.is_empty()), "{f}");
+        assert_eq!(f["attempts"], 2);
+    }
+}
+
+#[test]
+fn local_oracle_calibrate_fail_stops_downstream() {
+    let p = project(
+        8,
+        "backend: local, model: \"tiny:llama:1\", max_new_tokens: 8, retries: 0, batch_size: 4",
+        &GATES.replace("REVIEW_AT", "0.5"),
+    );
+    let out = p.pipe(&["run", "pipe.yaml", "--no-progress", "--accept", "calibrate"]);
+    assert_ne!(out.code, 0);
+    assert!(out.stdout.contains("gate FAIL"), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("gate `calibrate` decided FAIL"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.status_of("validate").as_deref(), Some("skipped"));
+    assert_eq!(out.status_of("label").as_deref(), Some("skipped"));
+    p.ok(&["export", "calibrate.report", "cal"]);
+    let report: Value = serde_json::from_str(&p.read("cal/report.json")).unwrap();
+    assert_eq!(report["metrics"]["parse_failure_rate"], 1.0);
+    assert_eq!(report["requests"], 8);
+}
