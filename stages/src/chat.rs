@@ -94,11 +94,17 @@ impl ChatModel {
     pub fn complete(&self, requests: &[ChatRequest]) -> Result<Vec<Completion>, String> {
         let mut prompts = Vec::with_capacity(requests.len());
         for r in requests {
-            let text = self
+            // A final assistant message is a prefill: the reply continues it.
+            let (msgs, prefill) = match r.messages.split_last() {
+                Some((last, rest)) if last.role == "assistant" => (rest, last.content.as_str()),
+                _ => (&r.messages[..], ""),
+            };
+            let mut text = self
                 .loaded
                 .tokenizer
-                .apply_chat_template(&r.messages, true)
+                .apply_chat_template(msgs, true)
                 .map_err(|e| format!("rendering the chat template: {e}"))?;
+            text.push_str(prefill);
             prompts.push(
                 self.loaded
                     .tokenizer

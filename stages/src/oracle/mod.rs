@@ -79,6 +79,12 @@ pub struct OracleSpec {
     /// Optional system message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
+    /// Start of the oracle's reply, written for it (e.g. `{"answer": "`): sent as a final
+    /// assistant message that the model continues (prefill; `pipe serve`, vLLM and local
+    /// models honour it) and put back in front of the reply before parsing. Small models
+    /// that drift into prose stay in JSON this way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_prefix: Option<String>,
     /// Declared reply fields: `name: string | number | bool | list[string] | enum[A,B]`.
     pub returns: BTreeMap<String, String>,
     /// Tokens the oracle may generate per reply.
@@ -493,6 +499,12 @@ impl Oracle {
             role: "user".into(),
             content: self.task.render(record)?,
         });
+        if let Some(p) = &self.spec.reply_prefix {
+            m.push(Message {
+                role: "assistant".into(),
+                content: p.clone(),
+            });
+        }
         Ok(m)
     }
 
@@ -588,6 +600,12 @@ impl Oracle {
                 Mutex::new(vec![None; asks.len()]);
             let memo_err: Mutex<Option<String>> = Mutex::new(None);
             self.backend.ask_all(&asks, budget, cancel, &|j, r| {
+                let r = r.map(|mut c| {
+                    if let Some(p) = &self.spec.reply_prefix {
+                        c.text = format!("{p}{}", c.text);
+                    }
+                    c
+                });
                 if let Ok(c) = &r {
                     // Durable before anything else learns of it.
                     let i = need[j];
