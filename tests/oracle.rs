@@ -356,7 +356,9 @@ fn a_review_gate_stops_downstream_until_accepted_and_a_fail_never_passes() {
 
 #[test]
 fn batch_label_killed_with_sigkill_labels_every_item_exactly_once() {
-    let server = FakeOpenAi::start(|r| Reply::Slow(Duration::from_millis(30), good(&r.item)));
+    // The server honours Idempotency-Key (as `pipe serve` does), so a request that was in
+    // flight when pipe died is answered again without asking the oracle again.
+    let server = FakeOpenAi::idempotent(|r| Reply::Slow(Duration::from_millis(30), good(&r.item)));
     let n = 400;
     let p = project(
         n,
@@ -393,14 +395,15 @@ fn batch_label_killed_with_sigkill_labels_every_item_exactly_once() {
     assert_eq!(ids(&labels), expect, "every item exactly once");
     let counts = server.counts();
     assert_eq!(counts.len(), n, "every item asked");
-    let total = server.total();
-    // A reply is durable before the item counts as done, so only requests in flight at
-    // a kill (at most `concurrency` = 4 per kill) can be asked again.
-    let repeated = total - n;
-    eprintln!("{kills} kills: {total} requests for {n} items ({repeated} in flight at a kill, asked again)");
+    assert!(counts.values().all(|&c| c == 1), "an item was asked twice");
+    assert_eq!(server.total(), n, "oracle requests");
+    // A reply is memoised before the item counts as done, so only requests in flight at a
+    // kill (at most `concurrency` = 4 per kill) reach the server again.
+    let http = server.http_requests();
+    eprintln!("{kills} kills: {n} items, {} oracle requests, {http} HTTP requests ({} repeats of requests in flight at a kill, answered by key)", server.total(), http - n);
     assert!(
-        repeated <= kills * 4,
-        "{repeated} repeated requests after {kills} kills"
+        http - n <= kills * 4,
+        "{http} HTTP requests after {kills} kills"
     );
 }
 
@@ -458,4 +461,63 @@ fn local_oracle_calibrate_fail_stops_downstream() {
     let report: Value = serde_json::from_str(&p.read("cal/report.json")).unwrap();
     assert_eq!(report["metrics"]["parse_failure_rate"], 1.0);
     assert_eq!(report["requests"], 8);
+}
+
+/// POST over a raw socket; returns the body.
+fn post(url: &str, path: &str, body: &str, key: Option<&str>) -> String {
+    use std::io::{Read, Write};
+    let host = url.trim_start_matches("http://").split('/').next().unwrap();
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    let key = key
+        .map(|k| format!("Idempotency-Key: {k}\r\n"))
+        .unwrap_or_default();
+    write!(s, "POST /v1{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{key}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+#[test]
+fn pipe_serve_answers_a_repeated_idempotency_key_from_its_cache() {
+    let p = Project::new();
+    let mut serve = p
+        .command(&["serve", "tiny:llama:5", "--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(serve.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let req = |seed: u64| {
+        format!(
+            r#"{{"model": "m", "messages": [{{"role": "user", "content": "hello"}}], "max_tokens": 16, "temperature": 1.0, "seed": {seed}}}"#
+        )
+    };
+    let text = |body: String| -> String {
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // Sampling with different seeds differs...
+    let a = text(post(&url, "/chat/completions", &req(1), None));
+    let b = text(post(&url, "/chat/completions", &req(2), None));
+    assert_ne!(a, b, "seeds 1 and 2 sampled the same 16 tokens");
+    // ...but a repeated key gets the first answer, whatever the request says.
+    let k1 = text(post(&url, "/chat/completions", &req(1), Some("k")));
+    let k2 = text(post(&url, "/chat/completions", &req(2), Some("k")));
+    assert_eq!(k1, a);
+    assert_eq!(k2, a);
+    let bad = post(&url, "/chat/completions", r#"{"messages": "hi"}"#, None);
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert!(bad.contains("invalid_request_error"), "{bad}");
 }

@@ -6,7 +6,13 @@
 //! frees up are decoded together (up to `--max-batch`), so concurrent clients
 //! share batches. Requests with different decoding settings are split into
 //! separate batches by the chat model.
+//!
+//! A request with an `Idempotency-Key` header is generated once: a repeat (a client
+//! that crashed while its request was in flight and asks again on resume) waits for
+//! or reuses the first one's completion, which is produced even if the first client
+//! has gone. The last 10,000 keys are kept.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -28,11 +34,17 @@ struct Job {
     reply: tokio::sync::oneshot::Sender<Result<Completion, String>>,
 }
 
+type Shared = tokio::sync::watch::Receiver<Option<Result<Completion, String>>>;
+
 struct AppState {
     name: String,
     queue: mpsc::Sender<Job>,
     served: AtomicU64,
+    /// Idempotency key → its completion (pending or done), oldest keys first out.
+    idempotent: std::sync::Mutex<(HashMap<String, Shared>, VecDeque<String>)>,
 }
+
+const IDEMPOTENT_KEYS: usize = 10_000;
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<u8> {
     let workdir = std::env::current_dir()?;
@@ -55,6 +67,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<u8> {
         name: args.name.clone().unwrap_or_else(|| args.model.clone()),
         queue: tx,
         served: AtomicU64::new(0),
+        idempotent: Default::default(),
     });
     let app = Router::new()
         .route("/v1/models", get(models))
@@ -190,28 +203,77 @@ fn parse_request(body: &[u8]) -> Result<ChatRequest, String> {
     })
 }
 
-async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+/// Queues a request; the completion lands in the returned channel even if nobody waits.
+fn submit(s: &AppState, request: ChatRequest) -> Result<Shared, Response> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if s.queue.send(Job { request, reply: tx }).is_err() {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "the model worker stopped",
+        ));
+    }
+    let (wtx, wrx) = tokio::sync::watch::channel(None);
+    tokio::spawn(async move {
+        let r = rx
+            .await
+            .unwrap_or_else(|_| Err("the model worker dropped the request".into()));
+        let _ = wtx.send(Some(r));
+    });
+    Ok(wrx)
+}
+
+async fn chat(
+    State(s): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
     let request = match parse_request(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", e),
     };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    if s.queue.send(Job { request, reply: tx }).is_err() {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "the model worker stopped",
-        );
-    }
-    let c = match rx.await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e),
-        Err(_) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "the model worker dropped the request",
-            )
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut rx = {
+        let mut map = s.idempotent.lock().unwrap_or_else(|e| e.into_inner());
+        match key.as_ref().and_then(|k| map.0.get(k).cloned()) {
+            Some(rx) => rx,
+            None => {
+                let rx = match submit(&s, request) {
+                    Ok(rx) => rx,
+                    Err(resp) => return resp,
+                };
+                if let Some(k) = key.clone() {
+                    map.0.insert(k.clone(), rx.clone());
+                    map.1.push_back(k);
+                    while map.1.len() > IDEMPOTENT_KEYS {
+                        if let Some(old) = map.1.pop_front() {
+                            map.0.remove(&old);
+                        }
+                    }
+                }
+                rx
+            }
+        }
+    };
+    let done = match rx.wait_for(Option::is_some).await {
+        Ok(v) => v.clone().expect("waited for Some"),
+        Err(_) => Err("the completion was lost".into()),
+    };
+    let c = match done {
+        Ok(c) => c,
+        Err(e) => {
+            // Failures are not remembered: asking again tries again.
+            if let Some(k) = &key {
+                s.idempotent
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+                    .remove(k);
+            }
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e);
         }
     };
     let n = s.served.fetch_add(1, Ordering::SeqCst) + 1;

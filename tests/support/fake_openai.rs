@@ -1,6 +1,9 @@
 //! A misbehaving OpenAI-compatible server on loopback, for the `openai` oracle backend:
 //! the test decides each reply (200 with content, an HTTP error, a slow reply, a body
-//! that is not JSON) and the server counts every request it receives, per item.
+//! that is not JSON) and the server counts every request it receives, per item. Started
+//! with [`FakeOpenAi::idempotent`], it honours `Idempotency-Key` like `pipe serve`: a
+//! repeated key is answered from the first successful reply without asking the handler
+//! (the oracle) again.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -36,25 +39,55 @@ type Handler = dyn Fn(&Request) -> Reply + Send + Sync;
 pub struct FakeOpenAi {
     pub url: String,
     counts: Arc<Mutex<BTreeMap<String, usize>>>,
+    state: Arc<State>,
+}
+
+#[derive(Default)]
+struct State {
+    idempotent: bool,
+    replies: Mutex<BTreeMap<String, String>>,
+    http_requests: Mutex<usize>,
 }
 
 impl FakeOpenAi {
     pub fn start(handler: impl Fn(&Request) -> Reply + Send + Sync + 'static) -> FakeOpenAi {
+        Self::with(false, handler)
+    }
+
+    /// A server that honours `Idempotency-Key`.
+    pub fn idempotent(handler: impl Fn(&Request) -> Reply + Send + Sync + 'static) -> FakeOpenAi {
+        Self::with(true, handler)
+    }
+
+    fn with(
+        idempotent: bool,
+        handler: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+    ) -> FakeOpenAi {
+        let state = Arc::new(State {
+            idempotent,
+            ..State::default()
+        });
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/v1", listener.local_addr().unwrap());
         let counts: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
         let handler: Arc<Handler> = Arc::new(handler);
         let c2 = counts.clone();
+        let s2 = state.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (h, c) = (handler.clone(), c2.clone());
-                std::thread::spawn(move || serve(stream, &*h, &c));
+                let (h, c, s) = (handler.clone(), c2.clone(), s2.clone());
+                std::thread::spawn(move || serve(stream, &*h, &c, &s));
             }
         });
-        FakeOpenAi { url, counts }
+        FakeOpenAi { url, counts, state }
     }
 
-    /// Requests received for each item.
+    /// HTTP requests received, including repeats answered from the idempotency cache.
+    pub fn http_requests(&self) -> usize {
+        *self.state.http_requests.lock().unwrap()
+    }
+
+    /// Requests the handler (the oracle) answered, for each item.
     pub fn counts(&self) -> BTreeMap<String, usize> {
         self.counts.lock().unwrap().clone()
     }
@@ -65,11 +98,17 @@ impl FakeOpenAi {
     }
 }
 
-fn serve(stream: TcpStream, handler: &Handler, counts: &Mutex<BTreeMap<String, usize>>) {
+fn serve(
+    stream: TcpStream,
+    handler: &Handler,
+    counts: &Mutex<BTreeMap<String, usize>>,
+    state: &State,
+) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut out = stream;
     loop {
         let mut len = 0usize;
+        let mut key = String::new();
         let mut line = String::new();
         // Request line and headers.
         let mut first = true;
@@ -91,6 +130,9 @@ fn serve(stream: TcpStream, handler: &Handler, counts: &Mutex<BTreeMap<String, u
                 if k.eq_ignore_ascii_case("content-length") {
                     len = v.trim().parse().unwrap_or(0);
                 }
+                if k.eq_ignore_ascii_case("idempotency-key") {
+                    key = v.trim().to_string();
+                }
             }
         }
         let mut body = vec![0u8; len];
@@ -109,13 +151,7 @@ fn serve(stream: TcpStream, handler: &Handler, counts: &Mutex<BTreeMap<String, u
             .and_then(|(_, r)| r.split_once("]]"))
             .map(|(id, _)| id.to_string())
             .unwrap_or_default();
-        let seen = {
-            let mut c = counts.lock().unwrap();
-            let e = c.entry(item.clone()).or_default();
-            *e += 1;
-            *e - 1
-        };
-        let reply = handler(&Request { item, seen, body });
+        *state.http_requests.lock().unwrap() += 1;
         let content = |text: &str| {
             serde_json::json!({
                 "id": "x", "object": "chat.completion", "model": "fake",
@@ -123,6 +159,29 @@ fn serve(stream: TcpStream, handler: &Handler, counts: &Mutex<BTreeMap<String, u
                 "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
             })
             .to_string()
+        };
+        let cached = if state.idempotent && !key.is_empty() {
+            state.replies.lock().unwrap().get(&key).cloned()
+        } else {
+            None
+        };
+        let reply = match cached {
+            Some(text) => Reply::Content(text),
+            None => {
+                let seen = {
+                    let mut c = counts.lock().unwrap();
+                    let e = c.entry(item.clone()).or_default();
+                    *e += 1;
+                    *e - 1
+                };
+                let reply = handler(&Request { item, seen, body });
+                if let (true, Reply::Content(t) | Reply::Slow(_, t)) =
+                    (state.idempotent && !key.is_empty(), &reply)
+                {
+                    state.replies.lock().unwrap().insert(key.clone(), t.clone());
+                }
+                reply
+            }
         };
         let (status, extra, text) = match reply {
             Reply::Content(t) => (200, "", content(&t)),

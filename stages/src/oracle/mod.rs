@@ -293,6 +293,10 @@ pub struct Ask {
     pub sampling: Sampling,
     /// Sampler seed.
     pub seed: u64,
+    /// Identifies this exact ask (its memo key). The openai backend sends it as an
+    /// `Idempotency-Key` header, so a server that honours it (`pipe serve` does) answers a
+    /// request repeated after a crash from its cache instead of generating again.
+    pub key: String,
 }
 
 /// Why a backend gave no reply.
@@ -584,13 +588,14 @@ impl Oracle {
             if need.is_empty() {
                 break;
             }
-            let att: Vec<u32> = need.iter().map(|&i| out[i].attempts).collect();
             let asks: Vec<Ask> = need
                 .iter()
                 .map(|&i| {
                     let (sampling, seed) = self.spec.sampling(out[i].attempts);
+                    let messages = msgs[i].clone().expect("open");
                     Ask {
-                        messages: msgs[i].clone().expect("open"),
+                        key: self.memo_key(&messages, out[i].attempts),
+                        messages,
                         sampling,
                         seed,
                     }
@@ -608,15 +613,14 @@ impl Oracle {
                 });
                 if let Ok(c) = &r {
                     // Durable before anything else learns of it.
-                    let i = need[j];
-                    let key = self.memo_key(msgs[i].as_ref().expect("open"), att[j]);
+                    let key = &asks[j].key;
                     let rep = memo::Reply {
                         text: c.text.clone(),
                         prompt_tokens: c.prompt_tokens,
                         completion_tokens: c.completion_tokens,
                         cost_usd: budget.prices().cost(c.prompt_tokens, c.completion_tokens),
                     };
-                    if let Err(e) = self.memo.put(&key, &rep) {
+                    if let Err(e) = self.memo.put(key, &rep) {
                         *memo_err.lock().unwrap_or_else(|e| e.into_inner()) =
                             Some(format!("memoising a reply: {e}"));
                     }

@@ -7,7 +7,9 @@
 //! `Retry-After`, capped at a minute); other 4xx fail the item at once. Token
 //! usage comes from the response (estimated from lengths when absent) and is
 //! priced by `prices`; before each request its worst-case cost is reserved
-//! against `max_cost_usd`, so the limit is never crossed.
+//! against `max_cost_usd`, so the limit is never crossed. Each request carries an
+//! `Idempotency-Key` (the reply's memo key): a server that honours it answers a request
+//! repeated after a crash (the reply was in flight when pipe died) from its cache.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -91,7 +93,8 @@ impl OpenAiBackend {
             let mut req = self
                 .agent
                 .post(&self.url)
-                .set("Content-Type", "application/json");
+                .set("Content-Type", "application/json")
+                .set("Idempotency-Key", &ask.key);
             if let Some(k) = &self.key {
                 req = req.set("Authorization", &format!("Bearer {k}"));
             }
