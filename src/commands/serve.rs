@@ -204,15 +204,9 @@ fn parse_request(body: &[u8]) -> Result<ChatRequest, String> {
 }
 
 /// Queues a request; the completion lands in the returned channel even if nobody waits.
-fn submit(s: &AppState, request: ChatRequest) -> Result<Shared, Response> {
+fn submit(s: &AppState, request: ChatRequest) -> Option<Shared> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    if s.queue.send(Job { request, reply: tx }).is_err() {
-        return Err(error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "the model worker stopped",
-        ));
-    }
+    s.queue.send(Job { request, reply: tx }).ok()?;
     let (wtx, wrx) = tokio::sync::watch::channel(None);
     tokio::spawn(async move {
         let r = rx
@@ -220,7 +214,7 @@ fn submit(s: &AppState, request: ChatRequest) -> Result<Shared, Response> {
             .unwrap_or_else(|_| Err("the model worker dropped the request".into()));
         let _ = wtx.send(Some(r));
     });
-    Ok(wrx)
+    Some(wrx)
 }
 
 async fn chat(
@@ -241,9 +235,12 @@ async fn chat(
         match key.as_ref().and_then(|k| map.0.get(k).cloned()) {
             Some(rx) => rx,
             None => {
-                let rx = match submit(&s, request) {
-                    Ok(rx) => rx,
-                    Err(resp) => return resp,
+                let Some(rx) = submit(&s, request) else {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "server_error",
+                        "the model worker stopped",
+                    );
                 };
                 if let Some(k) = key.clone() {
                     map.0.insert(k.clone(), rx.clone());
