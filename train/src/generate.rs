@@ -147,18 +147,17 @@ pub fn generate(
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut finish: Vec<Option<Finish>> = vec![None; b];
     let mut texts: Vec<String> = vec![String::new(); b];
+    // Prompt index of each row still decoding; finished rows leave the batch (and the
+    // cache), so one long answer does not make the others pay for its steps.
+    let mut alive: Vec<usize> = (0..b).collect();
     for _ in 0..s.max_new_tokens {
         let h = model.hidden(&input, &keys, Some(&mut cache), None)?;
         let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
         let logits: Vec<Vec<f32>> = model.logits(&last)?.to_dtype(DType::F32)?.to_vec2()?;
-        let mut next = Vec::with_capacity(b);
-        for r in 0..b {
-            if finish[r].is_some() {
-                next.push(pad);
-                continue;
-            }
-            let t = pick(&logits[r], s, &mut rngs[r]);
-            next.push(t);
+        let mut next = Vec::with_capacity(alive.len());
+        let mut keep = Vec::with_capacity(alive.len());
+        for (row, &r) in alive.iter().enumerate() {
+            let t = pick(&logits[row], s, &mut rngs[r]);
             if eos.contains(&t) {
                 finish[r] = Some(Finish::Eos);
                 continue;
@@ -169,23 +168,31 @@ pub fn generate(
                 if let Some(pos) = s.stop.iter().filter_map(|st| text.find(st.as_str())).min() {
                     texts[r] = text[..pos].to_string();
                     finish[r] = Some(Finish::Stop);
+                    continue;
                 }
             }
+            keep.push(row);
+            next.push(t);
         }
-        if finish.iter().all(Option::is_some) {
+        if keep.is_empty() {
             break;
         }
-        let mut valid = Vec::with_capacity(b * (keys.keys + 1));
-        for r in 0..b {
-            valid.extend_from_slice(&keys.valid[r * keys.keys..(r + 1) * keys.keys]);
+        let n = keys.keys;
+        let mut valid = Vec::with_capacity(keep.len() * (n + 1));
+        for &row in &keep {
+            valid.extend_from_slice(&keys.valid[row * n..(row + 1) * n]);
             valid.push(true);
         }
+        if keep.len() < alive.len() {
+            cache.keep_rows(&keep)?;
+            alive = keep.iter().map(|&row| alive[row]).collect();
+        }
         keys = KeyMask {
-            batch: b,
-            keys: keys.keys + 1,
+            batch: alive.len(),
+            keys: n + 1,
             valid,
         };
-        input = Tensor::from_vec(next, (b, 1), device)?;
+        input = Tensor::from_vec(next, (alive.len(), 1), device)?;
     }
     let mut result = Vec::with_capacity(b);
     for r in 0..b {

@@ -119,6 +119,24 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Keeps only these batch rows (in this order): sequences that finished leave the batch.
+    pub fn keep_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let device = match self.layers.iter().flatten().next() {
+            Some((k, _)) => k.device().clone(),
+            None => return Ok(()),
+        };
+        let idx = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            &device,
+        )?;
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(&idx, 0)?;
+            *v = v.index_select(&idx, 0)?;
+        }
+        Ok(())
+    }
+
     /// Keeps only the given batch rows (finished rows drop out of batched generation).
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
         for (k, v) in self.layers.iter_mut().flatten() {

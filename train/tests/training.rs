@@ -357,3 +357,41 @@ fn new_special_tokens_train_save_and_reload() {
         assert!(d < 1e-5, "{arch}: reloaded adapter differs by {d}");
     }
 }
+
+#[test]
+fn rows_that_finish_leave_the_batch_without_changing_the_others() {
+    use pipe_train::generate::{generate, Finish, Sampling};
+    let m = loader::load("tiny:llama:2", DType::F32, &Device::Cpu).unwrap();
+    let prompts: Vec<Vec<u32>> = ["a", "hello there", "one two three four", "xyz"]
+        .iter()
+        .map(|t| m.tokenizer.encode(t).unwrap())
+        .collect();
+    let s = Sampling {
+        max_new_tokens: 10,
+        ..Default::default()
+    };
+    let rngs = || -> Vec<Rng> { (0..4).map(Rng::new).collect() };
+    let free = generate(&m.model, &m.tokenizer, &prompts, &s, &[], &mut rngs()).unwrap();
+    // Make the third token of the first row an end of sequence: that row (at least)
+    // stops early while the others go on with a smaller batch.
+    let eos = [free[0].ids[2]];
+    let batched = generate(&m.model, &m.tokenizer, &prompts, &s, &eos, &mut rngs()).unwrap();
+    assert_eq!(batched[0].finish, Finish::Eos);
+    assert_eq!(batched[0].ids, free[0].ids[..2].to_vec());
+    assert!(
+        batched.iter().any(|g| g.ids.len() > 2),
+        "every row stopped early"
+    );
+    for (i, p) in prompts.iter().enumerate() {
+        let alone = generate(
+            &m.model,
+            &m.tokenizer,
+            std::slice::from_ref(p),
+            &s,
+            &eos,
+            &mut [Rng::new(i as u64)],
+        )
+        .unwrap();
+        assert_eq!(alone[0], batched[i], "row {i}");
+    }
+}
