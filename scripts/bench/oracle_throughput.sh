@@ -55,11 +55,14 @@ for b in 1 4 16; do
   pipeline "backend: local, model: \"gguf:$MODEL\", device: cpu, batch_size: $b"
   measure "local batch_size=$b"
 done
-PORT=$((20000 + RANDOM % 20000))
-"$PIPE" serve "gguf:$MODEL" --port $PORT --max-batch 16 --device cpu > "$WORK/serve.log" 2>&1 &
-SERVE_PID=$!
-for _ in $(seq 100); do grep -q listening "$WORK/serve.log" && break; sleep 0.2; done
+# A fresh server per configuration: pipe serve answers a repeated Idempotency-Key from
+# its cache, and every configuration asks the same prompts.
 for c in 1 4 16; do
+  PORT=$((20000 + RANDOM % 20000))
+  "$PIPE" serve "gguf:$MODEL" --port $PORT --max-batch 16 --device cpu > "$WORK/serve.log" 2>&1 &
+  SERVE_PID=$!
+  for _ in $(seq 100); do grep -q listening "$WORK/serve.log" && break; sleep 0.2; done
   pipeline "backend: openai, model: smollm2, base_url: \"http://127.0.0.1:$PORT/v1\", concurrency: $c, timeout_s: 300"
   measure "openai→pipe serve concurrency=$c"
+  kill $SERVE_PID; wait $SERVE_PID 2>/dev/null || true
 done

@@ -25,6 +25,7 @@ mod params;
 mod plot;
 pub mod readers;
 mod registry;
+pub mod scoring;
 pub mod sft;
 pub mod split;
 

@@ -23,6 +23,7 @@ pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod reward;
 pub mod rng;
 pub mod tokenizer;
 pub mod trainer;
