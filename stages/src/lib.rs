@@ -8,6 +8,7 @@
 //! is delegated to `pipe-train`.
 #![warn(missing_docs)]
 
+pub mod answer_schema;
 pub mod batch_label;
 pub mod bm25;
 pub mod build_data;

@@ -144,7 +144,7 @@ fn describe(t: &FieldType) -> String {
 }
 
 /// The first balanced `{…}` in `text`, braces inside JSON strings ignored.
-fn first_object(text: &str) -> Option<&str> {
+pub(crate) fn first_object(text: &str) -> Option<&str> {
     let start = text.find('{')?;
     let (mut depth, mut in_str, mut esc) = (0usize, false, false);
     for (i, c) in text[start..].char_indices() {
