@@ -16,6 +16,7 @@ pub mod calibrate;
 pub mod chat;
 pub mod command;
 mod contract;
+pub mod evaluate;
 pub mod fsio;
 pub mod generate;
 pub mod merge;
@@ -49,6 +50,7 @@ pub fn builtin() -> Registry {
     registry.register(calibrate::CalibrateStage);
     registry.register(calibrate::ValidateStage);
     registry.register(batch_label::BatchLabelStage);
+    registry.register(evaluate::EvaluateStage);
     registry
 }
 

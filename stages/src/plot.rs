@@ -1,6 +1,6 @@
-//! A loss-curve PNG drawn without a font stack: training loss in blue, eval loss
-//! in orange, on a light grid with the y axis from 0 to the largest loss. Exact
-//! values live in `metrics.jsonl`; the picture is for a glance.
+//! PNG charts drawn without a font stack: the loss curve (training loss in blue,
+//! eval loss in orange, y from 0 to the largest loss) and the reliability diagram.
+//! Exact values live in the metrics files; the pictures are for a glance.
 
 use std::path::Path;
 
@@ -33,6 +33,75 @@ impl Canvas {
 }
 
 /// Draws `train` and `eval` series of (step, loss) into a PNG at `path`.
+/// A reliability diagram: for each series (up to two: blue, orange) and each of `bins`
+/// equal-width confidence bins, a bar as tall as the accuracy of the items in it (half
+/// the bin width each, side by side); the diagonal is perfect calibration.
+/// Each series item is (confidence, correct).
+pub fn reliability(path: &Path, series: &[Vec<(f64, bool)>], bins: usize) -> std::io::Result<()> {
+    let mut c = Canvas(vec![255; W * H * 3]);
+    let sx = |x: f64| PAD as f64 + x * (W - 2 * PAD) as f64;
+    let sy = |y: f64| (H - PAD) as f64 - y * (H - 2 * PAD) as f64;
+    for i in 0..=4 {
+        let y = sy(i as f64 / 4.0);
+        c.line((PAD as f64, y), ((W - PAD) as f64, y), [225, 225, 225], 1);
+    }
+    let colors = [[31, 119, 180], [255, 127, 14]];
+    let width = 1.0 / bins as f64;
+    for (k, items) in series.iter().enumerate().take(2) {
+        for b in 0..bins {
+            let inside: Vec<bool> = items
+                .iter()
+                .filter(|(conf, _)| {
+                    let i =
+                        ((conf.clamp(0.0, 1.0) * bins as f64).ceil() as usize).clamp(1, bins) - 1;
+                    i == b
+                })
+                .map(|p| p.1)
+                .collect();
+            if inside.is_empty() {
+                continue;
+            }
+            let acc = inside.iter().filter(|&&x| x).count() as f64 / inside.len() as f64;
+            let x0 = sx(b as f64 * width + k as f64 * width / 2.0);
+            let x1 = sx(b as f64 * width + (k + 1) as f64 * width / 2.0) - 1.0;
+            let mut x = x0;
+            while x <= x1 {
+                c.line((x, sy(0.0)), (x, sy(acc)), colors[k], 1);
+                x += 1.0;
+            }
+        }
+    }
+    c.line((sx(0.0), sy(0.0)), (sx(1.0), sy(1.0)), [120, 120, 120], 1);
+    c.line(
+        (PAD as f64, (H - PAD) as f64),
+        ((W - PAD) as f64, (H - PAD) as f64),
+        [60, 60, 60],
+        1,
+    );
+    c.line(
+        (PAD as f64, PAD as f64),
+        (PAD as f64, (H - PAD) as f64),
+        [60, 60, 60],
+        1,
+    );
+    c.save(path)
+}
+
+impl Canvas {
+    fn save(&self, path: &Path) -> std::io::Result<()> {
+        let mut bytes = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut bytes, W as u32, H as u32);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            let mut w = enc.write_header().map_err(std::io::Error::other)?;
+            w.write_image_data(&self.0).map_err(std::io::Error::other)?;
+        }
+        crate::fsio::write_atomic(path, &bytes)
+    }
+}
+
+/// Training loss (blue) and eval loss (orange) against the step.
 pub fn loss_curve(path: &Path, train: &[(f64, f64)], eval: &[(f64, f64)]) -> std::io::Result<()> {
     let mut c = Canvas(vec![255; W * H * 3]);
     let max_x = train.iter().chain(eval).map(|p| p.0).fold(1.0, f64::max);
@@ -79,13 +148,5 @@ pub fn loss_curve(path: &Path, train: &[(f64, f64)], eval: &[(f64, f64)]) -> std
             );
         }
     }
-    let mut bytes = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut bytes, W as u32, H as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut w = enc.write_header().map_err(std::io::Error::other)?;
-        w.write_image_data(&c.0).map_err(std::io::Error::other)?;
-    }
-    std::fs::write(path, bytes)
+    c.save(path)
 }
