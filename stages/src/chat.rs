@@ -90,6 +90,20 @@ impl ChatModel {
         &self.loaded.identity
     }
 
+    /// Tokens of the rendered prompt of `messages` (with the generation prompt).
+    pub fn prompt_tokens(&self, messages: &[Message]) -> Result<usize, String> {
+        let text = self
+            .loaded
+            .tokenizer
+            .apply_chat_template(messages, true)
+            .map_err(|e| format!("rendering the chat template: {e}"))?;
+        self.loaded
+            .tokenizer
+            .encode(&text)
+            .map(|ids| ids.len())
+            .map_err(|e| format!("tokenizing: {e}"))
+    }
+
     /// Answers a batch of requests, in order.
     pub fn complete(&self, requests: &[ChatRequest]) -> Result<Vec<Completion>, String> {
         let mut prompts = Vec::with_capacity(requests.len());

@@ -223,7 +223,7 @@ impl Stage for EvaluateStage {
     }
 }
 
-fn render(template: &str, record: &Value) -> Result<String, String> {
+pub(crate) fn render(template: &str, record: &Value) -> Result<String, String> {
     let mut env = minijinja::Environment::new();
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
     env.add_template("prompt", template)

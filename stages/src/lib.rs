@@ -25,6 +25,7 @@ pub mod oracle;
 pub mod oracle_task;
 mod params;
 mod plot;
+pub mod prefs_generate;
 pub mod readers;
 mod registry;
 pub mod scoring;
@@ -51,6 +52,7 @@ pub fn builtin() -> Registry {
     registry.register(calibrate::ValidateStage);
     registry.register(batch_label::BatchLabelStage);
     registry.register(evaluate::EvaluateStage);
+    registry.register(prefs_generate::PrefsGenerateStage);
     registry
 }
 
