@@ -521,3 +521,103 @@ fn pipe_serve_answers_a_repeated_idempotency_key_from_its_cache() {
     let _ = serve.wait();
     assert!(bad.contains("invalid_request_error"), "{bad}");
 }
+
+#[test]
+fn prefs_judge_keeps_margin_pairs_and_drops_position_biased_ones() {
+    // Pointwise: the score follows the candidate's text. Pairwise: the better answer
+    // wins, except for p2 where the judge always picks the first position.
+    let server = FakeOpenAi::start(|r| {
+        let text = r.body["messages"].as_array().unwrap().last().unwrap()["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        if let Some(rest) = text.split_once("A: ") {
+            let a_good = rest.1.starts_with("good");
+            let winner = if r.item == "pair-p2" || a_good {
+                "A"
+            } else {
+                "B"
+            };
+            return Reply::Content(format!("{{\"winner\": \"{winner}\"}}"));
+        }
+        let cand = text.rsplit("answer: ").next().unwrap().trim();
+        let score = match cand {
+            "good" => 0.9,
+            "bad" => 0.1,
+            "ok" => 0.5,
+            _ => 0.45,
+        };
+        Reply::Content(format!(
+            "{{\"score\": {score}, \"why\": \"because {cand}\"}}"
+        ))
+    });
+    let p = Project::new();
+    let row = |id: &str, a: &str, b: &str| {
+        format!("{{\"id\": \"{id}\", \"record\": {{\"id\": \"{id}\", \"question\": \"q {id}\"}}, \"candidates\": [{{\"model\": \"tuned\", \"sample\": 0, \"text\": \"{a}\"}}, {{\"model\": \"base\", \"sample\": 0, \"text\": \"{b}\"}}]}}\n")
+    };
+    p.file(
+        "cands.jsonl",
+        &format!(
+            "{}{}{}",
+            row("p0", "bad", "good"),
+            row("p1", "ok", "meh"),
+            row("p2", "good", "bad")
+        ),
+    );
+    p.file(
+        "judge.j2",
+        "Rate [[{{ id }}]] {{ question }} answer: {{ candidate }}",
+    );
+    p.file(
+        "pair.j2",
+        "Which is better for [[pair-{{ id }}]]? A: {{ answer_a }} B: {{ answer_b }}",
+    );
+    p.file(
+        "pipe.yaml",
+        &format!(
+            r#"
+name: judge
+stages:
+  make:
+    run: cp cands.jsonl data/cands.jsonl
+    deps: [cands.jsonl]
+    outs: [data/cands.jsonl]
+  prefs_judge:
+    uses: prefs_judge
+    inputs: {{candidates: make.cands}}
+    with:
+      judge: {{{}, template: judge.j2, returns: {{score: number, why: string}}}}
+      rationale_field: why
+      min_margin: 0.12
+      both_orders: true
+      pair_template: pair.j2
+"#,
+            openai(&server.url, "")
+        ),
+    );
+    p.ok(&["run", "pipe.yaml", "--no-progress"]);
+    let pairs = jsonl(&p, "prefs_judge", "pairs");
+    assert_eq!(pairs.len(), 1, "{pairs:?}");
+    assert_eq!(pairs[0]["id"], "p0");
+    assert_eq!(pairs[0]["chosen"], "good");
+    assert_eq!(pairs[0]["rejected"], "bad");
+    assert_eq!(pairs[0]["chosen_model"], "base");
+    assert!((pairs[0]["margin"].as_f64().unwrap() - 0.8).abs() < 1e-9);
+    assert_eq!(pairs[0]["chosen_rationale"], "because good");
+    p.ok(&["export", "prefs_judge.stats", "stats.json"]);
+    let stats: Value = serde_json::from_str(&p.read("stats.json")).unwrap();
+    assert_eq!(stats["pairs_kept"], 1);
+    assert_eq!(stats["below_min_margin"], 1);
+    assert_eq!(stats["position_bias"]["dropped_inconsistent"], 1);
+    assert_eq!(stats["position_bias"]["first_position_win_rate"], 0.75);
+    // 6 pointwise + 4 pairwise judgements; a rerun with a higher margin asks nothing.
+    assert_eq!(server.total(), 10);
+    p.file(
+        "pipe.yaml",
+        &p.read("pipe.yaml")
+            .replace("min_margin: 0.12", "min_margin: 0.9"),
+    );
+    p.ok(&["run", "pipe.yaml", "--no-progress"]);
+    assert_eq!(jsonl(&p, "prefs_judge", "pairs").len(), 0);
+    assert_eq!(server.total(), 10);
+}

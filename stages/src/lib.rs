@@ -26,6 +26,7 @@ pub mod oracle_task;
 mod params;
 mod plot;
 pub mod prefs_generate;
+pub mod prefs_judge;
 pub mod readers;
 mod registry;
 pub mod scoring;
@@ -53,6 +54,7 @@ pub fn builtin() -> Registry {
     registry.register(batch_label::BatchLabelStage);
     registry.register(evaluate::EvaluateStage);
     registry.register(prefs_generate::PrefsGenerateStage);
+    registry.register(prefs_judge::PrefsJudgeStage);
     registry
 }
 
