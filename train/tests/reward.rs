@@ -84,3 +84,64 @@ fn bradley_terry_matches_pytorch_values_and_gradients() {
         }
     }
 }
+
+#[test]
+fn head_learns_to_rank_separable_pairs_from_a_zero_start() {
+    use pipe_train::reward::{train_head, FeaturePair, HeadSettings};
+    use pipe_train::Rng;
+    let mut rng = Rng::new(3);
+    let dim = 16;
+    let dir: Vec<f32> = (0..dim)
+        .map(|i| if i % 2 == 0 { 1.0 } else { -0.5 })
+        .collect();
+    let mut sample = |sign: f32| -> Vec<f32> {
+        dir.iter()
+            .map(|d| sign * 0.3 * d + rng.normal() as f32)
+            .collect()
+    };
+    let pairs: Vec<FeaturePair> = (0..200)
+        .map(|_| FeaturePair {
+            chosen: sample(1.0),
+            rejected: sample(-1.0),
+            margin: 0.0,
+        })
+        .collect();
+    let acc = |w: &[f32]| {
+        let r = |x: &[f32]| x.iter().zip(w).map(|(a, b)| a * b).sum::<f32>();
+        pairs
+            .iter()
+            .filter(|p| r(&p.chosen) > r(&p.rejected))
+            .count() as f64
+            / pairs.len() as f64
+    };
+    let mut seen = Vec::new();
+    let settings = HeadSettings {
+        lr: 0.05,
+        weight_decay: 0.0,
+        epochs: 5,
+        batch_size: 16,
+        eval_every: 10,
+        center: 0.0,
+        seed: 1,
+    };
+    let (w, losses) = train_head(&pairs, &settings, |step, w| {
+        if step == 0 {
+            assert!(w.iter().all(|x| *x == 0.0), "the head starts at zero");
+        }
+        let a = acc(w);
+        seen.push(a);
+        a
+    })
+    .unwrap();
+    assert!(
+        (losses[0].1 - std::f64::consts::LN_2).abs() < 1e-6,
+        "first loss is ln 2 at a zero head"
+    );
+    assert!(losses.last().unwrap().1 < 0.45, "{losses:?}");
+    assert!(acc(&w) > 0.9, "accuracy {}", acc(&w));
+    assert_eq!(
+        acc(&w),
+        seen.iter().cloned().fold(0.0, f64::max),
+        "the best evaluated head is returned"
+    );
+}
