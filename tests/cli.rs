@@ -728,7 +728,7 @@ fn error_unknown_stage_key() {
 fn error_unknown_stage_kind() {
     assert_eq!(
         check_error("stages:\n  a:\n    uses: splt\n", &[]),
-        "error: p.yaml:3:11: unknown stage kind `splt`; built-in kinds are `batch_label`, `build_data`, `calibrate`, `evaluate`, `generate`, `merge`, `prefs_generate`, `prefs_judge`, `sft`, `split`, `validate`\n  help: did you mean `split`?\n"
+        "error: p.yaml:3:11: unknown stage kind `splt`; built-in kinds are `batch_label`, `build_data`, `calibrate`, `evaluate`, `generate`, `merge`, `prefs_generate`, `prefs_judge`, `reward_train`, `sft`, `split`, `validate`\n  help: did you mean `split`?\n"
     );
 }
 

@@ -29,6 +29,7 @@ pub mod prefs_generate;
 pub mod prefs_judge;
 pub mod readers;
 mod registry;
+pub mod reward_train;
 pub mod scoring;
 pub mod sft;
 pub mod split;
@@ -55,6 +56,7 @@ pub fn builtin() -> Registry {
     registry.register(evaluate::EvaluateStage);
     registry.register(prefs_generate::PrefsGenerateStage);
     registry.register(prefs_judge::PrefsJudgeStage);
+    registry.register(reward_train::RewardTrainStage);
     registry
 }
 

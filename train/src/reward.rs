@@ -101,6 +101,9 @@ pub struct FeaturePair {
     pub margin: f32,
 }
 
+/// The best head's weights and the loss of every step.
+pub type TrainedHead = (Vec<f32>, Vec<(u64, f64)>);
+
 /// Trains a scalar head `score.weight [1, hidden]` (zero-initialised, so every reward
 /// starts at 0) with the Bradley–Terry loss on frozen features. `eval(step, w)` scores
 /// the head (higher is better) every `eval_every` steps and at the end; the best head
@@ -109,7 +112,7 @@ pub fn train_head(
     pairs: &[FeaturePair],
     s: &HeadSettings,
     mut eval: impl FnMut(u64, &[f32]) -> f64,
-) -> Result<(Vec<f32>, Vec<(u64, f64)>)> {
+) -> Result<TrainedHead> {
     use crate::optim::{AdamW, AdamWConfig};
     let device = candle_core::Device::Cpu;
     let hidden = pairs.first().map(|p| p.chosen.len()).unwrap_or(0);
@@ -163,7 +166,7 @@ pub fn train_head(
                 [("score.weight".to_string(), g)].into();
             opt.step(&grads, lr)?;
             losses.push((step, loss.to_dtype(DType::F64)?.to_scalar::<f64>()?));
-            if step % s.eval_every.max(1) == 0 || step == total {
+            if step.is_multiple_of(s.eval_every.max(1)) || step == total {
                 let h = head(&w)?;
                 let score = eval(step, &h);
                 if score > best.0 {
