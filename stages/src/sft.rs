@@ -26,6 +26,9 @@ use crate::params::{parse_params, ParamError};
 struct Schedule {
     #[serde(default)]
     warmup_steps: u64,
+    /// Warmup as a share of the steps (used when `warmup_steps` is 0), e.g. 0.03.
+    #[serde(default)]
+    warmup_ratio: f64,
     #[serde(default = "default_decay")]
     decay: Decay,
 }
@@ -38,6 +41,7 @@ impl Default for Schedule {
     fn default() -> Self {
         Schedule {
             warmup_steps: 0,
+            warmup_ratio: 0.0,
             decay: default_decay(),
         }
     }
@@ -85,6 +89,13 @@ struct SftParams {
     prompt_field: String,
     #[serde(default = "default_response")]
     response_field: String,
+    /// A prompt template file (minijinja over the record) instead of `prompt_field`.
+    #[serde(default)]
+    prompt_template: Option<String>,
+    /// An inline template for the response instead of `response_field`, e.g.
+    /// `'{{ oracle | tojson }}'` to train on a labelled JSON answer.
+    #[serde(default)]
+    response_template: Option<String>,
     /// Special tokens to add; their embedding rows start at the mean of the
     /// existing rows and are trained (PEFT `trainable_token_indices`).
     #[serde(default)]
@@ -146,7 +157,27 @@ impl SftParams {
         Ok(())
     }
 
-    fn record(&self, v: &Value, where_: &str) -> Result<Record, StageError> {
+    fn record(&self, v: &Value, where_: &str, prompt_t: Option<&str>) -> Result<Record, StageError> {
+        if prompt_t.is_some() || self.response_template.is_some() {
+            let render = |t: &str, what: &str| {
+                crate::evaluate::render(t, v).map_err(|e| StageError::Failed(format!("{where_}: {what}: {e}")))
+            };
+            let field = |f: &str| {
+                v.get(f).and_then(Value::as_str).map(str::to_string).ok_or_else(|| {
+                    StageError::Failed(format!("{where_}: expected a string field `{f}`"))
+                })
+            };
+            return Ok(Record::Pair {
+                prompt: match prompt_t {
+                    Some(t) => render(t, "prompt_template")?,
+                    None => field(&self.prompt_field)?,
+                },
+                response: match &self.response_template {
+                    Some(t) => render(t, "response_template")?,
+                    None => field(&self.response_field)?,
+                },
+            });
+        }
         if v.get("messages").is_some() {
             return serde_json::from_value(v.clone()).map_err(|e| {
                 StageError::Failed(format!(
@@ -216,7 +247,10 @@ impl Stage for SftStage {
         p.validate()?;
         Ok(Signature {
             inputs: vec![InputDecl::required("train"), InputDecl::optional("val")],
-            deps: ml::model_dep(&p.model)?.into_iter().collect(),
+            deps: ml::model_dep(&p.model)?
+                .into_iter()
+                .chain(p.prompt_template.clone())
+                .collect(),
             outputs: vec![
                 OutputDecl::staged("adapter", "adapter"),
                 OutputDecl::staged("metrics", "metrics.jsonl"),
@@ -249,6 +283,13 @@ impl Stage for SftStage {
             mask: p.loss_mask,
             max_len: p.max_len,
         };
+        let prompt_t = match &p.prompt_template {
+            Some(f) => Some(
+                std::fs::read_to_string(ctx.workdir.join(f))
+                    .map_err(StageError::io(format!("reading the prompt template {f}")))?,
+            ),
+            None => None,
+        };
         let mut sets = Vec::new();
         let mut dropped = 0usize;
         for name in ["train", "val"] {
@@ -258,7 +299,11 @@ impl Stage for SftStage {
             };
             let mut out = Vec::new();
             for (i, v) in ml::read_jsonl(path)?.iter().enumerate() {
-                let r = p.record(v, &format!("{}: record {}", path.display(), i + 1))?;
+                let r = p.record(
+                    v,
+                    &format!("{}: record {}", path.display(), i + 1),
+                    prompt_t.as_deref(),
+                )?;
                 match fmt.example(&r).map_err(ml::failed(&format!(
                     "{}: record {}",
                     path.display(),
@@ -286,7 +331,11 @@ impl Stage for SftStage {
             .unwrap_or(0);
         let settings = TrainSettings {
             optimizer: p.optimizer.clone(),
-            warmup_steps: p.schedule.warmup_steps,
+            warmup_steps: if p.schedule.warmup_steps > 0 {
+                p.schedule.warmup_steps
+            } else {
+                (p.schedule.warmup_ratio * steps as f64).ceil() as u64
+            },
             decay: p.schedule.decay,
             batch_size: p.batch_size,
             grad_accum: p.grad_accum,
