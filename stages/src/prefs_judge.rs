@@ -10,6 +10,9 @@
 //! stats report how often the first position wins and how often both orders agree,
 //! and pairs whose two verdicts disagree with the scores are dropped.
 //!
+//! With `schema_check`, a candidate that fails the answer schema (see
+//! [`crate::answer_schema`]) scores 0 without a judge call.
+//!
 //! Judgements go through the oracle layer, so they are memoised per item, retried
 //! when malformed and budgeted (`max_cost_usd`).
 
@@ -38,6 +41,10 @@ struct PrefsJudgeParams {
     pair_template: Option<String>,
     #[serde(default)]
     max_cost_usd: Option<f64>,
+    /// Score candidates that fail the answer schema (not JSON, unknown chunk ids) 0
+    /// without asking the judge.
+    #[serde(default)]
+    schema_check: bool,
 }
 
 fn default_score() -> String {
@@ -174,7 +181,56 @@ impl Stage for PrefsJudgeStage {
                 owner.push((i, k));
             }
         }
-        let labels = ask(ctx, &judge, &items, &budget, &mut stats)?;
+        // Schema failures are scored without the judge.
+        let schema_error: Vec<Option<String>> = items
+            .iter()
+            .map(|it| {
+                if !p.schema_check {
+                    return None;
+                }
+                let ids: Vec<String> = it["evidence"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|c| c["id"].as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                match crate::answer_schema::check_answer(
+                    it["candidate"].as_str().unwrap_or(""),
+                    &ids,
+                ) {
+                    Err(e) => Some(e),
+                    Ok(a) if !a.unknown_citations.is_empty() => {
+                        Some(format!("unknown chunk ids {:?}", a.unknown_citations))
+                    }
+                    Ok(_) => None,
+                }
+            })
+            .collect();
+        let to_judge: Vec<Value> = items
+            .iter()
+            .zip(&schema_error)
+            .filter(|(_, e)| e.is_none())
+            .map(|(it, _)| it.clone())
+            .collect();
+        let mut judged = ask(ctx, &judge, &to_judge, &budget, &mut stats)?.into_iter();
+        let labels: Vec<oracle::Labelled> = schema_error
+            .iter()
+            .map(|e| match e {
+                None => judged.next().expect("one judgement per judged item"),
+                Some(why) => oracle::Labelled {
+                    label: Some(json!({ p.score_field.clone(): 0.0 })),
+                    raw: None,
+                    errors: vec![format!("schema: {why}")],
+                    attempts: 0,
+                    asked: 0,
+                    cost_usd: 0.0,
+                    request_failed: false,
+                },
+            })
+            .collect();
+        let schema_failures = schema_error.iter().filter(|e| e.is_some()).count();
         let mut scores: Vec<Vec<(usize, f64)>> = vec![Vec::new(); rows.len()];
         let mut judgements = String::new();
         let mut failed = 0usize;
@@ -213,7 +269,13 @@ impl Stage for PrefsJudgeStage {
             let mut pspec = spec.clone();
             pspec.template = p.pair_template.clone().expect("declared");
             pspec.returns = [("winner".to_string(), "enum[A,B]".to_string())].into();
-            pspec.reply_prefix = None;
+            if spec.reply_prefix.is_some() {
+                // The judge is prefilled (a model that honours it): prefill the verdict too.
+                pspec.reply_prefix = Some("{\"winner\": \"".into());
+                pspec.reply_suffix = Some("\"}".into());
+                pspec.stop = vec!["\"".into(), "\n".into()];
+                pspec.max_new_tokens = pspec.max_new_tokens.min(4);
+            }
             let pj = Oracle::with_template(&pspec, &text, ctx)?;
             let mut pitems = Vec::new();
             for (i, (best, worst, _)) in &pairs {
@@ -305,6 +367,7 @@ impl Stage for PrefsJudgeStage {
             "prompts": rows.len(),
             "candidates": items.len(),
             "judge_failures": failed,
+            "schema_failures": schema_failures,
             "pairs_kept": margins.len(),
             "below_min_margin": below_margin,
             "min_margin": p.min_margin,
@@ -330,6 +393,7 @@ impl Stage for PrefsJudgeStage {
             "pairs_kept",
             "below_min_margin",
             "judge_failures",
+            "schema_failures",
             "judge_requests",
             "memo_hits",
         ] {

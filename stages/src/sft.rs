@@ -157,15 +157,24 @@ impl SftParams {
         Ok(())
     }
 
-    fn record(&self, v: &Value, where_: &str, prompt_t: Option<&str>) -> Result<Record, StageError> {
+    fn record(
+        &self,
+        v: &Value,
+        where_: &str,
+        prompt_t: Option<&str>,
+    ) -> Result<Record, StageError> {
         if prompt_t.is_some() || self.response_template.is_some() {
             let render = |t: &str, what: &str| {
-                crate::evaluate::render(t, v).map_err(|e| StageError::Failed(format!("{where_}: {what}: {e}")))
+                crate::evaluate::render(t, v)
+                    .map_err(|e| StageError::Failed(format!("{where_}: {what}: {e}")))
             };
             let field = |f: &str| {
-                v.get(f).and_then(Value::as_str).map(str::to_string).ok_or_else(|| {
-                    StageError::Failed(format!("{where_}: expected a string field `{f}`"))
-                })
+                v.get(f)
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        StageError::Failed(format!("{where_}: expected a string field `{f}`"))
+                    })
             };
             return Ok(Record::Pair {
                 prompt: match prompt_t {

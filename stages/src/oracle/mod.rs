@@ -85,6 +85,10 @@ pub struct OracleSpec {
     /// that drift into prose stay in JSON this way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_prefix: Option<String>,
+    /// Appended to the reply before parsing: with `reply_prefix: '{"score": '`, `stop:
+    /// ["}", "\n"]` and `reply_suffix: "}"`, a small model only has to write the number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_suffix: Option<String>,
     /// Declared reply fields: `name: string | number | bool | list[string] | enum[A,B]`.
     pub returns: BTreeMap<String, String>,
     /// Tokens the oracle may generate per reply.
@@ -608,6 +612,9 @@ impl Oracle {
                 let r = r.map(|mut c| {
                     if let Some(p) = &self.spec.reply_prefix {
                         c.text = format!("{p}{}", c.text);
+                    }
+                    if let Some(sfx) = &self.spec.reply_suffix {
+                        c.text.push_str(sfx);
                     }
                     c
                 });
