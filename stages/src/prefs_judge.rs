@@ -451,10 +451,9 @@ mod tests {
 
     #[test]
     fn min_margin_filtering() {
-        assert_eq!(
-            best_worst(&[(0, 0.9), (1, 0.2), (2, 0.5)], 0.5),
-            Some((0, 1, 0.7000000000000001))
-        );
+        let (b, w, m) = best_worst(&[(0, 0.9), (1, 0.2), (2, 0.5)], 0.5).unwrap();
+        assert_eq!((b, w), (0, 1));
+        assert!((m - 0.7).abs() < 1e-12);
         assert_eq!(
             best_worst(&[(0, 0.6), (1, 0.5)], 0.12),
             None,
