@@ -48,7 +48,11 @@ stages:
     assert_eq!(out.status_of("evaluate").as_deref(), Some("cached"));
 }
 
-fn metric(out: &str, name: &str) -> u64 {
+/// A metric line of `pipe show`.
+fn metric<T: std::str::FromStr>(out: &str, name: &str) -> T
+where
+    T::Err: std::fmt::Debug,
+{
     out.lines()
         .find_map(|l| {
             let rest = l.strip_prefix("metric")?.trim();
@@ -128,8 +132,8 @@ stages:
     let show = p.ok(&["show", "prefs_generate"]).stdout;
     // Counted: the last run generated exactly what no killed run had finished, and reused
     // every finished generation.
-    assert_eq!(metric(&show, "reused"), last);
-    assert_eq!(metric(&show, "generated"), total - last);
+    assert_eq!(metric::<u64>(&show, "reused"), last);
+    assert_eq!(metric::<u64>(&show, "generated"), total - last);
     assert_eq!(memo_files(&p), total);
     p.ok(&["export", "prefs_generate.candidates", "c.jsonl"]);
     let rows: Vec<Value> = p
@@ -192,19 +196,7 @@ stages:
     );
     p.ok(&["run", "pipe.yaml", "--no-progress"]);
     let show = p.ok(&["show", "reward_train"]).stdout;
-    let m = |k: &str| -> f64 {
-        show.lines()
-            .find_map(|l| {
-                l.strip_prefix("metric")?
-                    .trim()
-                    .strip_prefix(k)?
-                    .trim()
-                    .strip_prefix("= ")?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or_else(|| panic!("no {k} in {show}"))
-    };
+    let m = |k: &str| metric::<f64>(&show, k);
     assert_eq!(m("train_pairs"), 18.0);
     assert_eq!(m("eval_pairs"), 6.0);
     assert_eq!(m("adversarial_pairs"), 18.0);

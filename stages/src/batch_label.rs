@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::contract::{InputDecl, Outcome, OutputDecl, Signature, Stage, StageContext, StageError};
-use crate::oracle::{self, AskError, Budget, LabelStats, Oracle, OracleSpec};
+use crate::oracle::{self, Budget, LabelStats, Oracle, OracleSpec};
 use crate::params::{parse_params, ParamError};
 
 #[derive(Debug, Deserialize)]
@@ -80,7 +80,7 @@ impl Stage for BatchLabelStage {
     }
 
     fn key_params(&self, params: &Value) -> Value {
-        let mut v = crate::calibrate::key_without_execution(params);
+        let mut v = crate::oracle::stage_key(params, "oracle");
         if let Some(o) = v.as_object_mut() {
             o.remove("batch_size");
         }
@@ -109,66 +109,53 @@ impl Stage for BatchLabelStage {
         let (mut labelled, mut failed, mut parse_failed) = (0usize, 0usize, 0usize);
         let mut cost_total = 0.0;
         ctx.progress(0, Some(total as u64), "labelling");
-        for (b, batch) in records.chunks(p.batch_size).enumerate() {
-            let result = oracle.label(batch, &budget, &ctx.cancel, &mut stats);
-            oracle::save_spent(&ctx.checkpoint_dir, budget.spent())?;
-            let results = match result {
-                Ok(r) => r,
-                Err(AskError::Cancelled) => return Err(StageError::Cancelled),
-                Err(AskError::Budget(why)) => {
-                    return Err(StageError::Failed(format!(
-                        "stopped before exceeding the budget: {why}. {} of {total} items are labelled and kept; raise `max_cost_usd` and rerun to label the rest",
-                        b * p.batch_size
-                    )))
+        let results = oracle.label_in_chunks(
+            ctx,
+            &records,
+            p.batch_size,
+            &budget,
+            &mut stats,
+            |done, st, spent| {
+                format!(
+                    "{:.2} items/s, {} asked, {} memoised, ${spent:.4}",
+                    done as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                    st.asked,
+                    st.memo_hits,
+                )
+            },
+        )?;
+        for (r, l) in records.iter().zip(results) {
+            cost_total += l.cost_usd;
+            match &l.label {
+                Some(v) => {
+                    let mut rec = r.clone();
+                    if let Some(o) = rec.as_object_mut() {
+                        o.insert(p.into.clone(), v.clone());
+                    } else {
+                        rec = json!({"record": r, p.into.clone(): v});
+                    }
+                    labels_out.push_str(&rec.to_string());
+                    labels_out.push('\n');
+                    labelled += 1;
                 }
-                Err(e) => return Err(StageError::Failed(format!("oracle: {e}"))),
-            };
-            for (r, l) in batch.iter().zip(results) {
-                cost_total += l.cost_usd;
-                match &l.label {
-                    Some(v) => {
-                        let mut rec = r.clone();
-                        if let Some(o) = rec.as_object_mut() {
-                            o.insert(p.into.clone(), v.clone());
-                        } else {
-                            rec = json!({"record": r, p.into.clone(): v});
-                        }
-                        labels_out.push_str(&rec.to_string());
-                        labels_out.push('\n');
-                        labelled += 1;
+                None => {
+                    failed += 1;
+                    if !l.request_failed {
+                        parse_failed += 1;
                     }
-                    None => {
-                        failed += 1;
-                        if !l.request_failed {
-                            parse_failed += 1;
-                        }
-                        failures_out.push_str(
-                            &json!({
-                                "id": r.get("id"),
-                                "record": r,
-                                "reason": l.errors.join("; "),
-                                "raw": l.raw,
-                                "attempts": l.attempts,
-                            })
-                            .to_string(),
-                        );
-                        failures_out.push('\n');
-                    }
+                    failures_out.push_str(
+                        &json!({
+                            "id": r.get("id"),
+                            "record": r,
+                            "reason": l.errors.join("; "),
+                            "raw": l.raw,
+                            "attempts": l.attempts,
+                        })
+                        .to_string(),
+                    );
+                    failures_out.push('\n');
                 }
             }
-            let done = ((b + 1) * p.batch_size).min(total);
-            let secs = started.elapsed().as_secs_f64().max(1e-9);
-            ctx.progress(
-                done as u64,
-                Some(total as u64),
-                &format!(
-                    "{:.2} items/s, {} asked, {} memoised, ${:.4}",
-                    done as f64 / secs,
-                    stats.asked,
-                    stats.memo_hits,
-                    budget.spent()
-                ),
-            );
         }
         crate::fsio::write_atomic(&ctx.out_dir.join("labels.jsonl"), labels_out.as_bytes())
             .map_err(StageError::io("writing labels.jsonl"))?;

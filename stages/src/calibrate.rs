@@ -274,7 +274,7 @@ impl Stage for CalibrateStage {
     }
 
     fn key_params(&self, params: &Value) -> Value {
-        key_without_execution(params)
+        crate::oracle::stage_key(params, "oracle")
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Outcome, StageError> {
@@ -337,7 +337,7 @@ impl Stage for ValidateStage {
     }
 
     fn key_params(&self, params: &Value) -> Value {
-        key_without_execution(params)
+        crate::oracle::stage_key(params, "oracle")
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Outcome, StageError> {
@@ -447,21 +447,6 @@ fn signature(deps: Vec<String>) -> Signature {
         ],
         ..Signature::default()
     }
-}
-
-/// Params minus what only changes how the work is done.
-pub fn key_without_execution(params: &Value) -> Value {
-    let mut v = params.clone();
-    if let Some(o) = v.as_object_mut() {
-        o.remove("max_cost_usd");
-        if let Some(spec) = o
-            .get("oracle")
-            .and_then(|s| OracleSpec::from_value(s, "oracle").ok())
-        {
-            o.insert("oracle".into(), spec.key_value());
-        }
-    }
-    v
 }
 
 /// What a gate compares and decides with; carried from calibrate to validate.
@@ -594,28 +579,10 @@ fn label_sample(
     );
     let mut stats = LabelStats::default();
     ctx.progress(0, Some(picked.len() as u64), "asking the oracle");
-    let mut labels = Vec::with_capacity(picked.len());
-    let chunk = 16;
-    for (k, part) in picked.chunks(chunk).enumerate() {
-        let r = oracle.label(part, &budget, &ctx.cancel, &mut stats);
-        oracle::save_spent(&ctx.checkpoint_dir, budget.spent())?;
-        match r {
-            Ok(l) => labels.extend(l),
-            Err(oracle::AskError::Cancelled) => return Err(StageError::Cancelled),
-            Err(e) => {
-                return Err(StageError::Failed(format!(
-                    "{e}; {} of {} sample items answered (kept: a rerun asks only for the rest)",
-                    labels.len(),
-                    picked.len()
-                )))
-            }
-        }
-        ctx.progress(
-            ((k + 1) * chunk).min(picked.len()) as u64,
-            Some(picked.len() as u64),
-            &format!("{} asked, ${:.4}", stats.asked, budget.spent()),
-        );
-    }
+    let labels =
+        oracle.label_in_chunks(ctx, &picked, 16, &budget, &mut stats, |_, st, spent| {
+            format!("{} asked, ${spent:.4}", st.asked)
+        })?;
     Ok((labels, stats, budget.spent()))
 }
 

@@ -92,40 +92,34 @@ impl ChatModel {
 
     /// Tokens of the rendered prompt of `messages` (with the generation prompt).
     pub fn prompt_tokens(&self, messages: &[Message]) -> Result<usize, String> {
-        let text = self
+        self.encode(messages).map(|ids| ids.len())
+    }
+
+    /// The token ids of a conversation rendered for generation. A final assistant
+    /// message is a prefill: the reply continues it.
+    fn encode(&self, messages: &[Message]) -> Result<Vec<u32>, String> {
+        let (msgs, prefill) = match messages.split_last() {
+            Some((last, rest)) if last.role == "assistant" => (rest, last.content.as_str()),
+            _ => (messages, ""),
+        };
+        let mut text = self
             .loaded
             .tokenizer
-            .apply_chat_template(messages, true)
+            .apply_chat_template(msgs, true)
             .map_err(|e| format!("rendering the chat template: {e}"))?;
+        text.push_str(prefill);
         self.loaded
             .tokenizer
             .encode(&text)
-            .map(|ids| ids.len())
             .map_err(|e| format!("tokenizing: {e}"))
     }
 
     /// Answers a batch of requests, in order.
     pub fn complete(&self, requests: &[ChatRequest]) -> Result<Vec<Completion>, String> {
-        let mut prompts = Vec::with_capacity(requests.len());
-        for r in requests {
-            // A final assistant message is a prefill: the reply continues it.
-            let (msgs, prefill) = match r.messages.split_last() {
-                Some((last, rest)) if last.role == "assistant" => (rest, last.content.as_str()),
-                _ => (&r.messages[..], ""),
-            };
-            let mut text = self
-                .loaded
-                .tokenizer
-                .apply_chat_template(msgs, true)
-                .map_err(|e| format!("rendering the chat template: {e}"))?;
-            text.push_str(prefill);
-            prompts.push(
-                self.loaded
-                    .tokenizer
-                    .encode(&text)
-                    .map_err(|e| format!("tokenizing: {e}"))?,
-            );
-        }
+        let prompts = requests
+            .iter()
+            .map(|r| self.encode(&r.messages))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut out: Vec<Option<Completion>> = vec![None; requests.len()];
         let mut groups: Vec<(&Sampling, Vec<usize>)> = Vec::new();
         for (i, r) in requests.iter().enumerate() {

@@ -98,11 +98,7 @@ impl Stage for EvaluateStage {
         if p.bins == 0 {
             return Err(ParamError::new(&["bins"], "expected at least 1"));
         }
-        let mut deps = vec![p.template.clone()];
-        deps.extend(crate::ml::model_dep(&p.model).map_err(|mut e| {
-            e.path = vec!["model".into()];
-            e
-        })?);
+        let deps = crate::ml::template_and_model_deps(&p.template, &p.model)?;
         Ok(Signature {
             inputs: vec![InputDecl::required("test"), InputDecl::optional("adapter")],
             deps,
@@ -115,13 +111,7 @@ impl Stage for EvaluateStage {
     }
 
     fn key_params(&self, params: &Value) -> Value {
-        let mut v = crate::ml::key_with_identity(params);
-        if let Some(o) = v.as_object_mut() {
-            for k in ["batch_size", "device", "dtype"] {
-                o.remove(k);
-            }
-        }
-        v
+        crate::ml::key_without(params, &["batch_size", "device", "dtype"])
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Outcome, StageError> {
@@ -137,9 +127,11 @@ impl Stage for EvaluateStage {
         }
         let mut prompts = Vec::with_capacity(records.len());
         for (i, r) in records.iter().enumerate() {
-            prompts.push(render(&template, r).map_err(|e| {
-                StageError::Failed(format!("{}: test record {}: {e}", p.template, i + 1))
-            })?);
+            prompts.push(
+                crate::oracle_task::render_template(&template, r).map_err(|e| {
+                    StageError::Failed(format!("{}: test record {}: {e}", p.template, i + 1))
+                })?,
+            );
         }
         let adapter = ctx.inputs.get("adapter").cloned();
         let mut runs: Vec<(&str, Option<std::path::PathBuf>)> = Vec::new();
@@ -221,17 +213,6 @@ impl Stage for EvaluateStage {
             ..Outcome::default()
         })
     }
-}
-
-pub(crate) fn render(template: &str, record: &Value) -> Result<String, String> {
-    let mut env = minijinja::Environment::new();
-    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-    env.add_template("prompt", template)
-        .map_err(|e| format!("the template does not parse: {e}"))?;
-    env.get_template("prompt")
-        .expect("added")
-        .render(minijinja::Value::from_serialize(record))
-        .map_err(|e| format!("rendering: {e}"))
 }
 
 /// Generates every prompt's answer (length-sorted batches), resuming from the

@@ -34,6 +34,28 @@ pub fn key_with_identity(params: &Value) -> Value {
     out
 }
 
+/// Workspace deps of a stage that renders `template` and loads `model`.
+pub fn template_and_model_deps(template: &str, model: &str) -> Result<Vec<String>, ParamError> {
+    let mut deps = vec![template.to_string()];
+    deps.extend(model_dep(model).map_err(|mut e| {
+        e.path = vec!["model".into()];
+        e
+    })?);
+    Ok(deps)
+}
+
+/// [`key_with_identity`] without `execution_only` keys (device, batch size...), which
+/// change how the work is done, not its result.
+pub fn key_without(params: &Value, execution_only: &[&str]) -> Value {
+    let mut v = key_with_identity(params);
+    if let Some(o) = v.as_object_mut() {
+        for k in execution_only {
+            o.remove(*k);
+        }
+    }
+    v
+}
+
 /// The model spec with a file path made absolute against the workdir.
 pub fn resolve_model(model: &str, workdir: &Path) -> String {
     match ModelSpec::parse(model) {

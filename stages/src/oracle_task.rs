@@ -91,13 +91,7 @@ impl OracleTask {
 
     /// Renders the prompt for one record (its fields are the template's variables).
     pub fn render(&self, record: &Value) -> Result<String, String> {
-        let mut env = minijinja::Environment::new();
-        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-        env.add_template("prompt", &self.template)
-            .map_err(|e| e.to_string())?;
-        let t = env.get_template("prompt").expect("added");
-        t.render(minijinja::Value::from_serialize(record))
-            .map_err(|e| format!("rendering the prompt: {e}"))
+        render_template(&self.template, record)
     }
 
     /// Extracts and checks the reply's JSON object; returns only the declared fields.
@@ -141,6 +135,19 @@ fn describe(t: &FieldType) -> String {
         FieldType::StringList => "list of strings".into(),
         FieldType::Enum(o) => format!("one of {}", o.join(", ")),
     }
+}
+
+/// Renders a minijinja template with `record`'s fields as its variables; an undefined
+/// variable is an error, not an empty string. Shared by every stage with a prompt file.
+pub fn render_template(template: &str, record: &Value) -> Result<String, String> {
+    let mut env = minijinja::Environment::new();
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    env.add_template("prompt", template)
+        .map_err(|e| format!("the template does not parse: {e}"))?;
+    env.get_template("prompt")
+        .expect("added")
+        .render(minijinja::Value::from_serialize(record))
+        .map_err(|e| format!("rendering: {e}"))
 }
 
 /// The first balanced `{…}` in `text`, braces inside JSON strings ignored.

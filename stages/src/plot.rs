@@ -41,21 +41,14 @@ pub fn reliability(path: &Path, series: &[Vec<(f64, bool)>], bins: usize) -> std
     let mut c = Canvas(vec![255; W * H * 3]);
     let sx = |x: f64| PAD as f64 + x * (W - 2 * PAD) as f64;
     let sy = |y: f64| (H - PAD) as f64 - y * (H - 2 * PAD) as f64;
-    for i in 0..=4 {
-        let y = sy(i as f64 / 4.0);
-        c.line((PAD as f64, y), ((W - PAD) as f64, y), [225, 225, 225], 1);
-    }
+    c.grid();
     let colors = [[31, 119, 180], [255, 127, 14]];
     let width = 1.0 / bins as f64;
     for (k, items) in series.iter().enumerate().take(2) {
         for b in 0..bins {
             let inside: Vec<bool> = items
                 .iter()
-                .filter(|(conf, _)| {
-                    let i =
-                        ((conf.clamp(0.0, 1.0) * bins as f64).ceil() as usize).clamp(1, bins) - 1;
-                    i == b
-                })
+                .filter(|(conf, _)| crate::scoring::bin_of(*conf, bins) == b)
                 .map(|p| p.1)
                 .collect();
             if inside.is_empty() {
@@ -72,22 +65,26 @@ pub fn reliability(path: &Path, series: &[Vec<(f64, bool)>], bins: usize) -> std
         }
     }
     c.line((sx(0.0), sy(0.0)), (sx(1.0), sy(1.0)), [120, 120, 120], 1);
-    c.line(
-        (PAD as f64, (H - PAD) as f64),
-        ((W - PAD) as f64, (H - PAD) as f64),
-        [60, 60, 60],
-        1,
-    );
-    c.line(
-        (PAD as f64, PAD as f64),
-        (PAD as f64, (H - PAD) as f64),
-        [60, 60, 60],
-        1,
-    );
+    c.axes();
     c.save(path)
 }
 
 impl Canvas {
+    /// Five light horizontal lines at 0, ¼, ½, ¾ and all of the plot height.
+    fn grid(&mut self) {
+        for i in 0..=4 {
+            let y = (H - PAD) as f64 - i as f64 / 4.0 * (H - 2 * PAD) as f64;
+            self.line((PAD as f64, y), ((W - PAD) as f64, y), [225, 225, 225], 1);
+        }
+    }
+
+    /// The x and y axes.
+    fn axes(&mut self) {
+        let (l, r, t, b) = (PAD as f64, (W - PAD) as f64, PAD as f64, (H - PAD) as f64);
+        self.line((l, b), (r, b), [60, 60, 60], 1);
+        self.line((l, t), (l, b), [60, 60, 60], 1);
+    }
+
     fn save(&self, path: &Path) -> std::io::Result<()> {
         let mut bytes = Vec::new();
         {
@@ -114,22 +111,8 @@ pub fn loss_curve(path: &Path, train: &[(f64, f64)], eval: &[(f64, f64)]) -> std
         * 1.05;
     let sx = |x: f64| PAD as f64 + x / max_x * (W - 2 * PAD) as f64;
     let sy = |y: f64| (H - PAD) as f64 - y / max_y * (H - 2 * PAD) as f64;
-    for i in 0..=4 {
-        let y = sy(max_y * i as f64 / 4.0);
-        c.line((PAD as f64, y), ((W - PAD) as f64, y), [225, 225, 225], 1);
-    }
-    c.line(
-        (PAD as f64, (H - PAD) as f64),
-        ((W - PAD) as f64, (H - PAD) as f64),
-        [60, 60, 60],
-        1,
-    );
-    c.line(
-        (PAD as f64, PAD as f64),
-        (PAD as f64, (H - PAD) as f64),
-        [60, 60, 60],
-        1,
-    );
+    c.grid();
+    c.axes();
     for (series, color, thick) in [(train, [31, 119, 180], 1), (eval, [255, 127, 14], 3)] {
         for w in series.windows(2) {
             c.line(

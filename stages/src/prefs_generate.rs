@@ -122,11 +122,7 @@ impl Stage for PrefsGenerateStage {
                 "per_model and batch_size must be at least 1",
             ));
         }
-        let mut deps = vec![p.template.clone()];
-        deps.extend(crate::ml::model_dep(&p.model).map_err(|mut e| {
-            e.path = vec!["model".into()];
-            e
-        })?);
+        let deps = crate::ml::template_and_model_deps(&p.template, &p.model)?;
         Ok(Signature {
             inputs: vec![
                 InputDecl::required("prompts"),
@@ -139,13 +135,7 @@ impl Stage for PrefsGenerateStage {
     }
 
     fn key_params(&self, params: &Value) -> Value {
-        let mut v = crate::ml::key_with_identity(params);
-        if let Some(o) = v.as_object_mut() {
-            for k in ["batch_size", "device", "dtype"] {
-                o.remove(k);
-            }
-        }
-        v
+        crate::ml::key_without(params, &["batch_size", "device", "dtype"])
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Outcome, StageError> {
@@ -167,7 +157,7 @@ impl Stage for PrefsGenerateStage {
         }
         let mut messages = Vec::with_capacity(records.len());
         for (i, r) in records.iter().enumerate() {
-            let text = crate::evaluate::render(&template, r).map_err(|e| {
+            let text = crate::oracle_task::render_template(&template, r).map_err(|e| {
                 StageError::Failed(format!("{}: prompt record {}: {e}", p.template, i + 1))
             })?;
             let mut m = Vec::new();

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::contract::{InputDecl, Outcome, OutputDecl, Signature, Stage, StageContext, StageError};
-use crate::oracle::{self, AskError, Budget, LabelStats, Oracle, OracleSpec};
+use crate::oracle::{self, Budget, LabelStats, Oracle, OracleSpec};
 use crate::params::{parse_params, ParamError};
 
 #[derive(Debug, Deserialize)]
@@ -129,17 +129,7 @@ impl Stage for PrefsJudgeStage {
     }
 
     fn key_params(&self, params: &Value) -> Value {
-        let mut v = params.clone();
-        if let Some(o) = v.as_object_mut() {
-            o.remove("max_cost_usd");
-            if let Some(spec) = o
-                .get("judge")
-                .and_then(|s| OracleSpec::from_value(s, "judge").ok())
-            {
-                o.insert("judge".into(), spec.key_value());
-            }
-        }
-        v
+        oracle::stage_key(params, "judge")
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Outcome, StageError> {
@@ -423,26 +413,9 @@ fn ask(
     budget: &Budget,
     stats: &mut LabelStats,
 ) -> Result<Vec<oracle::Labelled>, StageError> {
-    let mut out = Vec::with_capacity(items.len());
-    for part in items.chunks(32) {
-        let r = judge.label(part, budget, &ctx.cancel, stats);
-        oracle::save_spent(&ctx.checkpoint_dir, budget.spent())?;
-        match r {
-            Ok(l) => out.extend(l),
-            Err(AskError::Cancelled) => return Err(StageError::Cancelled),
-            Err(e) => {
-                return Err(StageError::Failed(format!(
-                    "judge: {e}; finished judgements are kept, a rerun asks only for the rest"
-                )))
-            }
-        }
-        ctx.progress(
-            out.len() as u64,
-            Some(items.len() as u64),
-            &format!("{} judged", out.len()),
-        );
-    }
-    Ok(out)
+    judge.label_in_chunks(ctx, items, 32, budget, stats, |done, _, _| {
+        format!("{done} judged")
+    })
 }
 
 #[cfg(test)]

@@ -262,11 +262,7 @@ impl Stage for RewardTrainStage {
                 "epochs and batch_size must be at least 1",
             ));
         }
-        let mut deps = vec![p.template.clone()];
-        deps.extend(crate::ml::model_dep(&p.model).map_err(|mut e| {
-            e.path = vec!["model".into()];
-            e
-        })?);
+        let deps = crate::ml::template_and_model_deps(&p.template, &p.model)?;
         Ok(Signature {
             inputs: vec![InputDecl::required("pairs")],
             deps,
@@ -279,13 +275,7 @@ impl Stage for RewardTrainStage {
     }
 
     fn key_params(&self, params: &Value) -> Value {
-        let mut v = crate::ml::key_with_identity(params);
-        if let Some(o) = v.as_object_mut() {
-            for k in ["device", "dtype"] {
-                o.remove(k);
-            }
-        }
-        v
+        crate::ml::key_without(params, &["device", "dtype"])
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Outcome, StageError> {
@@ -327,7 +317,7 @@ impl Stage for RewardTrainStage {
         ctx.progress(0, Some(texts.len() as u64), "featurising");
         let mut seqs = Vec::with_capacity(texts.len());
         for (row, t) in &texts {
-            let prompt = crate::evaluate::render(&template, &rows[*row]["record"])
+            let prompt = crate::oracle_task::render_template(&template, &rows[*row]["record"])
                 .map_err(|e| StageError::Failed(format!("pairs row {}: {e}", row + 1)))?;
             let msgs = [
                 Message {

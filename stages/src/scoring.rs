@@ -2,6 +2,12 @@
 //! expected calibration error (equal-width top-label ECE, and the debiased ℓ2
 //! estimator over equal-mass bins) and ROC-AUC with ties.
 
+/// The equal-width bin of a confidence: bin b of B holds (b/B, (b+1)/B]; 0 falls in
+/// the first bin and values outside [0, 1] are clamped.
+pub fn bin_of(confidence: f64, bins: usize) -> usize {
+    ((confidence.clamp(0.0, 1.0) * bins as f64).ceil() as usize).clamp(1, bins) - 1
+}
+
 /// Top-label ECE with `bins` equal-width bins over (0, 1] (p = 1): the item-weighted
 /// mean of |accuracy − mean confidence| per bin. A confidence of exactly 0 falls in
 /// the first bin; values outside [0, 1] are clamped.
@@ -16,8 +22,7 @@ pub fn ece_equal_width(confidence: &[f64], correct: &[bool], bins: usize) -> f64
     let mut count = vec![0usize; bins];
     for (&c, &ok) in confidence.iter().zip(correct) {
         let c = c.clamp(0.0, 1.0);
-        // Bin b holds (b/B, (b+1)/B].
-        let b = ((c * bins as f64).ceil() as usize).clamp(1, bins) - 1;
+        let b = bin_of(c, bins);
         sum_conf[b] += c;
         sum_acc[b] += if ok { 1.0 } else { 0.0 };
         count[b] += 1;

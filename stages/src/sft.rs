@@ -165,7 +165,7 @@ impl SftParams {
     ) -> Result<Record, StageError> {
         if prompt_t.is_some() || self.response_template.is_some() {
             let render = |t: &str, what: &str| {
-                crate::evaluate::render(t, v)
+                crate::oracle_task::render_template(t, v)
                     .map_err(|e| StageError::Failed(format!("{where_}: {what}: {e}")))
             };
             let field = |f: &str| {

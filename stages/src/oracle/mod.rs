@@ -288,6 +288,23 @@ impl OracleSpec {
     }
 }
 
+/// The fingerprinted params of a stage whose oracle block is `oracle_field`: the block
+/// reduced to [`OracleSpec::key_value`], and `max_cost_usd` left out (raising a budget
+/// must resume, not restart).
+pub fn stage_key(params: &Value, oracle_field: &str) -> Value {
+    let mut v = params.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("max_cost_usd");
+        if let Some(spec) = o
+            .get(oracle_field)
+            .and_then(|s| OracleSpec::from_value(s, oracle_field).ok())
+        {
+            o.insert(oracle_field.into(), spec.key_value());
+        }
+    }
+    v
+}
+
 /// One request to a backend.
 #[derive(Debug, Clone)]
 pub struct Ask {
@@ -688,6 +705,48 @@ impl Oracle {
             Some(e) => Err(e),
             None => Ok(out),
         }
+    }
+
+    /// Labels `items` `chunk` at a time, saving the money spent after each chunk and
+    /// reporting progress with `message(done, stats, spent)`. A budget stop, a failure or
+    /// a cancel keeps every finished reply (memoised) and says how far it got.
+    pub fn label_in_chunks(
+        &self,
+        ctx: &StageContext,
+        items: &[Value],
+        chunk: usize,
+        budget: &Budget,
+        stats: &mut LabelStats,
+        message: impl Fn(usize, &LabelStats, f64) -> String,
+    ) -> Result<Vec<Labelled>, StageError> {
+        let total = items.len();
+        let mut out = Vec::with_capacity(total);
+        for part in items.chunks(chunk.max(1)) {
+            let r = self.label(part, budget, &ctx.cancel, stats);
+            save_spent(&ctx.checkpoint_dir, budget.spent())?;
+            match r {
+                Ok(l) => out.extend(l),
+                Err(AskError::Cancelled) => return Err(StageError::Cancelled),
+                Err(AskError::Budget(why)) => {
+                    return Err(StageError::Failed(format!(
+                        "stopped before exceeding the budget: {why}. {} of {total} items are answered and kept; raise `max_cost_usd` and rerun to answer the rest",
+                        out.len()
+                    )))
+                }
+                Err(e) => {
+                    return Err(StageError::Failed(format!(
+                        "oracle: {e}; {} of {total} items are answered and kept, a rerun asks only for the rest",
+                        out.len()
+                    )))
+                }
+            }
+            ctx.progress(
+                out.len() as u64,
+                Some(total as u64),
+                &message(out.len(), stats, budget.spent()),
+            );
+        }
+        Ok(out)
     }
 
     fn take_reply(&self, l: &mut Labelled, rep: memo::Reply) {
