@@ -66,7 +66,7 @@ impl ChatModel {
         if quantize {
             loaded
                 .model
-                .quantize_for_decoding(candle_core::quantized::GgmlDType::Q8_0)
+                .quantize_for_decoding()
                 .map_err(|e| format!("quantizing for decoding: {e}"))?;
         }
         if loaded.tokenizer.chat_template().is_none() {

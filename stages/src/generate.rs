@@ -114,7 +114,7 @@ impl Stage for GenerateStage {
         if p.quantize == Quantize::Q8_0 {
             loaded
                 .model
-                .quantize_for_decoding(candle_core::quantized::GgmlDType::Q8_0)
+                .quantize_for_decoding()
                 .map_err(ml::failed("quantizing for decoding"))?;
         }
         let chat = ml::apply_template_choice(&mut loaded.tokenizer, &p.chat_template);

@@ -61,8 +61,10 @@ pub fn builtin() -> Registry {
 }
 
 /// Process-wide setup the model stages benefit from (glibc keeps freed memory for
-/// reuse instead of returning it to the kernel; see `pipe_train::allocator`).
+/// reuse instead of returning it to the kernel, see `pipe_train::allocator`; the
+/// CPU thread count is computed once, see `pipe_train::fix_thread_count`).
 /// Binaries call it first thing in `main`.
 pub fn prepare_process() {
     pipe_train::allocator::keep_freed_memory();
+    pipe_train::fix_thread_count();
 }

@@ -36,6 +36,7 @@ fn peak_rss_mb() -> f64 {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     pipe_train::allocator::keep_freed_memory();
+    pipe_train::fix_thread_count();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let device = pipe_train::device(
         std::env::var("PIPE_BENCH_DEVICE")
@@ -126,8 +127,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 arg(&args, "--prompt-len", 32),
             );
             if std::env::var("PIPE_BENCH_QUANT").as_deref() != Ok("none") {
-                m.model
-                    .quantize_for_decoding(candle_core::quantized::GgmlDType::Q8_0)?;
+                m.model.quantize_for_decoding()?;
             }
             let prompts: Vec<Vec<u32>> = (0..batch)
                 .map(|_| {

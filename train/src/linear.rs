@@ -9,10 +9,10 @@
 use candle_core::backend::BackendStorage;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor, Var, D};
 
 use crate::error::Result;
+use crate::q8::{Q8Matrix, BLOCK};
 use crate::rng::Rng;
 
 /// `x · Wᵀ` with a gradient for `x` only; `W` is `[out, in]`, `x` is `[m, in]`.
@@ -107,14 +107,14 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// Trainable low-rank update.
     pub lora: Option<LoraPair>,
-    /// A quantized copy of `weight` for decoding (see [`Linear::quantize`]).
-    pub quantized: Option<Arc<QMatMul>>,
+    /// An int8 copy of `weight` for decoding (see [`Linear::quantize`]).
+    pub quantized: Option<Arc<Q8Matrix>>,
 }
 
-/// Calls with at most this many rows use the quantized copy; more rows (prefill,
-/// training) use the f32 weight, where the gemm kernels are much faster than the
-/// quantized dot products.
-pub const QUANTIZED_MAX_ROWS: usize = 4;
+/// Calls with at most this many rows use the int8 copy; more rows (prefill,
+/// training) use the f32 weight, where the gemm kernels are compute-bound and
+/// faster than the int8 dot products.
+pub const QUANTIZED_MAX_ROWS: usize = 16;
 
 impl Linear {
     /// A frozen projection without LoRA.
@@ -127,16 +127,26 @@ impl Linear {
         }
     }
 
-    /// Adds a quantized copy of the weight used for few-row calls (token-by-token
-    /// decoding is memory-bound: Q8_0 reads about a quarter of the bytes of f32).
-    /// Widths that are not a multiple of the block size stay f32.
-    pub fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
-        let (inp, _) = self.in_out();
-        if !self.weight.device().is_cpu() || inp % dtype.block_size() != 0 {
+    /// Adds an int8 copy of the weight used for few-row calls (token-by-token
+    /// decoding reads every weight per token: int8 is about a quarter of the bytes
+    /// of f32; see [`crate::q8`]). Widths that are not a multiple of the block size
+    /// stay f32; so do weights on a GPU.
+    pub fn quantize(&mut self) -> Result<()> {
+        let (inp, out) = self.in_out();
+        if !self.weight.device().is_cpu() || inp % BLOCK != 0 {
             return Ok(());
         }
-        let q = QTensor::quantize(&self.weight.to_dtype(DType::F32)?, dtype)?;
-        self.quantized = Some(Arc::new(QMatMul::from_qtensor(q)?));
+        // Read the f32 weight in place (a copy of `lm_head` would add 100+ MB to the
+        // peak on SmolLM2).
+        let w = self.weight.to_dtype(DType::F32)?.contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        let q = match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
+                Q8Matrix::quantize(&cpu.as_slice::<f32>()?[start..end], out, inp)
+            }
+            _ => Q8Matrix::quantize(&w.flatten_all()?.to_vec1::<f32>()?, out, inp),
+        };
+        self.quantized = Some(Arc::new(q));
         Ok(())
     }
 
@@ -161,7 +171,10 @@ impl Linear {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
         let mut y = match &self.quantized {
             Some(q) if rows <= QUANTIZED_MAX_ROWS && x.dtype() == DType::F32 && !x.track_op() => {
-                q.forward(&x.contiguous()?)?
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().expect("rank ≥ 1") = q.rows();
+                Tensor::from_vec(q.matmul(&xs, rows), dims, x.device())?
             }
             _ => frozen_matmul(x, &self.weight)?,
         };
@@ -246,7 +259,7 @@ mod tests {
         let x = Tensor::from_vec(x, (1, 2, 64), &Device::Cpu).unwrap();
         let mut lin = Linear::new(w, None);
         let exact = lin.forward_inference(&x).unwrap();
-        lin.quantize(GgmlDType::Q8_0).unwrap();
+        lin.quantize().unwrap();
         assert!(lin.quantized.is_some());
         let q = lin.forward_inference(&x).unwrap();
         let err = (&q - &exact)
@@ -270,7 +283,7 @@ mod tests {
             err / scale
         );
         // Many rows go through the f32 weight: exact again.
-        let big = x.repeat((1, 4, 1)).unwrap();
+        let big = x.repeat((1, 10, 1)).unwrap();
         let many = lin.forward_inference(&big).unwrap();
         let again = frozen_matmul(&big, &lin.weight).unwrap();
         assert_eq!(

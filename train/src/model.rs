@@ -410,16 +410,13 @@ impl Decoder {
         &self.device
     }
 
-    /// Adds quantized copies of every projection and of `lm_head` for decoding
-    /// (see [`Linear::quantize`]); training and prefill keep using f32.
-    pub fn quantize_for_decoding(
-        &mut self,
-        dtype: candle_core::quantized::GgmlDType,
-    ) -> Result<()> {
+    /// Adds int8 copies of every projection and of `lm_head` for decoding (see
+    /// [`Linear::quantize`]); training and prefill keep using f32.
+    pub fn quantize_for_decoding(&mut self) -> Result<()> {
         for (_, lin) in self.linears_mut() {
-            lin.quantize(dtype)?;
+            lin.quantize()?;
         }
-        self.lm_head.quantize(dtype)
+        self.lm_head.quantize()
     }
 
     /// Every projection with its checkpoint name (without `.weight`), in layer order.
