@@ -9,6 +9,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
+use crate::fastmath;
 use crate::fused::{par_rows, with_data};
 
 /// `nll[i] = logsumexp(logits[i]) − logits[i, target[i]]` for f32 `[n, vocab]` logits.
@@ -19,8 +20,7 @@ pub struct CrossEntropy {
 
 fn row_lse(row: &[f32]) -> f32 {
     let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
-    max + sum.ln()
+    max + fastmath::sum_exp(row, max).ln()
 }
 
 impl CustomOp1 for CrossEntropy {
@@ -65,7 +65,7 @@ impl CustomOp1 for CrossEntropy {
                 let row = &data[r * v..(r + 1) * v];
                 let lse = nll[r] + row[self.targets[r] as usize];
                 for (o, &x) in orow.iter_mut().zip(row) {
-                    *o = (x - lse).exp() * g[r];
+                    *o = fastmath::exp(x - lse) * g[r];
                 }
                 orow[self.targets[r] as usize] -= g[r];
             });

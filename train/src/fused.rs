@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
 
+use crate::fastmath::{self, exp};
+
 /// Runs `f(row_index, row)` over the rows of `out` (each `width` long) on
 /// rayon's pool, the one candle's own CPU kernels use, so the two never compete
 /// for cores.
@@ -88,12 +90,10 @@ impl CustomOp1 for MaskedSoftmax {
                 *o = v * self.scale + mv;
                 max = max.max(*o);
             }
-            let mut sum = 0f32;
             for o in y.iter_mut() {
-                *o = (*o - max).exp();
-                sum += *o;
+                *o = exp(*o - max);
             }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / fastmath::sum(y);
             for o in y.iter_mut() {
                 *o *= inv;
             }
@@ -275,7 +275,7 @@ impl CustomOp2 for SwiGlu {
         par_rows(&mut out, d, |r, y| {
             for (i, o) in y.iter_mut().enumerate() {
                 let gv = g[r * d + i];
-                *o = gv / (1.0 + (-gv).exp()) * u[r * d + i];
+                *o = gv / (1.0 + exp(-gv)) * u[r * d + i];
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -298,7 +298,7 @@ impl CustomOp2 for SwiGlu {
                     par_rows(&mut both, 2 * d, |r, o| {
                         for i in 0..d {
                             let k = r * d + i;
-                            let sig = 1.0 / (1.0 + (-g[k]).exp());
+                            let sig = 1.0 / (1.0 + exp(-g[k]));
                             let silu = g[k] * sig;
                             o[i] = dy[k] * u[k] * sig * (1.0 + g[k] * (1.0 - sig));
                             o[d + i] = dy[k] * silu;

@@ -14,6 +14,7 @@ pub mod cross_entropy;
 pub mod data;
 pub mod error;
 pub mod export;
+pub mod fastmath;
 pub mod fused;
 pub mod generate;
 pub mod io;
