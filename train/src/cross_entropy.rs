@@ -19,7 +19,7 @@ pub struct CrossEntropy {
 }
 
 fn row_lse(row: &[f32]) -> f32 {
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let max = fastmath::max(row);
     max + fastmath::sum_exp(row, max).ln()
 }
 

@@ -49,6 +49,23 @@ pub fn sum(xs: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
+/// The largest element (−∞ for an empty slice), in 8 interleaved partial maxima
+/// so the comparisons do not form one serial chain. NaNs are skipped.
+#[inline]
+pub fn max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    acc.iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
 /// `Σ e^(x − shift)` over a slice, in 8 interleaved partial sums.
 #[inline]
 pub fn sum_exp(xs: &[f32], shift: f32) -> f32 {
@@ -90,5 +107,12 @@ mod tests {
         assert!((sum(&xs) as f64 - plain).abs() < 1e-4);
         let plain: f64 = xs.iter().map(|&v| (v as f64 - 0.5).exp()).sum();
         assert!((sum_exp(&xs, 0.5) as f64 - plain).abs() < 1e-4 * plain);
+        let plain = xs.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(max(&xs), plain);
+        assert_eq!(
+            max(&xs[..5]),
+            xs[..5].iter().cloned().fold(f32::NEG_INFINITY, f32::max)
+        );
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
     }
 }

@@ -85,11 +85,10 @@ impl CustomOp1 for MaskedSoftmax {
             let (bi, qi) = (r / (h * q), r % nq);
             let m = &self.mask[(bi * nq + qi) * t..(bi * nq + qi + 1) * t];
             let xr = &x[r * t..(r + 1) * t];
-            let mut max = f32::NEG_INFINITY;
             for ((o, &v), &mv) in y.iter_mut().zip(xr).zip(m) {
                 *o = v * self.scale + mv;
-                max = max.max(*o);
             }
+            let max = fastmath::max(y);
             for o in y.iter_mut() {
                 *o = exp(*o - max);
             }
