@@ -850,13 +850,8 @@ fn finish(
             o.insert(k.clone(), v.clone());
         }
     }
-    crate::fsio::write_atomic(
-        &dir.join("report.json"),
-        serde_json::to_string_pretty(&report)
-            .expect("json")
-            .as_bytes(),
-    )
-    .map_err(StageError::io("writing report.json"))?;
+    crate::fsio::write_json_atomic(&dir.join("report.json"), &report)
+        .map_err(StageError::io("writing report.json"))?;
     let md = markdown(
         setup,
         oracle,

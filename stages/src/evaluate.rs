@@ -116,23 +116,12 @@ impl Stage for EvaluateStage {
 
     fn run(&self, ctx: &StageContext) -> Result<Outcome, StageError> {
         let p: EvaluateParams = parse_params(&ctx.params)?;
-        let template_path = ctx.workdir.join(&p.template);
-        let template = std::fs::read_to_string(&template_path).map_err(StageError::io(format!(
-            "reading the prompt template {}",
-            template_path.display()
-        )))?;
+        let template = crate::ml::read_template(ctx, &p.template)?;
         let mut records = crate::ml::read_jsonl(ctx.input("test")?)?;
         if let Some(n) = p.limit {
             records.truncate(n);
         }
-        let mut prompts = Vec::with_capacity(records.len());
-        for (i, r) in records.iter().enumerate() {
-            prompts.push(
-                crate::oracle_task::render_template(&template, r).map_err(|e| {
-                    StageError::Failed(format!("{}: test record {}: {e}", p.template, i + 1))
-                })?,
-            );
-        }
+        let prompts = crate::ml::render_each(&template, &p.template, &records, "test")?;
         let adapter = ctx.inputs.get("adapter").cloned();
         let mut runs: Vec<(&str, Option<std::path::PathBuf>)> = Vec::new();
         if let Some(a) = adapter {
@@ -182,13 +171,8 @@ impl Stage for EvaluateStage {
         }
         let report =
             json!({"items": records.len(), "models": per_model, "delta_tuned_minus_base": deltas});
-        crate::fsio::write_atomic(
-            &dir.join("report.json"),
-            serde_json::to_string_pretty(&report)
-                .expect("json")
-                .as_bytes(),
-        )
-        .map_err(StageError::io("writing report.json"))?;
+        crate::fsio::write_json_atomic(&dir.join("report.json"), &report)
+            .map_err(StageError::io("writing report.json"))?;
         crate::fsio::write_atomic(
             &dir.join("report.md"),
             markdown(&per_model, &deltas, records.len()).as_bytes(),

@@ -95,6 +95,33 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Value>, StageError> {
     Ok(out)
 }
 
+/// Reads the prompt template a stage's params name (relative to the workdir).
+pub fn read_template(ctx: &StageContext, name: &str) -> Result<String, StageError> {
+    let path = ctx.workdir.join(name);
+    std::fs::read_to_string(&path).map_err(StageError::io(format!(
+        "reading the prompt template {}",
+        path.display()
+    )))
+}
+
+/// Renders `template` (the file `name`) for every record; an error names the
+/// template and the record (`what` record N, counted from 1).
+pub fn render_each(
+    template: &str,
+    name: &str,
+    records: &[Value],
+    what: &str,
+) -> Result<Vec<String>, StageError> {
+    records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            crate::oracle_task::render_template(template, r)
+                .map_err(|e| StageError::Failed(format!("{name}: {what} record {}: {e}", i + 1)))
+        })
+        .collect()
+}
+
 /// Device and dtype from the `device`/`dtype` params.
 pub fn device(
     ctx_device: &str,

@@ -140,11 +140,7 @@ impl Stage for PrefsGenerateStage {
 
     fn run(&self, ctx: &StageContext) -> Result<Outcome, StageError> {
         let p: PrefsGenerateParams = parse_params(&ctx.params)?;
-        let template_path = ctx.workdir.join(&p.template);
-        let template = std::fs::read_to_string(&template_path).map_err(StageError::io(format!(
-            "reading the prompt template {}",
-            template_path.display()
-        )))?;
+        let template = crate::ml::read_template(ctx, &p.template)?;
         let mut records = crate::ml::read_jsonl(ctx.input("prompts")?)?;
         if let Some(n) = p.limit {
             records.truncate(n);
@@ -155,11 +151,9 @@ impl Stage for PrefsGenerateStage {
                 "`models` lists `tuned` but no `adapter` input is bound (e.g. `adapter: sft.adapter`)".into(),
             ));
         }
+        let texts = crate::ml::render_each(&template, &p.template, &records, "prompt")?;
         let mut messages = Vec::with_capacity(records.len());
-        for (i, r) in records.iter().enumerate() {
-            let text = crate::oracle_task::render_template(&template, r).map_err(|e| {
-                StageError::Failed(format!("{}: prompt record {}: {e}", p.template, i + 1))
-            })?;
+        for text in texts {
             let mut m = Vec::new();
             if let Some(s) = &p.system {
                 m.push(Message {

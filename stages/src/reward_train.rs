@@ -280,8 +280,7 @@ impl Stage for RewardTrainStage {
 
     fn run(&self, ctx: &StageContext) -> Result<Outcome, StageError> {
         let p: RewardParams = parse_params(&ctx.params)?;
-        let template = std::fs::read_to_string(ctx.workdir.join(&p.template))
-            .map_err(StageError::io(format!("reading {}", p.template)))?;
+        let template = crate::ml::read_template(ctx, &p.template)?;
         let rows = crate::ml::read_jsonl(ctx.input("pairs")?)?;
         if rows.len() < 2 {
             return Err(StageError::Failed(format!(
@@ -463,13 +462,8 @@ impl Stage for RewardTrainStage {
             "length_budget": p.length_budget,
             "template": p.template,
         });
-        crate::fsio::write_atomic(
-            &dir.join("reward_config.json"),
-            serde_json::to_string_pretty(&config)
-                .expect("json")
-                .as_bytes(),
-        )
-        .map_err(StageError::io("writing reward_config.json"))?;
+        crate::fsio::write_json_atomic(&dir.join("reward_config.json"), &config)
+            .map_err(StageError::io("writing reward_config.json"))?;
         let mut metrics = BTreeMap::new();
         metrics.insert("train_pairs".into(), json!(train.len()));
         metrics.insert("eval_pairs".into(), json!(eval_idx.len()));

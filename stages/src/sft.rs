@@ -293,10 +293,7 @@ impl Stage for SftStage {
             max_len: p.max_len,
         };
         let prompt_t = match &p.prompt_template {
-            Some(f) => Some(
-                std::fs::read_to_string(ctx.workdir.join(f))
-                    .map_err(StageError::io(format!("reading the prompt template {f}")))?,
-            ),
+            Some(f) => Some(crate::ml::read_template(ctx, f)?),
             None => None,
         };
         let mut sets = Vec::new();
