@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 
 use crate::digest::{self, ArtifactInfo, StatCache};
 use crate::fingerprint::Fingerprint;
-use crate::interpolate;
+use crate::pipeline::interpolate;
 use crate::pipeline::{Pipeline, StageSpec};
 use crate::plan::Plan;
 use crate::progress::{Bars, StageReporter};

@@ -2,7 +2,7 @@
 //! resumable steps.
 //!
 //! The flow of `pipe run`: [`pipeline`] loads and validates the YAML (with
-//! [`source_map`] for error places and [`interpolate`] for `${...}`), [`plan`] builds the
+//! [`pipeline::source_map`] for error places and [`pipeline::interpolate`] for `${...}`), [`plan`] builds the
 //! DAG, [`executor`] computes each stage's [`fingerprint`] and either finds its result in
 //! the [`store`] or runs the stage (a `pipe_stages::Stage` from the registry it was given)
 //! and stores the outputs. [`commands`] holds one module per subcommand. The engine never
@@ -14,11 +14,9 @@ pub mod commands;
 pub mod digest;
 pub mod executor;
 pub mod fingerprint;
-pub mod interpolate;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;
-pub mod source_map;
 pub mod store;
 
 pub use cli::Cli;

@@ -91,7 +91,7 @@ impl Plan {
                 let matched = pipeline.select(name);
                 if matched.is_empty() {
                     return Err(SpecError {
-                        span: crate::source_map::Span::arg(format!("{flag} {name}")),
+                        span: crate::pipeline::Span::arg(format!("{flag} {name}")),
                         message: format!("no stage named `{name}` in `{}`", pipeline.name),
                         help: pipe_stages::suggest(name, pipeline.names())
                             .map(|s| format!("did you mean `{s}`?")),

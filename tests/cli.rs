@@ -1210,7 +1210,7 @@ fn build_data_reads_every_format_with_rejects_and_clean_negatives() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|a| pipe_stages::split::normalize(a.as_str().unwrap()))
+            .map(|a| pipe_stages::data::split::normalize(a.as_str().unwrap()))
             .collect();
         for n in r["negatives"].as_array().unwrap() {
             let chunk = r["evidence"]
@@ -1221,8 +1221,8 @@ fn build_data_reads_every_format_with_rejects_and_clean_negatives() {
                 .unwrap();
             let text = format!(
                 " {} {} ",
-                pipe_stages::split::normalize(chunk["title"].as_str().unwrap()),
-                pipe_stages::split::normalize(chunk["text"].as_str().unwrap())
+                pipe_stages::data::split::normalize(chunk["title"].as_str().unwrap()),
+                pipe_stages::data::split::normalize(chunk["text"].as_str().unwrap())
             );
             for a in &answers {
                 assert!(

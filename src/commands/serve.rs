@@ -24,7 +24,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use pipe_stages::chat::{ChatModel, ChatRequest, Completion, Finish, Message, Sampling};
+use pipe_stages::model::chat::{ChatModel, ChatRequest, Completion, Finish, Message, Sampling};
 use serde_json::{json, Value};
 
 use crate::cli::ServeArgs;

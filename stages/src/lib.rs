@@ -6,33 +6,41 @@
 //! input paths, an output directory, a durable checkpoint directory, a cancel token and a
 //! reporter for progress and log lines. It never sees the DAG or the store. Heavy ML work
 //! is delegated to `pipe-train`.
+//!
+//! The crate has three layers, and dependencies point down only:
+//! - **The contract**: [`Stage`] and what it receives (`contract`), typed params with
+//!   "did you mean" (`params`), the [`Registry`], atomic writes ([`fsio`]), and the `run:`
+//!   form ([`command`]), the one kind the engine knows by name.
+//! - **Shared parts**, which hold no stage kind: [`records`] (JSONL record files),
+//!   [`prompt`] (templates rendered per record), [`model`] (loading a model, chat),
+//!   [`oracle`] (the oracle layer: spec, backends, memo, budget), [`metrics`] (pure
+//!   scores), [`task`] (output formats and their checkers) and [`figure`] (charts).
+//! - **Families** of stage kinds, each depending on the contract and the shared parts,
+//!   never on another family: [`data`] (readers, `build_data`, `split`), [`label`]
+//!   (`calibrate`, `validate`, `batch_label`), [`lm`] (`sft`, `generate`, `merge`),
+//!   [`eval`] (`evaluate`) and [`prefs`] (`prefs_generate`, `prefs_judge`,
+//!   `reward_train`). A kind lives in `FAMILY/KIND.rs` and is registered in [`builtin`].
 #![warn(missing_docs)]
 
-pub mod answer_schema;
-pub mod batch_label;
-pub mod bm25;
-pub mod build_data;
-pub mod calibrate;
-pub mod chat;
 pub mod command;
 mod contract;
-pub mod evaluate;
 pub mod fsio;
-pub mod generate;
-pub mod merge;
-mod ml;
-pub mod oracle;
-pub mod oracle_task;
 mod params;
-mod plot;
-pub mod prefs_generate;
-pub mod prefs_judge;
-pub mod readers;
 mod registry;
-pub mod reward_train;
-pub mod scoring;
-pub mod sft;
-pub mod split;
+
+pub mod figure;
+pub mod metrics;
+pub mod model;
+pub mod oracle;
+pub mod prompt;
+pub mod records;
+pub mod task;
+
+pub mod data;
+pub mod eval;
+pub mod label;
+pub mod lm;
+pub mod prefs;
 
 pub use contract::{
     CancelToken, Decision, Gate, InputDecl, Outcome, OutputDecl, OutputLocation, Reporter,
@@ -45,18 +53,18 @@ pub use registry::Registry;
 pub fn builtin() -> Registry {
     let mut registry = Registry::new();
     registry.register(command::CommandStage);
-    registry.register(split::SplitStage);
-    registry.register(build_data::BuildDataStage);
-    registry.register(sft::SftStage);
-    registry.register(generate::GenerateStage);
-    registry.register(merge::MergeStage);
-    registry.register(calibrate::CalibrateStage);
-    registry.register(calibrate::ValidateStage);
-    registry.register(batch_label::BatchLabelStage);
-    registry.register(evaluate::EvaluateStage);
-    registry.register(prefs_generate::PrefsGenerateStage);
-    registry.register(prefs_judge::PrefsJudgeStage);
-    registry.register(reward_train::RewardTrainStage);
+    registry.register(data::split::SplitStage);
+    registry.register(data::build_data::BuildDataStage);
+    registry.register(lm::sft::SftStage);
+    registry.register(lm::generate::GenerateStage);
+    registry.register(lm::merge::MergeStage);
+    registry.register(label::calibrate::CalibrateStage);
+    registry.register(label::validate::ValidateStage);
+    registry.register(label::batch_label::BatchLabelStage);
+    registry.register(eval::evaluate::EvaluateStage);
+    registry.register(prefs::prefs_generate::PrefsGenerateStage);
+    registry.register(prefs::prefs_judge::PrefsJudgeStage);
+    registry.register(prefs::reward_train::RewardTrainStage);
     registry
 }
 

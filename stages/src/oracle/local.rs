@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use super::{Ask, AskError, Backend, Budget, OracleSpec};
-use crate::chat::{ChatModel, ChatRequest, Completion};
 use crate::contract::{CancelToken, StageError};
+use crate::model::chat::{ChatModel, ChatRequest, Completion};
 
 /// An in-process model.
 pub struct LocalBackend {

@@ -18,8 +18,8 @@ use pipe_train::generate::Finish;
 use serde_json::{json, Value};
 
 use super::{Ask, AskError, Backend, Budget, OracleSpec};
-use crate::chat::Completion;
 use crate::contract::{CancelToken, StageError};
+use crate::model::chat::Completion;
 
 /// A chat completions endpoint.
 pub struct OpenAiBackend {

@@ -1,0 +1,454 @@
+//! `sft`: supervised fine-tuning with LoRA.
+//!
+//! Inputs `train` (and optionally `val`) are JSONL with `prompt`/`response`
+//! fields (names configurable) or chat `messages`. The output `adapter` is a PEFT
+//! LoRA folder that Python's `peft` loads; `metrics` is one JSON line per step;
+//! `curve` is the loss curve as PNG. Training checkpoints go to the stage's
+//! checkpoint dir, so an interrupted run resumes at its last checkpoint and
+//! continues with exactly the losses it would have had.
+
+use std::collections::BTreeMap;
+
+use pipe_train::data::{Formatter, LossMask, Record};
+use pipe_train::lora::LoraConfig;
+use pipe_train::optim::{AdamWConfig, Decay};
+use pipe_train::trainer::{self, Observer, StepMetrics, TrainSettings};
+use pipe_train::Rng;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::contract::{InputDecl, Outcome, OutputDecl, Signature, Stage, StageContext, StageError};
+use crate::model;
+use crate::params::{parse_params, ParamError};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Schedule {
+    #[serde(default)]
+    warmup_steps: u64,
+    /// Warmup as a share of the steps (used when `warmup_steps` is 0), e.g. 0.03.
+    #[serde(default)]
+    warmup_ratio: f64,
+    #[serde(default = "default_decay")]
+    decay: Decay,
+}
+
+fn default_decay() -> Decay {
+    Decay::Cosine
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule {
+            warmup_steps: 0,
+            warmup_ratio: 0.0,
+            decay: default_decay(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SftParams {
+    /// `tiny:ARCH[:SEED]`, a .gguf file, an HF folder or an HF repo id.
+    model: String,
+    #[serde(default)]
+    lora: LoraConfig,
+    #[serde(default)]
+    optimizer: AdamWConfig,
+    #[serde(default)]
+    schedule: Schedule,
+    #[serde(default = "default_batch")]
+    batch_size: usize,
+    #[serde(default = "one")]
+    grad_accum: usize,
+    #[serde(default = "default_max_len")]
+    max_len: usize,
+    #[serde(default)]
+    epochs: Option<f64>,
+    #[serde(default)]
+    steps: Option<u64>,
+    #[serde(default)]
+    eval_every: u64,
+    #[serde(default)]
+    save_every: u64,
+    #[serde(default = "default_clip")]
+    max_grad_norm: Option<f64>,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default = "auto")]
+    device: String,
+    #[serde(default = "auto")]
+    dtype: String,
+    #[serde(default = "default_mask")]
+    loss_mask: LossMask,
+    /// `auto` (the model's), `none` (plain text), or a Jinja template.
+    #[serde(default = "auto")]
+    chat_template: String,
+    #[serde(default = "default_prompt")]
+    prompt_field: String,
+    #[serde(default = "default_response")]
+    response_field: String,
+    /// A prompt template file (minijinja over the record) instead of `prompt_field`.
+    #[serde(default)]
+    prompt_template: Option<String>,
+    /// An inline template for the response instead of `response_field`, e.g.
+    /// `'{{ oracle | tojson }}'` to train on a labelled JSON answer.
+    #[serde(default)]
+    response_template: Option<String>,
+    /// Special tokens to add; their embedding rows start at the mean of the
+    /// existing rows and are trained (PEFT `trainable_token_indices`).
+    #[serde(default)]
+    new_special_tokens: Vec<String>,
+}
+
+fn default_batch() -> usize {
+    4
+}
+fn one() -> usize {
+    1
+}
+fn default_max_len() -> usize {
+    512
+}
+fn default_clip() -> Option<f64> {
+    Some(1.0)
+}
+fn auto() -> String {
+    "auto".into()
+}
+fn default_mask() -> LossMask {
+    LossMask::AnswerOnly
+}
+fn default_prompt() -> String {
+    "prompt".into()
+}
+fn default_response() -> String {
+    "response".into()
+}
+
+impl SftParams {
+    fn validate(&self) -> Result<(), ParamError> {
+        model::model_dep(&self.model)?;
+        self.lora
+            .validate()
+            .map_err(|e| ParamError::new(&["with", "lora"], e.to_string()))?;
+        if self.epochs.is_some() && self.steps.is_some() {
+            return Err(ParamError::new(
+                &["with", "steps"],
+                "give `epochs` or `steps`, not both",
+            ));
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 || self.max_len < 2 {
+            return Err(ParamError::new(
+                &["with", "batch_size"],
+                "batch_size and grad_accum must be ≥ 1 and max_len ≥ 2",
+            ));
+        }
+        if !(self.optimizer.lr > 0.0 && self.optimizer.lr.is_finite()) {
+            return Err(ParamError::new(
+                &["with", "optimizer", "lr"],
+                format!(
+                    "expected a positive learning rate, found {}",
+                    self.optimizer.lr
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn record(
+        &self,
+        v: &Value,
+        where_: &str,
+        prompt_t: Option<&str>,
+    ) -> Result<Record, StageError> {
+        if prompt_t.is_some() || self.response_template.is_some() {
+            let render = |t: &str, what: &str| {
+                crate::prompt::render_template(t, v)
+                    .map_err(|e| StageError::Failed(format!("{where_}: {what}: {e}")))
+            };
+            let field = |f: &str| {
+                v.get(f)
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        StageError::Failed(format!("{where_}: expected a string field `{f}`"))
+                    })
+            };
+            return Ok(Record::Pair {
+                prompt: match prompt_t {
+                    Some(t) => render(t, "prompt_template")?,
+                    None => field(&self.prompt_field)?,
+                },
+                response: match &self.response_template {
+                    Some(t) => render(t, "response_template")?,
+                    None => field(&self.response_field)?,
+                },
+            });
+        }
+        if v.get("messages").is_some() {
+            return serde_json::from_value(v.clone()).map_err(|e| {
+                StageError::Failed(format!(
+                    "{where_}: `messages` must be a list of {{role, content}}: {e}"
+                ))
+            });
+        }
+        let field = |f: &str| {
+            v.get(f).and_then(Value::as_str).map(str::to_string).ok_or_else(|| {
+                StageError::Failed(format!("{where_}: expected a string field `{f}` (or `messages`); set `prompt_field`/`response_field` for other names"))
+            })
+        };
+        Ok(Record::Pair {
+            prompt: field(&self.prompt_field)?,
+            response: field(&self.response_field)?,
+        })
+    }
+}
+
+struct Progress<'a>(&'a StageContext);
+
+impl Observer for Progress<'_> {
+    fn on_step(&mut self, m: &StepMetrics, total: u64) {
+        let eval = m
+            .eval_loss
+            .map(|l| format!(" eval {l:.4}"))
+            .unwrap_or_default();
+        let msg = format!(
+            "loss {:.4}{eval} lr {:.2e} {:.0} tok/s",
+            m.loss, m.lr, m.tokens_per_s
+        );
+        self.0.progress(m.step, Some(total), &msg);
+        self.0.log(&format!(
+            "step {}/{total}: {msg} grad-norm {:.3}",
+            m.step, m.grad_norm
+        ));
+    }
+
+    fn on_resume(&mut self, step: u64) {
+        self.0
+            .log(&format!("resuming at step {step} from a checkpoint"));
+    }
+
+    fn cancelled(&self) -> bool {
+        self.0.cancel.is_cancelled()
+    }
+}
+
+/// LoRA supervised fine-tuning.
+pub struct SftStage;
+
+impl Stage for SftStage {
+    fn kind(&self) -> &'static str {
+        "sft"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn summary(&self) -> &'static str {
+        "LoRA supervised fine-tuning (answer-only loss), PEFT-compatible adapter"
+    }
+
+    fn declare(&self, params: &Value) -> Result<Signature, ParamError> {
+        let p: SftParams = parse_params(params)?;
+        p.validate()?;
+        Ok(Signature {
+            inputs: vec![InputDecl::required("train"), InputDecl::optional("val")],
+            deps: model::model_dep(&p.model)?
+                .into_iter()
+                .chain(p.prompt_template.clone())
+                .collect(),
+            outputs: vec![
+                OutputDecl::staged("adapter", "adapter"),
+                OutputDecl::staged("metrics", "metrics.jsonl"),
+                OutputDecl::staged("curve", "loss_curve.png"),
+            ],
+            ..Signature::default()
+        })
+    }
+
+    fn key_params(&self, params: &Value) -> Value {
+        model::key_with_identity(params)
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<Outcome, StageError> {
+        let p: SftParams = parse_params(&ctx.params)?;
+        p.validate()?;
+        let mut loaded = model::load_model(ctx, &p.model, &p.device, &p.dtype)?;
+        let new_ids = if p.new_special_tokens.is_empty() {
+            Vec::new()
+        } else {
+            loaded
+                .tokenizer
+                .add_special_tokens(&p.new_special_tokens)
+                .map_err(model::failed("with.new_special_tokens"))?
+        };
+        let chat = model::apply_template_choice(&mut loaded.tokenizer, &p.chat_template);
+        let fmt = Formatter {
+            tokenizer: &loaded.tokenizer,
+            chat,
+            mask: p.loss_mask,
+            max_len: p.max_len,
+        };
+        let prompt_t = match &p.prompt_template {
+            Some(f) => Some(crate::prompt::read_template(ctx, f)?),
+            None => None,
+        };
+        let mut sets = Vec::new();
+        let mut dropped = 0usize;
+        for name in ["train", "val"] {
+            let Some(path) = ctx.inputs.get(name) else {
+                sets.push(Vec::new());
+                continue;
+            };
+            let mut out = Vec::new();
+            for (i, v) in crate::records::read_jsonl(path)?.iter().enumerate() {
+                let r = p.record(
+                    v,
+                    &format!("{}: record {}", path.display(), i + 1),
+                    prompt_t.as_deref(),
+                )?;
+                match fmt.example(&r).map_err(model::failed(&format!(
+                    "{}: record {}",
+                    path.display(),
+                    i + 1
+                )))? {
+                    Some(e) => out.push(e),
+                    None => dropped += 1,
+                }
+            }
+            sets.push(out);
+        }
+        let (train_set, val_set) = (&sets[0], &sets[1]);
+        let steps = p.steps.unwrap_or_else(|| {
+            TrainSettings::steps_for_epochs(
+                p.epochs.unwrap_or(1.0),
+                train_set.len(),
+                p.batch_size,
+                p.grad_accum,
+            )
+        });
+        let pad_id = loaded
+            .tokenizer
+            .eos_id()
+            .or(loaded.config.eos_ids().first().copied())
+            .unwrap_or(0);
+        let settings = TrainSettings {
+            optimizer: p.optimizer.clone(),
+            warmup_steps: if p.schedule.warmup_steps > 0 {
+                p.schedule.warmup_steps
+            } else {
+                (p.schedule.warmup_ratio * steps as f64).ceil() as u64
+            },
+            decay: p.schedule.decay,
+            batch_size: p.batch_size,
+            grad_accum: p.grad_accum,
+            steps,
+            max_grad_norm: p.max_grad_norm,
+            eval_every: p.eval_every,
+            save_every: p.save_every,
+            seed: p.seed,
+            pad_id,
+        };
+        let mut adapter = pipe_train::lora::attach(
+            &mut loaded.model,
+            &p.lora,
+            &mut Rng::new(p.seed).fork(0x10A),
+        )
+        .map_err(model::failed("attaching LoRA"))?;
+        if !new_ids.is_empty() {
+            pipe_train::lora::add_trainable_tokens(
+                &mut loaded.model,
+                &mut adapter,
+                new_ids.clone(),
+            )
+            .map_err(model::failed("adding trainable token rows"))?;
+            ctx.log(&format!(
+                "new special tokens {:?} → ids {new_ids:?}",
+                p.new_special_tokens
+            ));
+        }
+        ctx.log(&format!(
+            "{} train / {} val examples ({dropped} dropped: no answer token within max_len {}), {steps} steps, {} trainable parameters",
+            train_set.len(),
+            val_set.len(),
+            p.max_len,
+            adapter.parameters()
+        ));
+        let report = trainer::train(
+            &loaded.model,
+            &adapter,
+            train_set,
+            val_set,
+            &settings,
+            Some(&ctx.checkpoint_dir),
+            &mut Progress(ctx),
+        )
+        .map_err(model::failed("training"))?;
+        adapter
+            .restore(&report.best_adapter, &ctx.checkpoint_dir)
+            .map_err(model::failed("restoring the best adapter"))?;
+        let dir = ctx.out_dir.join("adapter");
+        std::fs::create_dir_all(&dir).map_err(StageError::io("creating the adapter folder"))?;
+        adapter
+            .save(&dir, &loaded.name)
+            .map_err(model::failed("saving the adapter"))?;
+        std::fs::write(
+            ctx.out_dir.join("metrics.jsonl"),
+            trainer::metrics_jsonl(&report.history),
+        )
+        .map_err(StageError::io("writing metrics.jsonl"))?;
+        let train_pts: Vec<(f64, f64)> = report
+            .history
+            .iter()
+            .map(|m| (m.step as f64, m.loss))
+            .collect();
+        let mut eval_pts: Vec<(f64, f64)> = report
+            .initial_eval_loss
+            .map(|l| (0.0, l))
+            .into_iter()
+            .collect();
+        eval_pts.extend(
+            report
+                .history
+                .iter()
+                .filter_map(|m| m.eval_loss.map(|l| (m.step as f64, l))),
+        );
+        crate::figure::loss_curve(&ctx.out_dir.join("loss_curve.png"), &train_pts, &eval_pts)
+            .map_err(StageError::io("writing loss_curve.png"))?;
+
+        let mut metrics = BTreeMap::new();
+        metrics.insert("steps".into(), json!(report.steps));
+        metrics.insert("resumed_from_step".into(), json!(report.resumed_from));
+        metrics.insert("train_examples".into(), json!(train_set.len()));
+        metrics.insert("dropped_examples".into(), json!(dropped));
+        metrics.insert("tokens_seen".into(), json!(report.tokens_seen));
+        metrics.insert("trainable_parameters".into(), json!(adapter.parameters()));
+        metrics.insert("final_train_loss".into(), json!(report.final_train_loss));
+        let tps: Vec<f64> = report.history.iter().map(|m| m.tokens_per_s).collect();
+        if !tps.is_empty() {
+            metrics.insert(
+                "tokens_per_s".into(),
+                json!(tps.iter().sum::<f64>() / tps.len() as f64),
+            );
+        }
+        for (k, v) in [
+            ("initial_eval_loss", report.initial_eval_loss),
+            ("best_eval_loss", report.best_eval_loss),
+            ("final_eval_loss", report.final_eval_loss),
+        ] {
+            if let Some(v) = v {
+                metrics.insert(k.into(), json!(v));
+            }
+        }
+        if let Some(s) = report.best_step {
+            metrics.insert("best_step".into(), json!(s));
+        }
+        Ok(Outcome {
+            metrics,
+            ..Outcome::default()
+        })
+    }
+}

@@ -1,0 +1,46 @@
+//! How well scores order items: ROC-AUC with ties (Mann–Whitney with average ranks).
+//! Ranking metrics over candidate groups (accuracy, MRR, reward ratio) belong here too.
+
+/// ROC-AUC of `scores` for binary `labels` (true = positive): the probability that a
+/// random positive outscores a random negative, ties counting one half (Mann–Whitney
+/// with average ranks). `None` when one class is absent.
+pub fn roc_auc(scores: &[f64], labels: &[bool]) -> Option<f64> {
+    assert_eq!(scores.len(), labels.len());
+    let pos = labels.iter().filter(|&&l| l).count();
+    let neg = labels.len() - pos;
+    if pos == 0 || neg == 0 {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let mut rank_sum_pos = 0.0;
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && scores[order[j + 1]] == scores[order[i]] {
+            j += 1;
+        }
+        // Ranks i+1 ..= j+1 share their average.
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        rank_sum_pos += avg * order[i..=j].iter().filter(|&&k| labels[k]).count() as f64;
+        i = j + 1;
+    }
+    let pos_f = pos as f64;
+    Some((rank_sum_pos - pos_f * (pos_f + 1.0) / 2.0) / (pos_f * neg as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roc_auc_with_ties() {
+        assert_eq!(roc_auc(&[0.1, 0.9], &[false, true]), Some(1.0));
+        assert_eq!(roc_auc(&[0.9, 0.1], &[false, true]), Some(0.0));
+        assert_eq!(roc_auc(&[0.5, 0.5], &[false, true]), Some(0.5));
+        // pos {0.8, 0.5}, neg {0.5, 0.2}: pairs (0.8>0.5) 1, (0.8>0.2) 1, (0.5=0.5) ½, (0.5>0.2) 1 → 3.5/4
+        let auc = roc_auc(&[0.8, 0.5, 0.5, 0.2], &[true, true, false, false]).unwrap();
+        assert!((auc - 0.875).abs() < 1e-12);
+        assert_eq!(roc_auc(&[0.1, 0.2], &[true, true]), None);
+    }
+}

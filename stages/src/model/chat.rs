@@ -1,0 +1,157 @@
+//! A loaded model answering chat requests: what the `local` oracle backend and
+//! `pipe serve` run on. Requests are rendered with the model's chat template,
+//! batched with left padding (requests with different decoding settings go in
+//! separate batches) and decoded with the Q8_0 copies of the weights on CPU.
+
+use std::path::Path;
+
+use pipe_train::generate::generate;
+pub use pipe_train::generate::{Finish, Sampling};
+use pipe_train::loader::Loaded;
+pub use pipe_train::tokenizer::Message;
+use pipe_train::Rng;
+
+/// One chat completion request.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    /// The conversation so far.
+    pub messages: Vec<Message>,
+    /// Decoding settings.
+    pub sampling: Sampling,
+    /// Seed of this request's sampler (ignored when greedy).
+    pub seed: u64,
+}
+
+/// One completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// The assistant's text.
+    pub text: String,
+    /// Why generation ended.
+    pub finish: Finish,
+    /// Tokens in the rendered prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub completion_tokens: usize,
+}
+
+/// A model ready to answer chats.
+pub struct ChatModel {
+    loaded: Loaded,
+    eos: Vec<u32>,
+    /// The name it was loaded by (`gguf:models/x.gguf`).
+    pub name: String,
+}
+
+impl ChatModel {
+    /// Loads `spec` (a pipe-train model spec, relative paths against `workdir`) with an
+    /// optional PEFT adapter; `quantize` decodes with Q8_0 weight copies.
+    pub fn load(
+        spec: &str,
+        workdir: &Path,
+        adapter: Option<&Path>,
+        device: &str,
+        dtype: &str,
+        quantize: bool,
+    ) -> Result<ChatModel, String> {
+        let (device, dtype) = crate::model::device(device, dtype).map_err(|e| e.to_string())?;
+        let resolved = crate::model::resolve_model(spec, workdir);
+        let mut loaded = pipe_train::loader::load(&resolved, dtype, &device)
+            .map_err(|e| format!("loading `{spec}`: {e}"))?;
+        loaded.name = spec.to_string();
+        if let Some(dir) = adapter {
+            pipe_train::lora::load(&mut loaded.model, dir)
+                .map_err(|e| format!("loading the adapter {}: {e}", dir.display()))?;
+        }
+        if quantize {
+            loaded
+                .model
+                .quantize_for_decoding()
+                .map_err(|e| format!("quantizing for decoding: {e}"))?;
+        }
+        if loaded.tokenizer.chat_template().is_none() {
+            return Err(format!(
+                "`{spec}` has no chat template; a chat model needs one (tokenizer_config.json or GGUF metadata)"
+            ));
+        }
+        let mut eos = loaded.config.eos_ids();
+        eos.extend(loaded.tokenizer.eos_id());
+        eos.sort();
+        eos.dedup();
+        Ok(ChatModel {
+            loaded,
+            eos,
+            name: spec.to_string(),
+        })
+    }
+
+    /// sha256 of the model's config, weights and tokenizer.
+    pub fn identity(&self) -> &str {
+        &self.loaded.identity
+    }
+
+    /// Tokens of the rendered prompt of `messages` (with the generation prompt).
+    pub fn prompt_tokens(&self, messages: &[Message]) -> Result<usize, String> {
+        self.encode(messages).map(|ids| ids.len())
+    }
+
+    /// The token ids of a conversation rendered for generation. A final assistant
+    /// message is a prefill: the reply continues it.
+    fn encode(&self, messages: &[Message]) -> Result<Vec<u32>, String> {
+        let (msgs, prefill) = match messages.split_last() {
+            Some((last, rest)) if last.role == "assistant" => (rest, last.content.as_str()),
+            _ => (messages, ""),
+        };
+        let mut text = self
+            .loaded
+            .tokenizer
+            .apply_chat_template(msgs, true)
+            .map_err(|e| format!("rendering the chat template: {e}"))?;
+        text.push_str(prefill);
+        self.loaded
+            .tokenizer
+            .encode(&text)
+            .map_err(|e| format!("tokenizing: {e}"))
+    }
+
+    /// Answers a batch of requests, in order.
+    pub fn complete(&self, requests: &[ChatRequest]) -> Result<Vec<Completion>, String> {
+        let prompts = requests
+            .iter()
+            .map(|r| self.encode(&r.messages))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out: Vec<Option<Completion>> = vec![None; requests.len()];
+        let mut groups: Vec<(&Sampling, Vec<usize>)> = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            match groups.iter_mut().find(|(s, _)| **s == r.sampling) {
+                Some((_, v)) => v.push(i),
+                None => groups.push((&r.sampling, vec![i])),
+            }
+        }
+        for (sampling, idx) in groups {
+            let batch: Vec<Vec<u32>> = idx.iter().map(|&i| prompts[i].clone()).collect();
+            let mut rngs: Vec<Rng> = idx.iter().map(|&i| Rng::new(requests[i].seed)).collect();
+            let gens = generate(
+                &self.loaded.model,
+                &self.loaded.tokenizer,
+                &batch,
+                sampling,
+                &self.eos,
+                &mut rngs,
+            )
+            .map_err(|e| format!("generating: {e}"))?;
+            for (g, &i) in gens.into_iter().zip(&idx) {
+                out[i] = Some(Completion {
+                    completion_tokens: g.ids.len(),
+                    prompt_tokens: prompts[i].len(),
+                    text: g.text,
+                    finish: g.finish,
+                });
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|c| c.expect("every request answered"))
+            .collect())
+    }
+}

@@ -1,0 +1,132 @@
+//! Models for stages: what every family that loads a model shares. The `model` param
+//! (a GGUF file, an HF folder, a hub id or `tiny:...`) and how it enters the
+//! fingerprint (a file is a dep, a cached hub model adds its identity), device and
+//! dtype selection, loading relative to the workdir, the `chat_template` choice, and
+//! the bridge from pipe-train's errors to [`StageError`]. [`chat`] is a loaded model
+//! answering chat requests (the local oracle backend, `evaluate`, the preference
+//! stages and `pipe serve`).
+
+pub mod chat;
+
+use std::path::{Path, PathBuf};
+
+use pipe_train::loader::ModelSpec;
+use serde_json::Value;
+
+use crate::contract::{StageContext, StageError};
+use crate::params::ParamError;
+
+/// Checks a `model` param and returns the workspace path to declare as a dep, if it is a file or folder.
+pub fn model_dep(model: &str) -> Result<Option<String>, ParamError> {
+    match ModelSpec::parse(model).map_err(|e| ParamError::new(&["with", "model"], e.to_string()))? {
+        ModelSpec::Gguf(p) | ModelSpec::Dir(p) => Ok(Some(p.to_string_lossy().into_owned())),
+        ModelSpec::Tiny { .. } | ModelSpec::Hub(_) => Ok(None),
+    }
+}
+
+/// Adds the identity of a hub model found in the local cache to the key params, so a
+/// new revision in the cache changes the fingerprint (files and folders are deps instead).
+pub fn key_with_identity(params: &Value) -> Value {
+    let mut out = params.clone();
+    if let Some(model) = params.get("model").and_then(Value::as_str) {
+        if let Ok(ModelSpec::Hub(_)) = ModelSpec::parse(model) {
+            if let (Ok(id), Some(obj)) = (pipe_train::loader::identity(model), out.as_object_mut())
+            {
+                obj.insert("model_identity".into(), Value::String(id));
+            }
+        }
+    }
+    out
+}
+
+/// Workspace deps of a stage that renders `template` and loads `model`.
+pub fn template_and_model_deps(template: &str, model: &str) -> Result<Vec<String>, ParamError> {
+    let mut deps = vec![template.to_string()];
+    deps.extend(model_dep(model).map_err(|mut e| {
+        e.path = vec!["model".into()];
+        e
+    })?);
+    Ok(deps)
+}
+
+/// [`key_with_identity`] without `execution_only` keys (device, batch size...), which
+/// change how the work is done, not its result.
+pub fn key_without(params: &Value, execution_only: &[&str]) -> Value {
+    let mut v = key_with_identity(params);
+    if let Some(o) = v.as_object_mut() {
+        for k in execution_only {
+            o.remove(*k);
+        }
+    }
+    v
+}
+
+/// The model spec with a file path made absolute against the workdir.
+pub fn resolve_model(model: &str, workdir: &Path) -> String {
+    match ModelSpec::parse(model) {
+        Ok(ModelSpec::Gguf(p)) | Ok(ModelSpec::Dir(p)) if p.is_relative() => {
+            workdir.join(p).to_string_lossy().into_owned()
+        }
+        _ => model.to_string(),
+    }
+}
+
+/// Maps a pipe-train error to a stage error.
+pub fn failed(context: &str) -> impl Fn(pipe_train::Error) -> StageError + '_ {
+    move |e| match e {
+        pipe_train::Error::Cancelled => StageError::Cancelled,
+        e => StageError::Failed(format!("{context}: {e}")),
+    }
+}
+
+/// Device and dtype from the `device`/`dtype` params.
+pub fn device(
+    ctx_device: &str,
+    ctx_dtype: &str,
+) -> Result<(candle_core::Device, candle_core::DType), StageError> {
+    let d = pipe_train::device(ctx_device).map_err(|e| StageError::Failed(e.to_string()))?;
+    let t = pipe_train::dtype(ctx_dtype, &d).map_err(|e| StageError::Failed(e.to_string()))?;
+    Ok((d, t))
+}
+
+/// Loads a model relative to the stage's workdir, logging what was loaded.
+pub fn load_model(
+    ctx: &StageContext,
+    model: &str,
+    dev: &str,
+    dtype: &str,
+) -> Result<pipe_train::loader::Loaded, StageError> {
+    let (device, dtype) = device(dev, dtype)?;
+    let spec = resolve_model(model, &ctx.workdir);
+    ctx.progress(0, None, "loading model");
+    let loaded =
+        pipe_train::loader::load(&spec, dtype, &device).map_err(failed("loading the model"))?;
+    let mut loaded = loaded;
+    loaded.name = model.to_string();
+    ctx.log(&format!(
+        "model {model}: {:?}, {} layers, hidden {}, vocab {}, identity {}, {device:?} {dtype:?}",
+        loaded.config.architecture,
+        loaded.config.num_hidden_layers,
+        loaded.config.hidden_size,
+        loaded.config.vocab_size,
+        &loaded.identity[..12]
+    ));
+    Ok(loaded)
+}
+
+/// The `chat_template` param: `auto` (the model's), `none` (plain text) or a Jinja template.
+pub fn apply_template_choice(tok: &mut pipe_train::tokenizer::TextTokenizer, choice: &str) -> bool {
+    match choice {
+        "auto" => true,
+        "none" => false,
+        t => {
+            tok.set_chat_template(Some(t.to_string()));
+            true
+        }
+    }
+}
+
+/// A path under the checkpoint dir.
+pub fn ckpt(ctx: &StageContext, name: &str) -> PathBuf {
+    ctx.checkpoint_dir.join(name)
+}

@@ -1,0 +1,78 @@
+//! Prompt templates: minijinja files rendered once per record, the record's fields
+//! being the template's variables (an undefined variable is an error), and the first
+//! JSON object in a model's reply. Every stage with a prompt file renders through
+//! here: oracles, evaluation, preference sampling and judging, sft's templates and the
+//! reward model.
+
+use serde_json::Value;
+
+use crate::contract::{StageContext, StageError};
+
+/// Renders a minijinja template with `record`'s fields as its variables; an undefined
+/// variable is an error, not an empty string. Shared by every stage with a prompt file.
+pub fn render_template(template: &str, record: &Value) -> Result<String, String> {
+    let mut env = minijinja::Environment::new();
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    env.add_template("prompt", template)
+        .map_err(|e| format!("the template does not parse: {e}"))?;
+    env.get_template("prompt")
+        .expect("added")
+        .render(minijinja::Value::from_serialize(record))
+        .map_err(|e| format!("rendering: {e}"))
+}
+
+/// The first balanced `{…}` in `text`, braces inside JSON strings ignored.
+pub fn first_object(text: &str) -> Option<&str> {
+    let start = text.find('{')?;
+    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
+    for (i, c) in text[start..].char_indices() {
+        if in_str {
+            match (esc, c) {
+                (true, _) => esc = false,
+                (false, '\\') => esc = true,
+                (false, '"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_str = true,
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(&text[start..start + i + 1]);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Reads the prompt template a stage's params name (relative to the workdir).
+pub fn read_template(ctx: &StageContext, name: &str) -> Result<String, StageError> {
+    let path = ctx.workdir.join(name);
+    std::fs::read_to_string(&path).map_err(StageError::io(format!(
+        "reading the prompt template {}",
+        path.display()
+    )))
+}
+
+/// Renders `template` (the file `name`) for every record; an error names the
+/// template and the record (`what` record N, counted from 1).
+pub fn render_each(
+    template: &str,
+    name: &str,
+    records: &[Value],
+    what: &str,
+) -> Result<Vec<String>, StageError> {
+    records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            render_template(template, r)
+                .map_err(|e| StageError::Failed(format!("{name}: {what} record {}: {e}", i + 1)))
+        })
+        .collect()
+}
