@@ -1,6 +1,9 @@
 """Writes the parity fixtures that pipe-train's tests check against.
 
-For tiny random Llama, Qwen2 and Mistral models this builds the model with
+For tiny random Llama, Qwen2, Mistral, Qwen3, Gemma, Gemma 2 and Phi-3 models
+(each with the features that set its family apart switched on: explicit head_dim,
+one KV head, soft-capping small enough to bend the scores, a window shorter than
+the sequence on alternating layers, fused projections) this builds the model with
 `transformers` (CPU, float32), attaches a PEFT LoRA adapter with non-zero B,
 and stores: the model (config.json + model.safetensors), the adapter (PEFT's
 own save_pretrained), and in io.safetensors the inputs, the base logits, the
@@ -28,6 +31,14 @@ ARCHS = {
     "llama": dict(model_type="llama", tie_word_embeddings=False),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
     "mistral": dict(model_type="mistral", tie_word_embeddings=False, sliding_window=4),
+    "qwen3": dict(model_type="qwen3", tie_word_embeddings=False, head_dim=24),
+    "gemma": dict(model_type="gemma", tie_word_embeddings=True, head_dim=24, num_key_value_heads=1,
+                  hidden_activation="gelu_pytorch_tanh", pad_token_id=0, bos_token_id=2, eos_token_id=1),
+    "gemma2": dict(model_type="gemma2", tie_word_embeddings=True, head_dim=24, query_pre_attn_scalar=32,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0, sliding_window=4,
+                   hidden_activation="gelu_pytorch_tanh", pad_token_id=0, bos_token_id=2, eos_token_id=1),
+    "phi3": dict(model_type="phi3", tie_word_embeddings=False, sliding_window=5,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 
 
@@ -86,7 +97,8 @@ def build(arch, out):
 
 if __name__ == "__main__":
     root = sys.argv[1] if len(sys.argv) > 1 else "train/tests/fixtures/parity"
-    for arch in ARCHS:
+    only = sys.argv[2:] or list(ARCHS)
+    for arch in only:
         build(arch, os.path.join(root, arch))
     import transformers, peft
     with open(os.path.join(root, "VERSIONS.json"), "w") as f:

@@ -16,11 +16,7 @@ use crate::tokenizer::TextTokenizer;
 pub fn save_hf_dir(model: &mut Decoder, tokenizer: &TextTokenizer, dir: &Path) -> Result<()> {
     let cfg = model.config().clone();
     let mut c = serde_json::to_value(&cfg).expect("config serialises");
-    let arch = match cfg.architecture {
-        crate::Architecture::Llama => "LlamaForCausalLM",
-        crate::Architecture::Qwen2 => "Qwen2ForCausalLM",
-        crate::Architecture::Mistral => "MistralForCausalLM",
-    };
+    let arch = cfg.architecture.hf_class();
     if let Some(o) = c.as_object_mut() {
         o.insert("architectures".into(), json!([arch]));
         o.insert(
@@ -31,7 +27,14 @@ pub fn save_hf_dir(model: &mut Decoder, tokenizer: &TextTokenizer, dir: &Path) -
                 .replace("bf16", "bfloat16")
                 .replace("f16", "float16")),
         );
-        o.insert("hidden_act".into(), json!("silu"));
+        if cfg.hidden_act.is_none() {
+            let act = if cfg.architecture.offset_norms() {
+                "gelu_pytorch_tanh"
+            } else {
+                "silu"
+            };
+            o.insert("hidden_act".into(), json!(act));
+        }
         o.retain(|_, v| !v.is_null());
     }
     write_json(&dir.join("config.json"), &c)?;

@@ -40,18 +40,15 @@ impl ModelSpec {
     pub fn parse(s: &str) -> Result<ModelSpec> {
         if let Some(rest) = s.strip_prefix("tiny:") {
             let mut parts = rest.splitn(2, ':');
-            let arch = match parts.next().unwrap_or_default() {
-                "llama" => Architecture::Llama,
-                "qwen2" => Architecture::Qwen2,
-                "mistral" => Architecture::Mistral,
-                other => {
-                    return Err(Error::Model {
-                        spec: s.into(),
-                        message: format!(
-                            "unknown tiny architecture `{other}`; expected llama, qwen2 or mistral"
-                        ),
-                    })
-                }
+            let name = parts.next().unwrap_or_default();
+            let Some(arch) = Architecture::from_name(name) else {
+                return Err(Error::Model {
+                    spec: s.into(),
+                    message: format!(
+                        "unknown tiny architecture `{name}`; expected one of {}",
+                        Architecture::NAMES.join(", ")
+                    ),
+                });
             };
             let seed = match parts.next() {
                 Some(n) => n.parse().map_err(|_| Error::Model {
@@ -317,6 +314,13 @@ pub fn gguf_config(content: &gguf_file::Content, path: &Path) -> Result<Config> 
             .get("tokenizer.ggml.eos_token_id")
             .and_then(|v| v.to_u32().ok())
             .map(crate::config::TokenIds::One),
+        hidden_act: None,
+        hidden_activation: None,
+        query_pre_attn_scalar: None,
+        attn_logit_softcapping: None,
+        final_logit_softcapping: None,
+        layer_types: None,
+        partial_rotary_factor: None,
     };
     cfg.validate().map_err(|m| Error::format(path, m))?;
     Ok(cfg)

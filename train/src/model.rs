@@ -1,7 +1,11 @@
-//! The decoder: one implementation for Llama, Qwen2 and Mistral, written for
-//! training. Every op has a backward (RMSNorm, RoPE and softmax are composed from
-//! primitive ops), the mask is causal plus padding, hidden states and logits come
-//! out for every position, and the KV cache lives outside the model.
+//! The decoder: one implementation for every family pipe-train knows (Llama, Qwen2,
+//! Mistral, Qwen3, Gemma, Gemma 2, Phi-3), written for training. Every op has a
+//! backward (RMSNorm, RoPE and softmax are fused CPU kernels with their own backward,
+//! or composed from primitive ops), the mask is causal plus padding (plus a window on
+//! sliding layers), hidden states and logits come out for every position, and the KV
+//! cache lives outside the model. What differs between families is read from the
+//! [`Config`]: fused projections, q/k norms, norm offset, activation, soft-capping and
+//! the per-layer window.
 //!
 //! Field and tensor names follow HF checkpoints (`model.layers.N.self_attn.q_proj`).
 
@@ -10,7 +14,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
-use crate::config::Config;
+use crate::config::{Activation, Config};
 use crate::error::Result;
 use crate::linear::{embed, rms_norm, Linear};
 use crate::rng::Rng;
@@ -237,26 +241,61 @@ fn project(lin: &Linear, x: &Tensor, dropout: Option<&mut Rng>, inference: bool)
     }
 }
 
+/// The query, key and value projections of one layer.
+#[derive(Debug, Clone)]
+pub enum Qkv {
+    /// Three projections (`q_proj`, `k_proj`, `v_proj`).
+    Split {
+        /// Query projection.
+        q_proj: Linear,
+        /// Key projection.
+        k_proj: Linear,
+        /// Value projection.
+        v_proj: Linear,
+    },
+    /// One projection whose output rows are queries, then keys, then values (Phi-3's
+    /// `qkv_proj`; LoRA adapts it as one module, as PEFT does).
+    Fused {
+        /// `[(heads + 2·kv_heads)·head_dim, hidden]`.
+        qkv_proj: Linear,
+    },
+}
+
 /// Self-attention projections of one layer.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    /// Query projection.
-    pub q_proj: Linear,
-    /// Key projection.
-    pub k_proj: Linear,
-    /// Value projection.
-    pub v_proj: Linear,
+    /// Query, key and value projections.
+    pub qkv: Qkv,
     /// Output projection.
     pub o_proj: Linear,
+    /// Qwen3: RMSNorm weight `[head_dim]` applied to each query head before RoPE.
+    pub q_norm: Option<Tensor>,
+    /// Qwen3: the same for keys.
+    pub k_norm: Option<Tensor>,
 }
 
-/// SwiGLU MLP of one layer.
+/// The gate and up projections of one layer's MLP.
+#[derive(Debug, Clone)]
+pub enum GateUp {
+    /// Two projections (`gate_proj`, `up_proj`).
+    Split {
+        /// Gate projection (the activated half).
+        gate_proj: Linear,
+        /// Up projection.
+        up_proj: Linear,
+    },
+    /// One projection whose first half of rows is the gate (Phi-3's `gate_up_proj`).
+    Fused {
+        /// `[2·intermediate, hidden]`.
+        gate_up_proj: Linear,
+    },
+}
+
+/// Gated MLP of one layer: `down(act(gate(x)) · up(x))`.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    /// Gate projection.
-    pub gate_proj: Linear,
-    /// Up projection.
-    pub up_proj: Linear,
+    /// Gate and up projections.
+    pub gate_up: GateUp,
     /// Down projection.
     pub down_proj: Linear,
 }
@@ -268,8 +307,13 @@ pub struct Layer {
     pub input_layernorm: Tensor,
     /// Attention.
     pub self_attn: Attention,
-    /// Norm before the MLP.
+    /// Llama and most families: the norm before the MLP. Gemma 2: the norm of the
+    /// attention output (before the residual add).
     pub post_attention_layernorm: Tensor,
+    /// Gemma 2: the norm before the MLP.
+    pub pre_feedforward_layernorm: Option<Tensor>,
+    /// Gemma 2: the norm of the MLP output (before the residual add).
+    pub post_feedforward_layernorm: Option<Tensor>,
     /// MLP.
     pub mlp: Mlp,
 }
@@ -299,6 +343,7 @@ pub struct Decoder {
     /// Embedding rows trained as values (new special tokens), PEFT's trainable-tokens layout.
     pub tokens: Option<TrainableTokens>,
     rope: Rope,
+    activation: Activation,
     dtype: DType,
     device: Device,
 }
@@ -308,6 +353,9 @@ impl Decoder {
     pub fn new(cfg: &Config, mut w: Weights) -> Result<Decoder> {
         let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_size());
         let (q, kv) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
+        let activation = cfg
+            .activation()
+            .map_err(|m| crate::Error::format(w.source(), m))?;
         let embed_tokens = w.take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
         let dtype = embed_tokens.dtype();
         let device = embed_tokens.device().clone();
@@ -324,9 +372,18 @@ impl Decoder {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            layers.push(Layer {
-                input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[h])?,
-                self_attn: Attention {
+            let qkv = if cfg.fused_projections() {
+                Qkv::Fused {
+                    qkv_proj: linear(
+                        &mut w,
+                        format!("{p}.self_attn.qkv_proj"),
+                        q + 2 * kv,
+                        h,
+                        cfg.qkv_bias(),
+                    )?,
+                }
+            } else {
+                Qkv::Split {
                     q_proj: linear(
                         &mut w,
                         format!("{p}.self_attn.q_proj"),
@@ -348,13 +405,48 @@ impl Decoder {
                         h,
                         cfg.qkv_bias(),
                     )?,
+                }
+            };
+            let (q_norm, k_norm) = if cfg.qk_norm() {
+                (
+                    Some(w.take(&format!("{p}.self_attn.q_norm.weight"), &[hd])?),
+                    Some(w.take(&format!("{p}.self_attn.k_norm.weight"), &[hd])?),
+                )
+            } else {
+                (None, None)
+            };
+            let gate_up = if cfg.fused_projections() {
+                GateUp::Fused {
+                    gate_up_proj: linear(&mut w, format!("{p}.mlp.gate_up_proj"), 2 * i, h, false)?,
+                }
+            } else {
+                GateUp::Split {
+                    gate_proj: linear(&mut w, format!("{p}.mlp.gate_proj"), i, h, false)?,
+                    up_proj: linear(&mut w, format!("{p}.mlp.up_proj"), i, h, false)?,
+                }
+            };
+            let (pre_ff, post_ff) = if cfg.sandwich_norms() {
+                (
+                    Some(w.take(&format!("{p}.pre_feedforward_layernorm.weight"), &[h])?),
+                    Some(w.take(&format!("{p}.post_feedforward_layernorm.weight"), &[h])?),
+                )
+            } else {
+                (None, None)
+            };
+            layers.push(Layer {
+                input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                self_attn: Attention {
+                    qkv,
                     o_proj: linear(&mut w, format!("{p}.self_attn.o_proj"), h, q, cfg.o_bias())?,
+                    q_norm,
+                    k_norm,
                 },
                 post_attention_layernorm: w
                     .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                pre_feedforward_layernorm: pre_ff,
+                post_feedforward_layernorm: post_ff,
                 mlp: Mlp {
-                    gate_proj: linear(&mut w, format!("{p}.mlp.gate_proj"), i, h, false)?,
-                    up_proj: linear(&mut w, format!("{p}.mlp.up_proj"), i, h, false)?,
+                    gate_up,
                     down_proj: linear(&mut w, format!("{p}.mlp.down_proj"), h, i, false)?,
                 },
             });
@@ -390,6 +482,7 @@ impl Decoder {
             lm_head,
             tokens: None,
             rope: Rope::new(cfg, &device)?,
+            activation,
             dtype,
             device,
         })
@@ -425,16 +518,50 @@ impl Decoder {
         for (l, layer) in self.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{l}");
             let a = &mut layer.self_attn;
-            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            match &mut a.qkv {
+                Qkv::Split {
+                    q_proj,
+                    k_proj,
+                    v_proj,
+                } => {
+                    out.push((format!("{p}.self_attn.q_proj"), q_proj));
+                    out.push((format!("{p}.self_attn.k_proj"), k_proj));
+                    out.push((format!("{p}.self_attn.v_proj"), v_proj));
+                }
+                Qkv::Fused { qkv_proj } => out.push((format!("{p}.self_attn.qkv_proj"), qkv_proj)),
+            }
             out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
             let m = &mut layer.mlp;
-            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            match &mut m.gate_up {
+                GateUp::Split { gate_proj, up_proj } => {
+                    out.push((format!("{p}.mlp.gate_proj"), gate_proj));
+                    out.push((format!("{p}.mlp.up_proj"), up_proj));
+                }
+                GateUp::Fused { gate_up_proj } => {
+                    out.push((format!("{p}.mlp.gate_up_proj"), gate_up_proj))
+                }
+            }
             out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
         }
         out
+    }
+
+    /// RMSNorm as this family computes it: `x·w`, or `x·(1+w)` in f32 for Gemma.
+    fn norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        if !self.cfg.architecture.offset_norms() {
+            return rms_norm(x, weight, eps);
+        }
+        let dtype = x.dtype();
+        let w1 = (weight.to_dtype(DType::F32)? + 1.0)?;
+        if dtype == DType::F32 {
+            return rms_norm(x, &w1, eps);
+        }
+        // Gemma multiplies in f32 and rounds once, unlike Llama (round, then multiply).
+        let x = x.to_dtype(DType::F32)?;
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x.broadcast_div(&(var + eps)?.sqrt()?)?;
+        Ok(normed.broadcast_mul(&w1)?.to_dtype(dtype)?)
     }
 
     /// Final hidden states `[b, s, hidden]` for `ids: [b, s]`.
@@ -473,37 +600,69 @@ impl Decoder {
                 Tables::Device(cos, sin) => apply_rope(x, cos, sin),
             }
         };
-        let mask_values = std::sync::Arc::new(keys.additive_values(s, cfg.window()));
-        let mask = if fused {
-            None
-        } else {
-            let (b, t) = (keys.batch, keys.keys);
-            Some(Tensor::from_vec(
-                mask_values.as_ref().clone(),
-                (b, 1, s, t),
-                &self.device,
-            )?)
-        };
-        let scale = 1.0 / (hd as f64).sqrt();
+        // One mask per distinct window (Gemma 2 alternates two).
+        // (window, additive values for the fused kernel, the same as a tensor otherwise)
+        type Mask = (Option<usize>, Arc<Vec<f32>>, Option<Tensor>);
+        let mut masks: Vec<Mask> = Vec::new();
+        for l in 0..self.layers.len() {
+            let window = cfg.window(l);
+            if masks.iter().any(|(w, _, _)| *w == window) {
+                continue;
+            }
+            let values = Arc::new(keys.additive_values(s, window));
+            let tensor = if fused {
+                None
+            } else {
+                Some(Tensor::from_vec(
+                    values.as_ref().clone(),
+                    (keys.batch, 1, s, keys.keys),
+                    &self.device,
+                )?)
+            };
+            masks.push((window, values, tensor));
+        }
+        let scale = cfg.attention_scale();
+        let softcap = cfg
+            .attn_logit_softcapping
+            .filter(|_| cfg.architecture == crate::Architecture::Gemma2);
         let mut x = embed(&self.embedding(inference)?, ids)?;
+        if cfg.architecture.offset_norms() {
+            // Gemma scales embeddings by √hidden, rounded to the activation dtype.
+            x = x.affine((cfg.hidden_size as f64).sqrt(), 0.0)?;
+        }
         for (l, layer) in self.layers.iter().enumerate() {
             let a = &layer.self_attn;
-            let h = rms_norm(&x, &layer.input_layernorm, cfg.rms_norm_eps)?;
+            let h = self.norm(&x, &layer.input_layernorm)?;
             let heads = |t: Tensor, n: usize| -> Result<Tensor> {
                 Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?)
             };
-            let q = heads(
-                project(&a.q_proj, &h, dropout.as_deref_mut(), inference)?,
-                nh,
-            )?;
-            let k = heads(
-                project(&a.k_proj, &h, dropout.as_deref_mut(), inference)?,
-                nkv,
-            )?;
-            let v = heads(
-                project(&a.v_proj, &h, dropout.as_deref_mut(), inference)?,
-                nkv,
-            )?;
+            let (q, k, v) = match &a.qkv {
+                Qkv::Split {
+                    q_proj,
+                    k_proj,
+                    v_proj,
+                } => (
+                    project(q_proj, &h, dropout.as_deref_mut(), inference)?,
+                    project(k_proj, &h, dropout.as_deref_mut(), inference)?,
+                    project(v_proj, &h, dropout.as_deref_mut(), inference)?,
+                ),
+                Qkv::Fused { qkv_proj } => {
+                    let y = project(qkv_proj, &h, dropout.as_deref_mut(), inference)?;
+                    let (nq, nk) = (nh * hd, nkv * hd);
+                    (
+                        y.narrow(D::Minus1, 0, nq)?,
+                        y.narrow(D::Minus1, nq, nk)?,
+                        y.narrow(D::Minus1, nq + nk, nk)?,
+                    )
+                }
+            };
+            let mut q = heads(q, nh)?;
+            let mut k = heads(k, nkv)?;
+            let v = heads(v, nkv)?;
+            if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+                q = rms_norm(&q, qn, cfg.rms_norm_eps)?;
+                k = rms_norm(&k, kn, cfg.rms_norm_eps)?;
+            }
             let q = rope(&q)?;
             let mut k = rope(&k)?;
             let mut v = v;
@@ -516,15 +675,32 @@ impl Decoder {
                 // from holding the graph of every earlier step.
                 c.layers[l] = Some((k.detach(), v.detach()));
             }
-            let o = match &mask {
+            let window = cfg.window(l);
+            let (_, mask_values, mask) = masks
+                .iter()
+                .find(|(w, _, _)| *w == window)
+                .expect("a mask per window");
+            // Gemma 2 caps the scaled scores: cap·tanh(scores·scale / cap).
+            let capped = |scores: Tensor| -> Result<Tensor> {
+                match softcap {
+                    Some(cap) => Ok(scores.affine(scale / cap, 0.0)?.tanh()?.affine(cap, 0.0)?),
+                    None => Ok(scores.affine(scale, 0.0)?),
+                }
+            };
+            let o = match mask {
                 None => {
                     // Grouped-query attention without copying K/V per query head:
                     // the `rep` query heads of a KV head become `rep · s` rows.
                     let rep = nh / nkv;
                     let qg = q.reshape((b, nkv, rep * s, hd))?;
-                    let probs = qg.matmul(&k.t()?)?.apply_op1(crate::fused::MaskedSoftmax {
+                    let scores = qg.matmul(&k.t()?)?;
+                    let (scores, kernel_scale) = match softcap {
+                        Some(_) => (capped(scores)?, 1.0),
+                        None => (scores, scale as f32),
+                    };
+                    let probs = scores.apply_op1(crate::fused::MaskedSoftmax {
                         mask: mask_values.clone(),
-                        scale: scale as f32,
+                        scale: kernel_scale,
                         queries: s,
                     })?;
                     probs.matmul(&v.contiguous()?)?.reshape((b, nh, s, hd))?
@@ -532,26 +708,54 @@ impl Decoder {
                 Some(mask) => {
                     let k = repeat_kv(k, nh / nkv)?;
                     let v = repeat_kv(v, nh / nkv)?;
-                    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+                    let scores = capped(q.matmul(&k.t()?)?)?.to_dtype(DType::F32)?;
                     let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
                     probs.to_dtype(self.dtype)?.matmul(&v.contiguous()?)?
                 }
             };
             let o = o.transpose(1, 2)?.reshape((b, s, nh * hd))?;
-            x = (x + project(&a.o_proj, &o, dropout.as_deref_mut(), inference)?)?;
-            let h = rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps)?;
-            let m = &layer.mlp;
-            let g = project(&m.gate_proj, &h, dropout.as_deref_mut(), inference)?;
-            let u = project(&m.up_proj, &h, dropout.as_deref_mut(), inference)?;
-            let act = if fused {
-                g.contiguous()?
-                    .apply_op2(&u.contiguous()?, crate::fused::SwiGlu)?
-            } else {
-                (g.silu()? * u)?
+            let mut o = project(&a.o_proj, &o, dropout.as_deref_mut(), inference)?;
+            let h = match &layer.pre_feedforward_layernorm {
+                Some(pre) => {
+                    o = self.norm(&o, &layer.post_attention_layernorm)?;
+                    x = (x + o)?;
+                    self.norm(&x, pre)?
+                }
+                None => {
+                    x = (x + o)?;
+                    self.norm(&x, &layer.post_attention_layernorm)?
+                }
             };
-            x = (x + project(&m.down_proj, &act, dropout.as_deref_mut(), inference)?)?;
+            let m = &layer.mlp;
+            let (g, u) = match &m.gate_up {
+                GateUp::Split { gate_proj, up_proj } => (
+                    project(gate_proj, &h, dropout.as_deref_mut(), inference)?,
+                    project(up_proj, &h, dropout.as_deref_mut(), inference)?,
+                ),
+                GateUp::Fused { gate_up_proj } => {
+                    let y = project(gate_up_proj, &h, dropout.as_deref_mut(), inference)?;
+                    let half = y.dim(D::Minus1)? / 2;
+                    (
+                        y.narrow(D::Minus1, 0, half)?,
+                        y.narrow(D::Minus1, half, half)?,
+                    )
+                }
+            };
+            let act = match self.activation {
+                Activation::Silu if fused => g
+                    .contiguous()?
+                    .apply_op2(&u.contiguous()?, crate::fused::SwiGlu)?,
+                Activation::Silu => (g.silu()? * u)?,
+                Activation::GeluTanh => (g.gelu()? * u)?,
+                Activation::Gelu => (g.gelu_erf()? * u)?,
+            };
+            let mut m = project(&m.down_proj, &act, dropout.as_deref_mut(), inference)?;
+            if let Some(post) = &layer.post_feedforward_layernorm {
+                m = self.norm(&m, post)?;
+            }
+            x = (x + m)?;
         }
-        rms_norm(&x, &self.norm, cfg.rms_norm_eps)
+        self.norm(&x, &self.norm)
     }
 
     /// Logits `[..., vocab]` for hidden states `[..., hidden]`.
@@ -572,9 +776,19 @@ impl Decoder {
                 let cols = hidden.broadcast_matmul(&v.t()?)?;
                 let dim = base.rank() - 1;
                 let old = base.index_select(&t.ids_t, dim)?.detach();
-                Ok(base.index_add(&t.ids_t, &(cols - old)?, dim)?)
+                self.cap_logits(base.index_add(&t.ids_t, &(cols - old)?, dim)?)
             }
-            _ => Ok(base),
+            _ => self.cap_logits(base),
+        }
+    }
+
+    /// Gemma 2's final soft-capping, `cap·tanh(logits / cap)`.
+    fn cap_logits(&self, logits: Tensor) -> Result<Tensor> {
+        match self.cfg.final_logit_softcapping {
+            Some(cap) if self.cfg.architecture == crate::Architecture::Gemma2 => {
+                Ok(logits.affine(1.0 / cap, 0.0)?.tanh()?.affine(cap, 0.0)?)
+            }
+            _ => Ok(logits),
         }
     }
 
@@ -659,6 +873,22 @@ impl Decoder {
                 format!("{p}.post_attention_layernorm.weight"),
                 layer.post_attention_layernorm.clone(),
             );
+            for (name, t) in [
+                (
+                    "pre_feedforward_layernorm",
+                    &layer.pre_feedforward_layernorm,
+                ),
+                (
+                    "post_feedforward_layernorm",
+                    &layer.post_feedforward_layernorm,
+                ),
+                ("self_attn.q_norm", &layer.self_attn.q_norm),
+                ("self_attn.k_norm", &layer.self_attn.k_norm),
+            ] {
+                if let Some(t) = t {
+                    out.insert(format!("{p}.{name}.weight"), t.clone());
+                }
+            }
         }
         for (name, lin) in self.linears_mut() {
             out.insert(format!("{name}.weight"), lin.merged_weight()?);

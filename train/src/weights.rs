@@ -69,17 +69,34 @@ impl Weights {
             "model.embed_tokens.weight".into(),
             normal(&[cfg.vocab_size, h], &mut rng)?,
         );
+        // Norm weights start at the identity: 1, or 0 where the family computes x·(1+w).
+        let norm_init = |n: usize| {
+            if cfg.architecture.offset_norms() {
+                zeros(n)
+            } else {
+                ones(n)
+            }
+        };
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            for (name, out, inp) in [
-                ("self_attn.q_proj", q, h),
-                ("self_attn.k_proj", kv, h),
-                ("self_attn.v_proj", kv, h),
-                ("self_attn.o_proj", h, q),
-                ("mlp.gate_proj", i, h),
-                ("mlp.up_proj", i, h),
-                ("mlp.down_proj", h, i),
-            ] {
+            let mut projections = if cfg.fused_projections() {
+                vec![("self_attn.qkv_proj", q + 2 * kv, h)]
+            } else {
+                vec![
+                    ("self_attn.q_proj", q, h),
+                    ("self_attn.k_proj", kv, h),
+                    ("self_attn.v_proj", kv, h),
+                ]
+            };
+            projections.push(("self_attn.o_proj", h, q));
+            if cfg.fused_projections() {
+                projections.push(("mlp.gate_up_proj", 2 * i, h));
+            } else {
+                projections.push(("mlp.gate_proj", i, h));
+                projections.push(("mlp.up_proj", i, h));
+            }
+            projections.push(("mlp.down_proj", h, i));
+            for (name, out, inp) in projections {
                 tensors.insert(format!("{p}.{name}.weight"), normal(&[out, inp], &mut rng)?);
                 let biased = if name == "self_attn.o_proj" {
                     cfg.o_bias()
@@ -90,10 +107,20 @@ impl Weights {
                     tensors.insert(format!("{p}.{name}.bias"), zeros(out)?);
                 }
             }
-            tensors.insert(format!("{p}.input_layernorm.weight"), ones(h)?);
-            tensors.insert(format!("{p}.post_attention_layernorm.weight"), ones(h)?);
+            let mut norms = vec![("input_layernorm", h), ("post_attention_layernorm", h)];
+            if cfg.sandwich_norms() {
+                norms.push(("pre_feedforward_layernorm", h));
+                norms.push(("post_feedforward_layernorm", h));
+            }
+            if cfg.qk_norm() {
+                norms.push(("self_attn.q_norm", hd));
+                norms.push(("self_attn.k_norm", hd));
+            }
+            for (name, n) in norms {
+                tensors.insert(format!("{p}.{name}.weight"), norm_init(n)?);
+            }
         }
-        tensors.insert("model.norm.weight".into(), ones(h)?);
+        tensors.insert("model.norm.weight".into(), norm_init(h)?);
         if !cfg.tie_word_embeddings {
             tensors.insert(
                 "lm_head.weight".into(),

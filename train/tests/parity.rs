@@ -1,7 +1,8 @@
-//! pipe-train against PyTorch: tiny random Llama, Qwen2 and Mistral models and a
-//! PEFT LoRA adapter built by `scripts/reference/make_parity_fixtures.py`
-//! (transformers 5.23, peft 0.21.2, float32, CPU). Checked here: base logits,
-//! LoRA logits, the LoRA loss and every LoRA gradient.
+//! pipe-train against PyTorch: tiny random models of every family (Llama, Qwen2,
+//! Mistral, Qwen3, Gemma, Gemma 2, Phi-3) and a PEFT LoRA adapter on all linear
+//! layers, built by `scripts/reference/make_parity_fixtures.py` (transformers 5.24,
+//! peft 0.21.2, float32, CPU; versions in `fixtures/parity/VERSIONS.json`). Checked
+//! here: base logits, LoRA logits, the LoRA loss and every LoRA gradient.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -92,7 +93,9 @@ fn check(arch: &str) {
     report(arch, "mean loss |Δ|", (got - want[0]).abs());
 
     let grads = mean.backward().unwrap();
-    assert_eq!(adapter.vars.len(), 28);
+    // 2 layers × projections × (A, B); Phi-3 fuses q/k/v and gate/up into two.
+    let projections = if arch == "phi3" { 4 } else { 7 };
+    assert_eq!(adapter.vars.len(), 2 * projections * 2);
     let mut worst_grad = 0f32;
     for (key, var) in &adapter.vars {
         let g = grads
@@ -143,4 +146,24 @@ fn qwen2_matches_transformers_and_peft() {
 #[test]
 fn mistral_sliding_window_matches_transformers_and_peft() {
     check("mistral");
+}
+
+#[test]
+fn qwen3_qk_norm_matches_transformers_and_peft() {
+    check("qwen3");
+}
+
+#[test]
+fn gemma_matches_transformers_and_peft() {
+    check("gemma");
+}
+
+#[test]
+fn gemma2_softcapping_and_alternating_windows_match_transformers_and_peft() {
+    check("gemma2");
+}
+
+#[test]
+fn phi3_fused_projections_match_transformers_and_peft() {
+    check("phi3");
 }

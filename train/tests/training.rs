@@ -61,7 +61,7 @@ fn settings(steps: u64, save_every: u64) -> TrainSettings {
 
 #[test]
 fn step_zero_equals_base_model() {
-    for arch in ["tiny:llama", "tiny:qwen2", "tiny:mistral"] {
+    for arch in FAMILIES {
         let mut m = loader::load(arch, DType::F32, &Device::Cpu).unwrap();
         let ids = Tensor::new(&[[5u32, 9, 200, 7, 3]], &Device::Cpu).unwrap();
         let keys = KeyMask::full(1, 5);
@@ -86,11 +86,29 @@ fn step_zero_equals_base_model() {
     }
 }
 
+/// Every family's tiny preset.
+const FAMILIES: [&str; 7] = [
+    "tiny:llama",
+    "tiny:qwen2",
+    "tiny:mistral",
+    "tiny:qwen3",
+    "tiny:gemma",
+    "tiny:gemma2",
+    "tiny:phi3",
+];
+
 #[test]
 fn every_trainable_tensor_gets_a_nonzero_gradient() {
-    let mut m = loader::load("tiny:llama:2", DType::F32, &Device::Cpu).unwrap();
+    for arch in FAMILIES {
+        every_trainable_tensor_gets_a_nonzero_gradient_on(&format!("{arch}:2"));
+    }
+}
+
+fn every_trainable_tensor_gets_a_nonzero_gradient_on(arch: &str) {
+    let mut m = loader::load(arch, DType::F32, &Device::Cpu).unwrap();
     let adapter = lora::attach(&mut m.model, &all_linear(0.1), &mut Rng::new(1)).unwrap();
-    assert_eq!(adapter.vars.len(), 2 * 7 * 2);
+    let projections = if arch.starts_with("tiny:phi3") { 4 } else { 7 };
+    assert_eq!(adapter.vars.len(), 2 * projections * 2, "{arch}");
     let data = examples(&m.tokenizer, 8);
     // One step first: at init B = 0, so A's gradient is zero by construction (as in PEFT).
     let mut s = settings(1, 0);
@@ -104,7 +122,7 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
     for (name, var) in &adapter.vars {
         let g = grads
             .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
+            .unwrap_or_else(|| panic!("{arch}: no gradient for {name}"));
         let norm = g
             .sqr()
             .unwrap()
@@ -114,7 +132,7 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
             .unwrap();
         assert!(
             norm > 0.0 && norm.is_finite(),
-            "gradient of {name} is {norm}"
+            "{arch}: gradient of {name} is {norm}"
         );
     }
 }
@@ -186,8 +204,14 @@ fn resumed_run_reproduces_the_uninterrupted_losses_exactly() {
 
 #[test]
 fn cached_batched_generation_equals_uncached_greedy_decoding() {
+    for arch in FAMILIES {
+        cached_generation_equals_uncached_on(&format!("{arch}:1"));
+    }
+}
+
+fn cached_generation_equals_uncached_on(arch: &str) {
     use pipe_train::generate::{generate, Sampling};
-    let m = loader::load("tiny:llama:1", DType::F32, &Device::Cpu).unwrap();
+    let m = loader::load(arch, DType::F32, &Device::Cpu).unwrap();
     let prompts = vec![
         m.tokenizer.encode("hello there").unwrap(),
         m.tokenizer.encode("hi").unwrap(),
@@ -216,13 +240,19 @@ fn cached_batched_generation_equals_uncached_greedy_decoding() {
                 .unwrap();
             seq.push(pipe_train::generate::pick(&last, &s, &mut Rng::new(0)));
         }
-        assert_eq!(g.ids, seq[p.len()..].to_vec());
+        assert_eq!(g.ids, seq[p.len()..].to_vec(), "{arch}");
     }
 }
 
 #[test]
 fn merged_export_reloads_with_the_adapters_outputs() {
-    let mut m = loader::load("tiny:qwen2:6", DType::F32, &Device::Cpu).unwrap();
+    for arch in FAMILIES {
+        merged_export_reloads_on(&format!("{arch}:6"));
+    }
+}
+
+fn merged_export_reloads_on(arch: &str) {
+    let mut m = loader::load(arch, DType::F32, &Device::Cpu).unwrap();
     let adapter = lora::attach(&mut m.model, &all_linear(0.0), &mut Rng::new(1)).unwrap();
     let data = examples(&m.tokenizer, 8);
     let mut s = settings(3, 0);
@@ -258,7 +288,7 @@ fn merged_export_reloads_with_the_adapters_outputs() {
         .zip(&got)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    assert!(d < 1e-5, "merged model differs by {d}");
+    assert!(d < 1e-5, "{arch}: merged model differs by {d}");
 }
 
 #[test]
