@@ -108,6 +108,10 @@ def main():
     reports = [
         scenario("llama-lora", "tiny:llama:3", ""),
         scenario("qwen2-tied-new-tokens", "tiny:qwen2:3", "      new_special_tokens: [\"<cite>\", \"</cite>\"]", new_vocab=261),
+        scenario("qwen3-lora", "tiny:qwen3:3", ""),
+        scenario("gemma-lora", "tiny:gemma:3", ""),
+        scenario("gemma2-lora", "tiny:gemma2:3", ""),
+        scenario("phi3-fused-lora", "tiny:phi3:3", ""),
     ]
     print(json.dumps(reports, indent=1))
     ok = all(r["peft_vs_pipe_max_abs_diff"] <= 1e-4 and r["pipe_merged_vs_peft_merge_and_unload_max_abs_diff"] <= 1e-4

@@ -103,9 +103,11 @@ impl Activation {
             "silu" | "swish" => Activation::Silu,
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" | "gelu_tanh" => Activation::GeluTanh,
             "gelu" => Activation::Gelu,
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "activation `{other}` is not supported; expected silu, gelu_pytorch_tanh or gelu"
-            )),
+            ))
+            }
         })
     }
 }
@@ -182,6 +184,10 @@ pub struct Config {
     /// End-of-sequence token(s).
     #[serde(default)]
     pub eos_token_id: Option<TokenIds>,
+    /// Padding token, kept so an exported config says what the source said (transformers'
+    /// Phi-3 otherwise assumes 32000, past a small vocabulary).
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
     /// The MLP activation (`silu` unless said otherwise).
     #[serde(default)]
     pub hidden_act: Option<String>,
@@ -501,6 +507,7 @@ impl Config {
             use_sliding_window: false,
             bos_token_id: None,
             eos_token_id: None,
+            pad_token_id: None,
             hidden_act: None,
             hidden_activation: None,
             query_pre_attn_scalar: (architecture == A::Gemma2).then_some(24.0),
@@ -543,6 +550,77 @@ mod tests {
         assert_eq!(cfg.eos_ids(), vec![1, 2]);
         assert_eq!(cfg.rope_theta, 10_000.0);
         assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn family_defaults_apply_only_when_a_field_is_absent() {
+        let base = serde_json::json!({"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 2, "num_attention_heads": 2});
+        let with = |extra: serde_json::Value| {
+            let mut v = base.clone();
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            Config::from_value(v)
+        };
+        let g = with(serde_json::json!({"model_type": "gemma2"})).unwrap();
+        assert!(g.tie_word_embeddings);
+        assert_eq!(g.head_size(), 256);
+        assert_eq!(g.attn_logit_softcapping, Some(50.0));
+        assert_eq!(g.final_logit_softcapping, Some(30.0));
+        assert_eq!((g.window(0), g.window(1)), (Some(4096), None));
+        assert!((g.attention_scale() - 1.0 / 16.0).abs() < 1e-12);
+        assert_eq!(g.activation().unwrap(), Activation::GeluTanh);
+        let g = with(
+            serde_json::json!({"model_type": "gemma", "tie_word_embeddings": false,
+            "head_dim": 4, "hidden_act": "gelu"}),
+        )
+        .unwrap();
+        assert!(!g.tie_word_embeddings);
+        assert_eq!(g.head_size(), 4);
+        // transformers' Gemma ignores `hidden_act` and uses the tanh approximation.
+        assert_eq!(g.activation().unwrap(), Activation::GeluTanh);
+        let q = with(serde_json::json!({"model_type": "qwen3"})).unwrap();
+        assert_eq!(q.head_size(), 128);
+        assert!(q.qk_norm() && !q.qkv_bias());
+        let p = with(serde_json::json!({"model_type": "phi3", "sliding_window": 7})).unwrap();
+        assert!(p.fused_projections());
+        assert_eq!(p.window(1), Some(7));
+    }
+
+    #[test]
+    fn bad_configs_name_what_is_wrong() {
+        let err = |v: serde_json::Value| Config::from_value(v).unwrap_err();
+        let e = err(serde_json::json!({"model_type": "gpt2"}));
+        assert!(
+            e.contains("model_type `gpt2` is not supported")
+                && e.contains("llama, qwen2, mistral, qwen3, gemma, gemma2, phi3"),
+            "{e}"
+        );
+        assert!(err(serde_json::json!({"hidden_size": 8})).contains("`model_type` is missing"));
+        let e = err(serde_json::json!({"model_type": "gemma", "vocab_size": 10}));
+        assert!(
+            e.contains("gemma config") && e.contains("missing field `hidden_size`"),
+            "{e}"
+        );
+        let e = err(
+            serde_json::json!({"model_type": "phi3", "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}),
+        );
+        assert!(e.contains("partial_rotary_factor 0.5"), "{e}");
+        let e = err(
+            serde_json::json!({"model_type": "gemma2", "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "layer_types": ["full_attention"]}),
+        );
+        assert!(e.contains("layer_types lists 1 layers"), "{e}");
+        let e = err(
+            serde_json::json!({"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "hidden_act": "relu2"}),
+        );
+        assert!(e.contains("activation `relu2` is not supported"), "{e}");
     }
 
     #[test]

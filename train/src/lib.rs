@@ -23,6 +23,7 @@ pub mod loader;
 pub mod lora;
 pub mod loss;
 pub mod model;
+pub mod nf4;
 pub mod optim;
 pub mod q8;
 pub mod reward;

@@ -214,6 +214,7 @@ pub fn load(spec_text: &str, dtype: DType, device: &Device) -> Result<Loaded> {
             let tokenizer = TextTokenizer::bytes_chatml();
             let mut cfg = Config::tiny(*arch, tokenizer.vocab_size());
             cfg.eos_token_id = tokenizer.eos_id().map(crate::config::TokenIds::One);
+            cfg.pad_token_id = tokenizer.eos_id();
             let w = Weights::random(&cfg, *seed, dtype, device)?;
             (cfg, w, tokenizer)
         }
@@ -314,6 +315,9 @@ pub fn gguf_config(content: &gguf_file::Content, path: &Path) -> Result<Config> 
             .get("tokenizer.ggml.eos_token_id")
             .and_then(|v| v.to_u32().ok())
             .map(crate::config::TokenIds::One),
+        pad_token_id: md
+            .get("tokenizer.ggml.padding_token_id")
+            .and_then(|v| v.to_u32().ok()),
         hidden_act: None,
         hidden_activation: None,
         query_pre_attn_scalar: None,

@@ -182,7 +182,12 @@ pub fn attach(model: &mut Decoder, config: &LoraConfig, rng: &mut Rng) -> Result
     config.validate()?;
     let device = model.device().clone();
     let mut vars = Vec::new();
+    let mut names: Vec<String> = Vec::new();
     for (name, lin) in model.linears_mut() {
+        let short = name.rsplit('.').next().unwrap_or(&name).to_string();
+        if !names.contains(&short) {
+            names.push(short);
+        }
         if !config.matches(&name) {
             continue;
         }
@@ -204,8 +209,9 @@ pub fn attach(model: &mut Decoder, config: &LoraConfig, rng: &mut Rng) -> Result
     }
     if vars.is_empty() {
         return Err(Error::Invalid(format!(
-            "lora.target_modules {:?} matched no projection; names are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj",
-            config.target_modules
+            "lora.target_modules {:?} matched no projection; this model's are {}",
+            config.target_modules,
+            names.join(", ")
         )));
     }
     Ok(Adapter {
