@@ -685,6 +685,21 @@ fn every_pipeline_in_the_repo_passes_check() {
             let out = p.pipe(&["check", path.to_str().unwrap()]);
             assert_eq!(out.code, 0, "{}: {}", path.display(), out.stderr);
             n += 1;
+            // And with each of its profiles (the GPU recipes must stay valid too).
+            let doc: serde_yaml::Value =
+                serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            if let Some(profiles) = doc.get("profiles").and_then(|v| v.as_mapping()) {
+                for name in profiles.keys().filter_map(|k| k.as_str()) {
+                    let out = p.pipe(&["check", path.to_str().unwrap(), "--profile", name]);
+                    assert_eq!(
+                        out.code,
+                        0,
+                        "{} --profile {name}: {}",
+                        path.display(),
+                        out.stderr
+                    );
+                }
+            }
         }
     }
     assert!(n >= 1);
@@ -1113,6 +1128,53 @@ fn smollm2_pipeline_runs_end_to_end_with_the_smoke_profile() {
         serde_json::from_str(&p.ok(&["show", "sft", "--json"]).stdout).unwrap();
     assert_eq!(show["metrics"]["steps"], 4);
     assert_eq!(show["metrics"]["train_examples"], 32);
+}
+
+#[test]
+fn qlora_pipeline_runs_end_to_end_on_an_nf4_base_with_the_smoke_profile() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let pipeline = root.join("pipelines/smollm2_qlora.yaml");
+    let p = Project::new();
+    let out = p.ok(&[
+        "run",
+        pipeline.to_str().unwrap(),
+        "--profile",
+        "smoke",
+        "--no-progress",
+        "-v",
+    ]);
+    for stage in ["data", "split", "sft", "answer"] {
+        assert_eq!(
+            out.status_of(stage).as_deref(),
+            Some("ran"),
+            "{}",
+            out.stdout
+        );
+    }
+    let show: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "sft", "--json"]).stdout).unwrap();
+    assert_eq!(show["metrics"]["steps"], 4);
+    let log = std::fs::read_to_string(p.join(show["log"].as_str().unwrap())).unwrap();
+    assert!(
+        log.contains("packed as Nf4 (double quantization)"),
+        "the sft log says how the base is stored:\n{log}"
+    );
+    // The same pipeline on a dense base is a different computation: another key.
+    let dense = p.ok(&[
+        "status",
+        pipeline.to_str().unwrap(),
+        "--profile",
+        "smoke",
+        "--set",
+        "quantize=none",
+    ]);
+    assert!(
+        dense.stdout.lines().any(|l| l.starts_with("sft")
+            && l.contains("will run")
+            && l.contains("param quantize: \"nf4\" → \"none\"")),
+        "status names the changed param:\n{}",
+        dense.stdout
+    );
 }
 
 #[test]

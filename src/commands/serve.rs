@@ -49,15 +49,14 @@ const IDEMPOTENT_KEYS: usize = 10_000;
 pub fn run(args: &ServeArgs) -> anyhow::Result<u8> {
     let workdir = std::env::current_dir()?;
     eprintln!("loading {} ...", args.model);
-    let model = ChatModel::load(
-        &args.model,
-        &workdir,
-        args.adapter.as_deref(),
-        &args.device,
-        &args.dtype,
-        !args.no_quantize,
-    )
-    .map_err(super::UsageError)?;
+    let opts = pipe_stages::model::LoadOptions {
+        device: args.device.clone(),
+        dtype: args.dtype.clone(),
+        decode_int8: !args.no_quantize,
+        ..Default::default()
+    };
+    let model = ChatModel::load(&args.model, &workdir, args.adapter.as_deref(), &opts)
+        .map_err(super::UsageError)?;
     let (tx, rx) = mpsc::channel::<Job>();
     let max_batch = args.max_batch.max(1);
     std::thread::Builder::new()

@@ -25,6 +25,7 @@ pub mod loss;
 pub mod model;
 pub mod nf4;
 pub mod optim;
+pub mod packed;
 pub mod q8;
 pub mod reward;
 pub mod rng;

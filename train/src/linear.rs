@@ -12,6 +12,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor, Var, D};
 
 use crate::error::Result;
+use crate::packed::{packed_matmul, PackedWeight};
 use crate::q8::{Q8Matrix, BLOCK};
 use crate::rng::Rng;
 
@@ -98,11 +99,42 @@ pub struct LoraPair {
     pub dropout: f64,
 }
 
+/// How a frozen base model's projections are stored while training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseQuant {
+    /// Dense, in the model dtype.
+    #[default]
+    None,
+    /// Int8 blocks of 32 with an f32 scale each (the Q8_0 scheme, see [`crate::q8`]).
+    /// Like bitsandbytes' LLM.int8 it halves bf16 weight memory; unlike it, there is
+    /// no outlier decomposition and activations stay f32: the matmul runs on the
+    /// dequantized weight, so int8 costs accuracy only through the weight rounding
+    /// (≤ half a step of each block's scale).
+    Int8,
+    /// NF4 as bitsandbytes stores it (QLoRA; see [`crate::nf4`]).
+    Nf4,
+}
+
+impl BaseQuant {
+    /// Reads `none`, `int8`, `nf4`.
+    pub fn parse(s: &str) -> std::result::Result<BaseQuant, String> {
+        match s {
+            "none" => Ok(BaseQuant::None),
+            "int8" => Ok(BaseQuant::Int8),
+            "nf4" => Ok(BaseQuant::Nf4),
+            other => Err(format!("quantize `{other}` is not one of none, int8, nf4")),
+        }
+    }
+}
+
 /// A projection: frozen weight, optional frozen bias, optional LoRA.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `[out, in]`.
+    /// `[out, in]`; empty (`[0, 0]`) when the weight is kept in `packed` instead.
     pub weight: Tensor,
+    /// The frozen weight in a compact form (NF4, int8), when the base is quantized.
+    pub packed: Option<Arc<dyn PackedWeight>>,
     /// `[out]`.
     pub bias: Option<Tensor>,
     /// Trainable low-rank update.
@@ -123,7 +155,45 @@ impl Linear {
             weight,
             bias,
             lora: None,
+            packed: None,
             quantized: None,
+        }
+    }
+
+    /// Replaces the dense weight by a packed copy (NF4 or int8), freeing the dense one.
+    /// Widths that int8 blocks cannot split stay dense.
+    pub fn pack(&mut self, how: BaseQuant, double_quant: bool) -> Result<()> {
+        if how == BaseQuant::None || self.packed.is_some() {
+            return Ok(());
+        }
+        let (inp, out) = self.in_out();
+        if how == BaseQuant::Int8 && inp % BLOCK != 0 {
+            return Ok(());
+        }
+        let w = self
+            .weight
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let packed: Arc<dyn PackedWeight> = match how {
+            BaseQuant::Nf4 => Arc::new(crate::nf4::Nf4Matrix::quantize(&w, out, inp, double_quant)),
+            _ => Arc::new(Q8Matrix::quantize(&w, out, inp)),
+        };
+        self.weight = Tensor::zeros((0, 0), self.weight.dtype(), self.weight.device())?;
+        self.packed = Some(packed);
+        Ok(())
+    }
+
+    /// The frozen weight as a dense tensor in `dtype` (dequantized when packed).
+    pub fn dense_weight(&self, dtype: DType) -> Result<Tensor> {
+        match &self.packed {
+            None => Ok(self.weight.to_dtype(dtype)?),
+            Some(p) => {
+                Ok(
+                    Tensor::from_vec(p.dequantize(), (p.rows(), p.cols()), self.weight.device())?
+                        .to_dtype(dtype)?,
+                )
+            }
         }
     }
 
@@ -133,7 +203,7 @@ impl Linear {
     /// stay f32; so do weights on a GPU.
     pub fn quantize(&mut self) -> Result<()> {
         let (inp, out) = self.in_out();
-        if !self.weight.device().is_cpu() || inp % BLOCK != 0 {
+        if !self.weight.device().is_cpu() || inp % BLOCK != 0 || self.packed.is_some() {
             return Ok(());
         }
         // Read the f32 weight in place (a copy of `lm_head` would add 100+ MB to the
@@ -152,6 +222,9 @@ impl Linear {
 
     /// Input and output widths.
     pub fn in_out(&self) -> (usize, usize) {
+        if let Some(p) = &self.packed {
+            return (p.cols(), p.rows());
+        }
         let (o, i) = self.weight.dims2().expect("linear weight is 2-d");
         (i, o)
     }
@@ -176,7 +249,10 @@ impl Linear {
                 *dims.last_mut().expect("rank ≥ 1") = q.rows();
                 Tensor::from_vec(q.matmul(&xs, rows), dims, x.device())?
             }
-            _ => frozen_matmul(x, &self.weight)?,
+            _ => match &self.packed {
+                Some(p) => packed_matmul(x, p)?,
+                None => frozen_matmul(x, &self.weight)?,
+            },
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
@@ -200,12 +276,12 @@ impl Linear {
 
     /// The weight with the LoRA update folded in (`W + scale · B A`).
     pub fn merged_weight(&self) -> Result<Tensor> {
+        let dtype = self.weight.dtype();
         Ok(match &self.lora {
-            None => self.weight.clone(),
+            None => self.dense_weight(dtype)?,
             Some(l) => {
-                let dtype = self.weight.dtype();
                 let delta = (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?;
-                (self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?
+                (self.dense_weight(DType::F32)? + delta)?.to_dtype(dtype)?
             }
         })
     }

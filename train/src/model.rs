@@ -503,6 +503,20 @@ impl Decoder {
         &self.device
     }
 
+    /// Keeps every projection of every layer packed as `how` (NF4 or int8) instead of
+    /// dense, for training adapters on a quantized base (QLoRA). The embedding and
+    /// `lm_head` stay dense, as bitsandbytes leaves them.
+    pub fn quantize_base(
+        &mut self,
+        how: crate::linear::BaseQuant,
+        double_quant: bool,
+    ) -> Result<()> {
+        for (_, lin) in self.linears_mut() {
+            lin.pack(how, double_quant)?;
+        }
+        Ok(())
+    }
+
     /// Adds int8 copies of every projection and of `lm_head` for decoding (see
     /// [`Linear::quantize`]); training and prefill keep using f32.
     pub fn quantize_for_decoding(&mut self) -> Result<()> {

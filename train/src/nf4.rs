@@ -13,16 +13,9 @@
 //! `scripts/reference/make_nf4_fixtures.py`), so a checkpoint bitsandbytes saved loads
 //! as it is, and one pipe writes loads in bitsandbytes.
 //!
-//! Training: [`nf4_matmul`] computes `x · dequant(W)ᵀ` with a backward that returns
-//! only `dy · dequant(W)`: nothing is computed or stored for `W`, and each call
-//! dequantizes the one matrix it needs into a temporary buffer, so the model is never
-//! expanded to f32 as a whole. Hand-written because no crate reads bitsandbytes' layout
-//! or gives candle a differentiable 4-bit matmul.
-
-use std::sync::Arc;
-
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+//! Training goes through [`crate::packed::packed_matmul`]: `x · dequant(W)ᵀ` with a
+//! backward that returns only `dy · dequant(W)`. Hand-written because no crate reads
+//! bitsandbytes' layout or gives candle a differentiable 4-bit matmul.
 
 use crate::error::{Error, Result};
 
@@ -389,118 +382,36 @@ fn quantize_blockwise(a: &[f32], code: &[f32], blocksize: usize) -> (Vec<u8>, Ve
     (out, absmax)
 }
 
-/// `x · dequant(W)ᵀ` for `x: [m, in]`; backward gives `dy · dequant(W)` only.
-struct Nf4Matmul {
-    w: Arc<Nf4Matrix>,
-}
-
-/// `dy · dequant(W)` for `dy: [m, out]` (the input gradient of [`Nf4Matmul`]).
-struct Nf4MatmulInputGrad {
-    w: Arc<Nf4Matrix>,
-}
-
-fn f32_input<'a>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> candle_core::Result<(&'a [f32], usize, usize)> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("{what}: NF4 matmul takes f32 activations")
-    };
-    let (m, k) = l.shape().dims2()?;
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("{what}: NF4 matmul needs a contiguous input")
-    };
-    Ok((&data[start..end], m, k))
-}
-
-/// `a [m, k] · b` where `b` is `[k, n]` (`b_rows_are_k`) or `[n, k]` transposed.
-fn gemm(
-    a: &[f32],
-    m: usize,
-    k: usize,
-    b: Vec<f32>,
-    n: usize,
-    transpose_b: bool,
-) -> candle_core::Result<CpuStorage> {
-    let sa = CpuStorage::F32(a.to_vec());
-    let la = Layout::contiguous((m, k));
-    let sb = CpuStorage::F32(b);
-    let lb = if transpose_b {
-        Layout::contiguous((n, k)).transpose(0, 1)?
-    } else {
-        Layout::contiguous((k, n))
-    };
-    sa.matmul(&sb, (1, m, n, k), &la, &lb)
-}
-
-impl CustomOp1 for Nf4Matmul {
-    fn name(&self) -> &'static str {
-        "nf4-matmul"
+impl crate::packed::PackedWeight for Nf4Matrix {
+    fn rows(&self) -> usize {
+        self.rows
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, m, k) = f32_input(s, l, "forward")?;
-        if k != self.w.cols {
-            candle_core::bail!(
-                "NF4 matmul: input width {k} but weight is [{}, {}]",
-                self.w.rows,
-                self.w.cols
-            )
-        }
-        let out = gemm(x, m, k, self.w.dequantize(), self.w.rows, true)?;
-        Ok((out, Shape::from((m, self.w.rows))))
+    fn cols(&self) -> usize {
+        self.cols
     }
 
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let g = grad.contiguous()?;
-        Ok(Some(g.apply_op1_no_bwd(&Nf4MatmulInputGrad {
-            w: self.w.clone(),
-        })?))
-    }
-}
-
-impl CustomOp1 for Nf4MatmulInputGrad {
-    fn name(&self) -> &'static str {
-        "nf4-matmul-input-grad"
+    fn dequantize(&self) -> Vec<f32> {
+        Nf4Matrix::dequantize(self)
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (dy, m, n) = f32_input(s, l, "backward")?;
-        if n != self.w.rows {
-            candle_core::bail!(
-                "NF4 matmul backward: gradient width {n} but weight is [{}, {}]",
-                self.w.rows,
-                self.w.cols
-            )
-        }
-        let out = gemm(dy, m, n, self.w.dequantize(), self.w.cols, false)?;
-        Ok((out, Shape::from((m, self.w.cols))))
+    fn bytes(&self) -> usize {
+        Nf4Matrix::bytes(self)
     }
-}
 
-/// `x · dequant(W)ᵀ` for `x: [..., in]` (f32, CPU); the gradient flows to `x` only.
-pub fn nf4_matmul(x: &Tensor, w: &Arc<Nf4Matrix>) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let inner = *dims.last().expect("rank ≥ 1");
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let x2 = x.reshape((rows, inner))?.contiguous()?;
-    let y = x2.apply_op1(Nf4Matmul { w: w.clone() })?;
-    let mut out_dims = dims;
-    *out_dims.last_mut().expect("rank ≥ 1") = w.rows;
-    Ok(y.reshape(out_dims)?)
+    fn kind(&self) -> &'static str {
+        "nf4"
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::packed::{packed_matmul, PackedWeight};
     use crate::rng::Rng;
-    use candle_core::{Device, Var};
+    use candle_core::{Device, Tensor, Var};
 
     #[test]
     fn code_books_are_sorted_and_span_minus_one_to_one() {
@@ -517,11 +428,11 @@ mod tests {
         let mut rng = Rng::new(9);
         let (out, inp, m) = (24, 70, 5);
         let w: Vec<f32> = (0..out * inp).map(|_| rng.normal() as f32 * 0.05).collect();
-        let q = Arc::new(Nf4Matrix::quantize(&w, out, inp, true));
+        let q: Arc<dyn PackedWeight> = Arc::new(Nf4Matrix::quantize(&w, out, inp, true));
         let deq = Tensor::from_vec(q.dequantize(), (out, inp), &Device::Cpu).unwrap();
         let xv: Vec<f32> = (0..m * inp).map(|_| rng.normal() as f32).collect();
         let x = Var::from_vec(xv, (m, inp), &Device::Cpu).unwrap();
-        let y = nf4_matmul(x.as_tensor(), &q).unwrap();
+        let y = packed_matmul(x.as_tensor(), &q).unwrap();
         let want = x.as_tensor().matmul(&deq.t().unwrap()).unwrap();
         let d = (&y - &want)
             .unwrap()

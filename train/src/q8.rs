@@ -355,3 +355,25 @@ mod tests {
         }
     }
 }
+
+impl crate::packed::PackedWeight for Q8Matrix {
+    fn rows(&self) -> usize {
+        self.n
+    }
+
+    fn cols(&self) -> usize {
+        self.k
+    }
+
+    fn dequantize(&self) -> Vec<f32> {
+        Q8Matrix::dequantize(self)
+    }
+
+    fn bytes(&self) -> usize {
+        self.qs.len() + 4 * self.scales.len()
+    }
+
+    fn kind(&self) -> &'static str {
+        "int8"
+    }
+}

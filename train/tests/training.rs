@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use pipe_train::data::{Example, Formatter, LossMask, Record};
+use pipe_train::linear::BaseQuant;
 use pipe_train::loader;
 use pipe_train::lora::{self, LoraConfig, Targets};
 use pipe_train::loss::causal_lm_loss;
@@ -61,11 +62,15 @@ fn settings(steps: u64, save_every: u64) -> TrainSettings {
 
 #[test]
 fn step_zero_equals_base_model() {
-    for arch in FAMILIES {
+    for (arch, base) in FAMILIES
+        .iter()
+        .flat_map(|a| BASES.iter().map(move |b| (*a, *b)))
+    {
         let mut m = loader::load(arch, DType::F32, &Device::Cpu).unwrap();
+        m.model.quantize_base(base, false).unwrap();
         let ids = Tensor::new(&[[5u32, 9, 200, 7, 3]], &Device::Cpu).unwrap();
         let keys = KeyMask::full(1, 5);
-        let base: Vec<f32> = m
+        let out: Vec<f32> = m
             .model
             .forward(&ids, &keys)
             .unwrap()
@@ -82,7 +87,7 @@ fn step_zero_equals_base_model() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        assert_eq!(base, with, "{arch}: a fresh adapter changed the output");
+        assert_eq!(out, with, "{arch}: a fresh adapter changed the output");
     }
 }
 
@@ -97,15 +102,21 @@ const FAMILIES: [&str; 7] = [
     "tiny:phi3",
 ];
 
+const BASES: [BaseQuant; 3] = [BaseQuant::None, BaseQuant::Int8, BaseQuant::Nf4];
+
 #[test]
 fn every_trainable_tensor_gets_a_nonzero_gradient() {
     for arch in FAMILIES {
-        every_trainable_tensor_gets_a_nonzero_gradient_on(&format!("{arch}:2"));
+        for base in BASES {
+            every_trainable_tensor_gets_a_nonzero_gradient_on(&format!("{arch}:2"), base);
+        }
     }
 }
 
-fn every_trainable_tensor_gets_a_nonzero_gradient_on(arch: &str) {
+fn every_trainable_tensor_gets_a_nonzero_gradient_on(arch: &str, base: BaseQuant) {
     let mut m = loader::load(arch, DType::F32, &Device::Cpu).unwrap();
+    m.model.quantize_base(base, true).unwrap();
+    let arch = &format!("{arch} ({base:?} base)");
     let adapter = lora::attach(&mut m.model, &all_linear(0.1), &mut Rng::new(1)).unwrap();
     let projections = if arch.starts_with("tiny:phi3") { 4 } else { 7 };
     assert_eq!(adapter.vars.len(), 2 * projections * 2, "{arch}");
@@ -423,5 +434,73 @@ fn rows_that_finish_leave_the_batch_without_changing_the_others() {
         )
         .unwrap();
         assert_eq!(alone[0], batched[i], "row {i}");
+    }
+}
+
+/// QLoRA: LoRA gradients on an NF4 base equal those of the dense path run on the
+/// dequantized weights (the same numbers up to the order of f32 additions).
+#[test]
+fn qlora_gradients_equal_the_dense_path_on_dequantized_weights() {
+    for arch in ["tiny:llama:4", "tiny:gemma:4"] {
+        let mut q = loader::load(arch, DType::F32, &Device::Cpu).unwrap();
+        q.model.quantize_base(BaseQuant::Nf4, true).unwrap();
+        let mut d = loader::load(arch, DType::F32, &Device::Cpu).unwrap();
+        let dense: Vec<_> = q
+            .model
+            .linears_mut()
+            .into_iter()
+            .map(|(_, l)| l.dense_weight(DType::F32).unwrap())
+            .collect();
+        for ((_, lin), w) in d.model.linears_mut().into_iter().zip(dense) {
+            assert!(lin.packed.is_none());
+            lin.weight = w;
+        }
+        let aq = lora::attach(&mut q.model, &all_linear(0.0), &mut Rng::new(1)).unwrap();
+        let ad = lora::attach(&mut d.model, &all_linear(0.0), &mut Rng::new(1)).unwrap();
+        // Non-zero B on both, so every A and B has a gradient.
+        let mut rng = Rng::new(8);
+        for ((kq, vq), (kd, vd)) in aq.vars.iter().zip(&ad.vars) {
+            assert_eq!(kq, kd);
+            if kq.contains("lora_B") {
+                let n = vq.elem_count();
+                let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32 * 0.1).collect();
+                let t = Tensor::from_vec(v, vq.shape(), &Device::Cpu).unwrap();
+                vq.set(&t).unwrap();
+                vd.set(&t).unwrap();
+            }
+        }
+        let data = examples(&q.tokenizer, 4);
+        let refs: Vec<&Example> = data.iter().collect();
+        let b = pipe_train::data::collate(&refs, 256, &Device::Cpu).unwrap();
+        let lq = causal_lm_loss(&q.model, &b.ids, &b.keys, &b.labels, None).unwrap();
+        let ld = causal_lm_loss(&d.model, &b.ids, &b.keys, &b.labels, None).unwrap();
+        let (gq, gd) = (lq.sum.backward().unwrap(), ld.sum.backward().unwrap());
+        let mut worst = 0f32;
+        for ((name, vq), (_, vd)) in aq.vars.iter().zip(&ad.vars) {
+            let a = gq.get(vq.as_tensor()).unwrap();
+            let r = gd.get(vd.as_tensor()).unwrap();
+            let scale = r
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = (a - r)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(scale > 0.0, "{arch}: zero reference gradient for {name}");
+            worst = worst.max(diff / scale);
+        }
+        println!("{arch}: worst QLoRA gradient relative Δ vs dense-on-dequantized = {worst:.3e}");
+        assert!(
+            worst <= 1e-5,
+            "{arch}: QLoRA gradients differ by {worst} relative"
+        );
     }
 }

@@ -53,7 +53,13 @@ struct EvaluateParams {
     #[serde(default = "auto")]
     dtype: String,
     #[serde(default = "yes")]
-    quantize: bool,
+    decode_int8: bool,
+    /// Keep the model's projections as `nf4` or `int8` (QLoRA-style base), or `none`.
+    #[serde(default)]
+    quantize: crate::model::BaseQuant,
+    /// nf4: quantize the block absmaxes too.
+    #[serde(default)]
+    double_quant: bool,
     #[serde(default = "default_bins")]
     bins: usize,
 }
@@ -140,9 +146,13 @@ impl Stage for EvaluateStage {
                 &p.model,
                 &ctx.workdir,
                 adapter.as_deref(),
-                &p.device,
-                &p.dtype,
-                p.quantize,
+                &crate::model::LoadOptions {
+                    device: p.device.clone(),
+                    dtype: p.dtype.clone(),
+                    base: p.quantize,
+                    double_quant: p.double_quant,
+                    decode_int8: p.decode_int8,
+                },
             )
             .map_err(StageError::Failed)?;
             let outputs = answer_all(ctx, &p, &model, name, &prompts)?;

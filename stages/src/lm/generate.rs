@@ -32,25 +32,24 @@ struct GenerateParams {
     device: String,
     #[serde(default = "auto")]
     dtype: String,
+    /// Keep the frozen projections as `nf4` (QLoRA) or `int8` instead of dense.
+    #[serde(default)]
+    quantize: crate::model::BaseQuant,
+    /// nf4: quantize the block absmaxes too (bitsandbytes' `bnb_4bit_use_double_quant`).
+    #[serde(default)]
+    double_quant: bool,
     #[serde(default = "auto")]
     chat_template: String,
     #[serde(default = "default_prompt")]
     prompt_field: String,
-    /// `q8_0` (default): token-by-token decoding on the CPU uses Q8_0 copies of
-    /// the weights; `none`: f32 throughout.
-    #[serde(default = "default_quantize")]
-    quantize: Quantize,
+    /// `true` (default): token-by-token decoding on the CPU uses Q8_0 copies of the
+    /// dense weights; `false`: the weights as stored throughout.
+    #[serde(default = "yes")]
+    decode_int8: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum Quantize {
-    Q8_0,
-    None,
-}
-
-fn default_quantize() -> Quantize {
-    Quantize::Q8_0
+fn yes() -> bool {
+    true
 }
 
 fn default_batch() -> usize {
@@ -106,12 +105,13 @@ impl Stage for GenerateStage {
     fn run(&self, ctx: &StageContext) -> Result<Outcome, StageError> {
         let p: GenerateParams = parse_params(&ctx.params)?;
         let mut loaded = model::load_model(ctx, &p.model, &p.device, &p.dtype)?;
+        model::pack_base(ctx, &mut loaded.model, p.quantize, p.double_quant)?;
         if let Some(dir) = ctx.inputs.get("adapter") {
             pipe_train::lora::load(&mut loaded.model, dir)
                 .map_err(model::failed("loading the adapter"))?;
             ctx.log(&format!("adapter {}", dir.display()));
         }
-        if p.quantize == Quantize::Q8_0 {
+        if p.decode_int8 {
             loaded
                 .model
                 .quantize_for_decoding()

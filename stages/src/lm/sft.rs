@@ -80,6 +80,12 @@ struct SftParams {
     device: String,
     #[serde(default = "auto")]
     dtype: String,
+    /// Keep the frozen projections as `nf4` (QLoRA) or `int8` instead of dense.
+    #[serde(default)]
+    quantize: crate::model::BaseQuant,
+    /// nf4: quantize the block absmaxes too (bitsandbytes' `bnb_4bit_use_double_quant`).
+    #[serde(default)]
+    double_quant: bool,
     #[serde(default = "default_mask")]
     loss_mask: LossMask,
     /// `auto` (the model's), `none` (plain text), or a Jinja template.
@@ -277,6 +283,7 @@ impl Stage for SftStage {
         let p: SftParams = parse_params(&ctx.params)?;
         p.validate()?;
         let mut loaded = model::load_model(ctx, &p.model, &p.device, &p.dtype)?;
+        model::pack_base(ctx, &mut loaded.model, p.quantize, p.double_quant)?;
         let new_ids = if p.new_special_tokens.is_empty() {
             Vec::new()
         } else {

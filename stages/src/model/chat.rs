@@ -45,25 +45,32 @@ pub struct ChatModel {
 
 impl ChatModel {
     /// Loads `spec` (a pipe-train model spec, relative paths against `workdir`) with an
-    /// optional PEFT adapter; `quantize` decodes with Q8_0 weight copies.
+    /// optional PEFT adapter, as `opts` says (device, dtype, a packed base, int8 decoding).
     pub fn load(
         spec: &str,
         workdir: &Path,
         adapter: Option<&Path>,
-        device: &str,
-        dtype: &str,
-        quantize: bool,
+        opts: &crate::model::LoadOptions,
     ) -> Result<ChatModel, String> {
-        let (device, dtype) = crate::model::device(device, dtype).map_err(|e| e.to_string())?;
+        let (device, dtype) =
+            crate::model::device(&opts.device, &opts.dtype).map_err(|e| e.to_string())?;
         let resolved = crate::model::resolve_model(spec, workdir);
         let mut loaded = pipe_train::loader::load(&resolved, dtype, &device)
             .map_err(|e| format!("loading `{spec}`: {e}"))?;
         loaded.name = spec.to_string();
+        if opts.base != crate::model::BaseQuant::None {
+            loaded
+                .model
+                .quantize_base(opts.base, opts.double_quant)
+                .map_err(|e| format!("quantizing the base: {e}"))?;
+            loaded.identity =
+                crate::model::identity_with_base(&loaded.identity, opts.base, opts.double_quant);
+        }
         if let Some(dir) = adapter {
             pipe_train::lora::load(&mut loaded.model, dir)
                 .map_err(|e| format!("loading the adapter {}: {e}", dir.display()))?;
         }
-        if quantize {
+        if opts.decode_int8 {
             loaded
                 .model
                 .quantize_for_decoding()

@@ -10,6 +10,7 @@ pub mod chat;
 
 use std::path::{Path, PathBuf};
 
+pub use pipe_train::linear::BaseQuant;
 use pipe_train::loader::ModelSpec;
 use serde_json::Value;
 
@@ -69,6 +70,61 @@ pub fn resolve_model(model: &str, workdir: &Path) -> String {
         }
         _ => model.to_string(),
     }
+}
+
+/// How a stage loads a model: device, dtype and how the frozen base is stored.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// `auto|cpu|cuda|cuda:N`.
+    pub device: String,
+    /// `auto|f32|bf16|f16`.
+    pub dtype: String,
+    /// Frozen projections kept as NF4 or int8 (`quantize:`), or dense.
+    pub base: BaseQuant,
+    /// NF4 only: quantize the block absmaxes too (`double_quant:`).
+    pub double_quant: bool,
+    /// Decode few-row calls with int8 copies of dense weights (faster generation).
+    pub decode_int8: bool,
+}
+
+/// The identity of a model loaded with `base` storage: the file identity, plus the
+/// storage when the base is quantized (so replies or generations of an NF4 base are
+/// never taken for those of the dense model).
+pub fn identity_with_base(identity: &str, base: BaseQuant, double_quant: bool) -> String {
+    match base {
+        BaseQuant::None => identity.to_string(),
+        b => format!("{identity}+{b:?}{}", if double_quant { "+dq" } else { "" }).to_lowercase(),
+    }
+}
+
+/// Packs a loaded model's projections as `base` (NF4/int8), logging the weight bytes.
+pub fn pack_base(
+    ctx: &StageContext,
+    model: &mut pipe_train::Decoder,
+    base: BaseQuant,
+    double_quant: bool,
+) -> Result<(), StageError> {
+    if base == BaseQuant::None {
+        return Ok(());
+    }
+    model
+        .quantize_base(base, double_quant)
+        .map_err(failed("quantizing the base"))?;
+    let packed: usize = model
+        .linears_mut()
+        .iter()
+        .filter_map(|(_, l)| l.packed.as_ref().map(|p| p.bytes()))
+        .sum();
+    ctx.log(&format!(
+        "base projections packed as {base:?}{}: {:.1} MB",
+        if double_quant {
+            " (double quantization)"
+        } else {
+            ""
+        },
+        packed as f64 / 1e6
+    ));
+    Ok(())
 }
 
 /// Maps a pipe-train error to a stage error.

@@ -16,8 +16,15 @@ pub struct LocalBackend {
 impl LocalBackend {
     /// Loads the spec's model.
     pub fn load(spec: &OracleSpec, workdir: &Path) -> Result<LocalBackend, StageError> {
-        let model = ChatModel::load(&spec.model, workdir, None, &spec.device, &spec.dtype, true)
-            .map_err(StageError::Failed)?;
+        let opts = crate::model::LoadOptions {
+            device: spec.device.clone(),
+            dtype: spec.dtype.clone(),
+            base: spec.quantize,
+            double_quant: spec.double_quant,
+            decode_int8: true,
+        };
+        let model =
+            ChatModel::load(&spec.model, workdir, None, &opts).map_err(StageError::Failed)?;
         Ok(LocalBackend {
             model,
             batch_size: spec.batch_size,

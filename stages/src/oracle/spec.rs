@@ -98,6 +98,13 @@ pub struct OracleSpec {
     /// local: `auto|f32|bf16|f16`.
     #[serde(default = "auto")]
     pub dtype: String,
+    /// local: keep the model's projections as `nf4` or `int8` (answers differ from the
+    /// dense model's, so this is part of the key when set).
+    #[serde(default, skip_serializing_if = "is_dense")]
+    pub quantize: crate::model::BaseQuant,
+    /// local, nf4: quantize the block absmaxes too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub double_quant: bool,
     /// local: prompts decoded together.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
@@ -119,6 +126,10 @@ pub struct OracleSpec {
     /// openai: requests in flight at once.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+}
+
+fn is_dense(q: &crate::model::BaseQuant) -> bool {
+    *q == crate::model::BaseQuant::None
 }
 
 fn default_max_new() -> usize {

@@ -51,7 +51,13 @@ struct PrefsGenerateParams {
     #[serde(default = "auto")]
     dtype: String,
     #[serde(default = "yes")]
-    quantize: bool,
+    decode_int8: bool,
+    /// Keep the model's projections as `nf4` or `int8` (QLoRA-style base), or `none`.
+    #[serde(default)]
+    quantize: crate::model::BaseQuant,
+    /// nf4: quantize the block absmaxes too.
+    #[serde(default)]
+    double_quant: bool,
 }
 
 fn default_models() -> Vec<String> {
@@ -177,6 +183,8 @@ impl Stage for PrefsGenerateStage {
         let base_identity =
             pipe_train::loader::identity(&crate::model::resolve_model(&p.model, &ctx.workdir))
                 .map_err(|e| StageError::Failed(format!("model identity: {e}")))?;
+        let base_identity =
+            crate::model::identity_with_base(&base_identity, p.quantize, p.double_quant);
         // candidates[record][model] = texts by sample index
         let mut candidates: Vec<BTreeMap<String, Vec<Option<String>>>> =
             vec![BTreeMap::new(); records.len()];
@@ -222,9 +230,13 @@ impl Stage for PrefsGenerateStage {
                 &p.model,
                 &ctx.workdir,
                 adapter_dir,
-                &p.device,
-                &p.dtype,
-                p.quantize,
+                &crate::model::LoadOptions {
+                    device: p.device.clone(),
+                    dtype: p.dtype.clone(),
+                    base: p.quantize,
+                    double_quant: p.double_quant,
+                    decode_int8: p.decode_int8,
+                },
             )
             .map_err(StageError::Failed)?;
             // Too-long prompts are skipped (all their samples).

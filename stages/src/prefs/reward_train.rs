@@ -93,6 +93,12 @@ struct RewardParams {
     device: String,
     #[serde(default = "auto")]
     dtype: String,
+    /// Keep the frozen projections as `nf4` (QLoRA) or `int8` instead of dense.
+    #[serde(default)]
+    quantize: crate::model::BaseQuant,
+    /// nf4: quantize the block absmaxes too (bitsandbytes' `bnb_4bit_use_double_quant`).
+    #[serde(default)]
+    double_quant: bool,
 }
 
 fn default_budget() -> usize {
@@ -288,7 +294,8 @@ impl Stage for RewardTrainStage {
                 rows.len()
             )));
         }
-        let loaded = crate::model::load_model(ctx, &p.model, &p.device, &p.dtype)?;
+        let mut loaded = crate::model::load_model(ctx, &p.model, &p.device, &p.dtype)?;
+        crate::model::pack_base(ctx, &mut loaded.model, p.quantize, p.double_quant)?;
         let mut order: Vec<usize> = (0..rows.len()).collect();
         pipe_train::Rng::new(p.seed).shuffle(&mut order);
         let n_eval =
