@@ -279,6 +279,28 @@ mod avx2 {
     }
 }
 
+impl crate::packed::PackedWeight for Q8Matrix {
+    fn rows(&self) -> usize {
+        self.n
+    }
+
+    fn cols(&self) -> usize {
+        self.k
+    }
+
+    fn dequantize(&self) -> Vec<f32> {
+        Q8Matrix::dequantize(self)
+    }
+
+    fn bytes(&self) -> usize {
+        self.qs.len() + 4 * self.scales.len()
+    }
+
+    fn kind(&self) -> &'static str {
+        "int8"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,27 +375,5 @@ mod tests {
                 assert!((a - b).abs() <= 0.5 * step + 1e-6);
             }
         }
-    }
-}
-
-impl crate::packed::PackedWeight for Q8Matrix {
-    fn rows(&self) -> usize {
-        self.n
-    }
-
-    fn cols(&self) -> usize {
-        self.k
-    }
-
-    fn dequantize(&self) -> Vec<f32> {
-        Q8Matrix::dequantize(self)
-    }
-
-    fn bytes(&self) -> usize {
-        self.qs.len() + 4 * self.scales.len()
-    }
-
-    fn kind(&self) -> &'static str {
-        "int8"
     }
 }
