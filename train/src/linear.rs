@@ -160,6 +160,22 @@ impl Linear {
         }
     }
 
+    /// A frozen projection whose weight is already packed (a quantized checkpoint).
+    pub fn from_packed(
+        packed: Arc<dyn PackedWeight>,
+        bias: Option<Tensor>,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Linear> {
+        Ok(Linear {
+            weight: Tensor::zeros((0, 0), dtype, device)?,
+            bias,
+            lora: None,
+            packed: Some(packed),
+            quantized: None,
+        })
+    }
+
     /// Replaces the dense weight by a packed copy (NF4 or int8), freeing the dense one.
     /// Widths that int8 blocks cannot split stay dense.
     pub fn pack(&mut self, how: BaseQuant, double_quant: bool) -> Result<()> {

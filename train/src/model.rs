@@ -361,12 +361,16 @@ impl Decoder {
         let device = embed_tokens.device().clone();
         let linear =
             |w: &mut Weights, name: String, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-                let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
                 let bias = if bias {
                     Some(w.take(&format!("{name}.bias"), &[out])?)
                 } else {
                     None
                 };
+                // A checkpoint bitsandbytes saved in 4-bit stays packed.
+                if let Some(q) = w.take_bnb_4bit(&name, out, inp)? {
+                    return Linear::from_packed(Arc::new(q), bias, dtype, &device);
+                }
+                let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
                 Ok(Linear::new(weight, bias))
             };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::nf4::{Absmax, Nested, Nf4Matrix};
 use crate::rng::Rng;
 
 /// A bag of checkpoint tensors, already on the target device and dtype.
@@ -33,7 +34,8 @@ impl Weights {
             let loaded = candle_core::safetensors::load(file, &Device::Cpu)
                 .map_err(|e| Error::format(file, format!("cannot read safetensors: {e}")))?;
             for (name, t) in loaded {
-                let t = if t.dtype().is_float() {
+                // bitsandbytes' quantization statistics stay f32 whatever the model dtype.
+                let t = if t.dtype().is_float() && !is_bnb_state(&name) {
                     t.to_dtype(dtype)?
                 } else {
                     t
@@ -50,6 +52,118 @@ impl Weights {
                 .unwrap_or_default(),
         };
         Ok(Weights { tensors, source })
+    }
+
+    /// Takes the bitsandbytes 4-bit weight `{name}.weight` (packed u8 plus its
+    /// `.absmax`, `.quant_map`, optional `.nested_absmax`/`.nested_quant_map` and the
+    /// `.quant_state.bitsandbytes__nf4` JSON, as transformers' `save_pretrained`
+    /// writes a 4-bit model), if the checkpoint holds one for this projection.
+    pub fn take_bnb_4bit(
+        &mut self,
+        name: &str,
+        out: usize,
+        inp: usize,
+    ) -> Result<Option<Nf4Matrix>> {
+        let w = format!("{name}.weight");
+        let state_name = format!("{w}.quant_state.bitsandbytes__nf4");
+        if !self.tensors.contains_key(&state_name) {
+            if self
+                .tensors
+                .contains_key(&format!("{w}.quant_state.bitsandbytes__fp4"))
+            {
+                return Err(self.bad(&w, "bitsandbytes FP4 weights are not supported; quantize with `bnb_4bit_quant_type=\"nf4\"`"));
+            }
+            return Ok(None);
+        }
+        let state = self.tensors.remove(&state_name).expect("checked");
+        let bytes: Vec<u8> = state.flatten_all()?.to_vec1()?;
+        let meta: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| self.bad(&state_name, &format!("not JSON: {e}")))?;
+        let field = |k: &str| meta.get(k).cloned().unwrap_or(serde_json::Value::Null);
+        if field("quant_type") != "nf4" {
+            return Err(self.bad(
+                &state_name,
+                &format!("quant_type {} is not nf4", field("quant_type")),
+            ));
+        }
+        if field("blocksize").as_u64() != Some(crate::nf4::BLOCK as u64) {
+            return Err(self.bad(
+                &state_name,
+                &format!("blocksize {} is not 64", field("blocksize")),
+            ));
+        }
+        let shape: Vec<usize> = serde_json::from_value(field("shape"))
+            .map_err(|e| self.bad(&state_name, &format!("shape: {e}")))?;
+        if shape != [out, inp] {
+            return Err(self.bad(
+                &w,
+                &format!("quantized shape {shape:?}, expected [{out}, {inp}]"),
+            ));
+        }
+        let packed: Vec<u8> = self.take_raw(&format!("{w}"))?.flatten_all()?.to_vec1()?;
+        let quant_map: Vec<f32> = self
+            .take_raw(&format!("{w}.quant_map"))?
+            .to_dtype(DType::F32)?
+            .to_vec1()?;
+        let absmax_t = self.take_raw(&format!("{w}.absmax"))?;
+        let absmax = if field("nested_blocksize").is_u64() {
+            if field("nested_blocksize").as_u64() != Some(crate::nf4::NESTED_BLOCK as u64) {
+                return Err(self.bad(&state_name, "nested_blocksize is not 256"));
+            }
+            let offset = field("nested_offset")
+                .as_f64()
+                .ok_or_else(|| self.bad(&state_name, "nested_offset is missing"))?
+                as f32;
+            Absmax::Nested(Nested {
+                codes: absmax_t.flatten_all()?.to_vec1()?,
+                offset,
+                absmax: self
+                    .take_raw(&format!("{w}.nested_absmax"))?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?,
+                code: self
+                    .take_raw(&format!("{w}.nested_quant_map"))?
+                    .to_dtype(DType::F32)?
+                    .to_vec1()?,
+            })
+        } else {
+            Absmax::Plain(absmax_t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        let code = crate::nf4::nf4_code();
+        if quant_map.len() != 16
+            || quant_map
+                .iter()
+                .zip(&code)
+                .any(|(a, b)| a.to_bits() != b.to_bits())
+        {
+            return Err(self.bad(&w, "its quant_map is not the NF4 code book"));
+        }
+        let m = Nf4Matrix {
+            rows: out,
+            cols: inp,
+            packed,
+            absmax,
+        };
+        m.validate().map_err(|e| self.bad(&w, &e.to_string()))?;
+        Ok(Some(m))
+    }
+
+    /// Takes a tensor as stored (any shape or dtype).
+    fn take_raw(&mut self, name: &str) -> Result<Tensor> {
+        self.tensors.remove(name).ok_or_else(|| Error::Tensor {
+            name: name.to_string(),
+            path: self.source.clone(),
+            message: "missing (a bitsandbytes 4-bit weight needs it)".into(),
+        })
+    }
+
+    fn bad(&self, name: &str, message: &str) -> Error {
+        Error::Tensor {
+            name: name.to_string(),
+            path: self.source.clone(),
+            message: message.to_string(),
+        }
     }
 
     /// Random weights for a config, as HF initialises them (normal σ = 0.02, norms 1, biases 0).
@@ -175,4 +289,16 @@ impl Weights {
     pub fn source(&self) -> &Path {
         &self.source
     }
+}
+
+/// Whether `name` is one of bitsandbytes' quantization statistics (kept in f32).
+fn is_bnb_state(name: &str) -> bool {
+    [
+        ".absmax",
+        ".quant_map",
+        ".nested_absmax",
+        ".nested_quant_map",
+    ]
+    .iter()
+    .any(|s| name.ends_with(s))
 }

@@ -4,6 +4,9 @@
 //! bitsandbytes' packed codes and absmaxes with and without double quantization and
 //! its `dequantize_4bit` of each. Quantizing the same weights must give the same
 //! bytes and the same f32 bits; dequantizing must give bitsandbytes' values exactly.
+//! And a tiny Llama that bitsandbytes saved in 4-bit (`fixtures/bnb4bit`, from
+//! `scripts/reference/make_bnb4bit_fixtures.py`) loads packed and gives the logits
+//! transformers computes from the same checkpoint.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -122,4 +125,72 @@ fn offset_is_torchs_f32_mean_bit_for_bit() {
             mean_f32(&v)
         );
     }
+}
+
+fn bnb_checkpoint_matches_transformers(variant: &str) {
+    use pipe_train::weights::Weights;
+    use pipe_train::{Config, Decoder, KeyMask};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/bnb4bit")
+        .join(variant);
+    let cfg = Config::from_file(&dir.join("config.json")).unwrap();
+    let w = Weights::from_safetensors(
+        &[dir.join("model.safetensors")],
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut model = Decoder::new(&cfg, w).unwrap();
+    let packed = model
+        .linears_mut()
+        .iter()
+        .filter(|(_, l)| l.packed.as_ref().is_some_and(|p| p.kind() == "nf4"))
+        .count();
+    assert_eq!(packed, 14, "{variant}: every projection stays packed");
+    let io = candle_core::safetensors::load(dir.join("io.safetensors"), &Device::Cpu).unwrap();
+    let ids = io["input_ids"].to_dtype(candle_core::DType::U32).unwrap();
+    let mask: Vec<Vec<i64>> = io["attention_mask"].to_vec2().unwrap();
+    let keys = KeyMask {
+        batch: 2,
+        keys: 7,
+        valid: mask.iter().flatten().map(|&m| m == 1).collect(),
+    };
+    let got: Vec<Vec<Vec<f32>>> = model.forward(&ids, &keys).unwrap().to_vec3().unwrap();
+    let diff = |name: &str| {
+        let want: Vec<Vec<Vec<f32>>> = io[name].to_vec3().unwrap();
+        let mut worst = 0f32;
+        for r in 0..2 {
+            for t in 0..7 {
+                if keys.valid[r * 7 + t] {
+                    for (a, b) in got[r][t].iter().zip(&want[r][t]) {
+                        worst = worst.max((a - b).abs());
+                    }
+                }
+            }
+        }
+        worst
+    };
+    // The checkpoint's meaning in f32: transformers after `model.dequantize()`.
+    let exact = diff("logits_dequantized");
+    // bitsandbytes' own CPU 4-bit forward computes in bf16: a loose reference.
+    let kernel = diff("logits");
+    println!(
+        "{variant}: logits max |Δ| vs transformers on the dequantized checkpoint = {exact:.3e}, \
+         vs bitsandbytes' bf16 CPU kernel = {kernel:.3e}"
+    );
+    assert!(exact <= 1e-4, "{variant}: logits differ by {exact}");
+    assert!(
+        kernel <= 5e-2,
+        "{variant}: logits differ from bitsandbytes' forward by {kernel}"
+    );
+}
+
+#[test]
+fn bitsandbytes_4bit_checkpoint_with_double_quant_loads_and_matches_transformers() {
+    bnb_checkpoint_matches_transformers("double_quant");
+}
+
+#[test]
+fn bitsandbytes_4bit_checkpoint_without_double_quant_loads_and_matches_transformers() {
+    bnb_checkpoint_matches_transformers("plain");
 }
