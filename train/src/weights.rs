@@ -100,7 +100,7 @@ impl Weights {
                 &format!("quantized shape {shape:?}, expected [{out}, {inp}]"),
             ));
         }
-        let packed: Vec<u8> = self.take_raw(&format!("{w}"))?.flatten_all()?.to_vec1()?;
+        let packed: Vec<u8> = self.take_raw(&w)?.flatten_all()?.to_vec1()?;
         let quant_map: Vec<f32> = self
             .take_raw(&format!("{w}.quant_map"))?
             .to_dtype(DType::F32)?
