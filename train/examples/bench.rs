@@ -70,6 +70,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 target_modules: Targets::Names(names),
                 use_rslora: false,
             };
+            // PIPE_BENCH_BASE=nf4|int8 trains on a packed base (PIPE_BENCH_DQ=1: double quant).
+            let base = std::env::var("PIPE_BENCH_BASE").unwrap_or_else(|_| "none".into());
+            let base = pipe_train::linear::BaseQuant::parse(&base)?;
+            m.model
+                .quantize_base(base, std::env::var("PIPE_BENCH_DQ").as_deref() == Ok("1"))?;
             let adapter = lora::attach(&mut m.model, &cfg, &mut rng)?;
             let data: Vec<Example> = (0..batch * (steps + 1))
                 .map(|_| {
@@ -117,7 +122,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "{}",
                 serde_json::json!({"impl": "pipe", "what": "train", "tokens_per_s": rep.tokens_seen as f64 / secs,
                     "steps": steps, "batch": batch, "seq": seq, "r": r, "last_loss": rep.final_train_loss,
-                    "peak_rss_mb": peak_rss_mb(), "dtype": format!("{dtype:?}"), "device": format!("{device:?}")})
+                    "peak_rss_mb": peak_rss_mb(), "dtype": format!("{dtype:?}"), "device": format!("{device:?}"),
+                    "base": format!("{base:?}").to_lowercase()})
             );
         }
         "generate" => {

@@ -329,6 +329,31 @@ pub struct TrainableTokens {
     ids_t: Tensor,
 }
 
+/// RoPE tables: host vectors for the fused CPU kernel, tensors elsewhere.
+enum Tables {
+    Host(crate::fused::Rope),
+    Device(Tensor, Tensor),
+}
+
+/// The additive attention mask for one window.
+struct Mask {
+    window: Option<usize>,
+    /// Values for the fused kernel.
+    values: Arc<Vec<f32>>,
+    /// The same as a `[b, 1, q, k]` tensor when the fused kernel is not used.
+    tensor: Option<Tensor>,
+}
+
+/// What every layer of one forward call shares.
+struct Step {
+    b: usize,
+    s: usize,
+    tables: Tables,
+    masks: Vec<Mask>,
+    fused: bool,
+    inference: bool,
+}
+
 /// The decoder LM.
 pub struct Decoder {
     cfg: Config,
@@ -593,18 +618,22 @@ impl Decoder {
         mut cache: Option<&mut KvCache>,
         mut dropout: Option<&mut Rng>,
     ) -> Result<Tensor> {
+        // With a cache this is generation: nothing needs a gradient.
+        let st = self.step(ids, keys, cache.is_some())?;
+        let mut x = self.embed_ids(ids, st.inference)?;
+        for l in 0..self.layers.len() {
+            x = self.layer_forward(l, x, &st, cache.as_deref_mut(), dropout.as_deref_mut())?;
+        }
+        self.norm(&x, &self.norm)
+    }
+
+    /// What every layer of one call shares: shapes, RoPE tables, a mask per window.
+    fn step(&self, ids: &Tensor, keys: &KeyMask, inference: bool) -> Result<Step> {
         let (b, s) = ids.dims2()?;
         let cfg = &self.cfg;
-        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_size());
-        // With a cache this is generation: nothing needs a gradient.
-        let inference = cache.is_some();
         let positions = keys.positions(s);
         let fused = self.device.is_cpu() && self.dtype == DType::F32;
         // The fused CPU kernel takes host tables; other devices take tensors.
-        enum Tables {
-            Host(crate::fused::Rope),
-            Device(Tensor, Tensor),
-        }
         let tables = if fused {
             let (cos, sin) = self.rope.host_tables(&positions);
             Tables::Host(crate::fused::Rope { cos, sin })
@@ -612,19 +641,11 @@ impl Decoder {
             let (cos, sin) = self.rope.tables(&positions, b, s, self.dtype)?;
             Tables::Device(cos, sin)
         };
-        let rope = |x: &Tensor| -> Result<Tensor> {
-            match &tables {
-                Tables::Host(op) => Ok(x.contiguous()?.apply_op1(op.clone())?),
-                Tables::Device(cos, sin) => apply_rope(x, cos, sin),
-            }
-        };
         // One mask per distinct window (Gemma 2 alternates two).
-        // (window, additive values for the fused kernel, the same as a tensor otherwise)
-        type Mask = (Option<usize>, Arc<Vec<f32>>, Option<Tensor>);
         let mut masks: Vec<Mask> = Vec::new();
         for l in 0..self.layers.len() {
             let window = cfg.window(l);
-            if masks.iter().any(|(w, _, _)| *w == window) {
+            if masks.iter().any(|m| m.window == window) {
                 continue;
             }
             let values = Arc::new(keys.additive_values(s, window));
@@ -637,143 +658,181 @@ impl Decoder {
                     &self.device,
                 )?)
             };
-            masks.push((window, values, tensor));
+            masks.push(Mask {
+                window,
+                values,
+                tensor,
+            });
         }
+        Ok(Step {
+            b,
+            s,
+            tables,
+            masks,
+            fused,
+            inference,
+        })
+    }
+
+    /// Token embeddings (trained rows in place; √hidden-scaled for Gemma).
+    fn embed_ids(&self, ids: &Tensor, inference: bool) -> Result<Tensor> {
+        let mut x = embed(&self.embedding(inference)?, ids)?;
+        if self.cfg.architecture.offset_norms() {
+            // Gemma scales embeddings by √hidden, rounded to the activation dtype.
+            x = x.affine((self.cfg.hidden_size as f64).sqrt(), 0.0)?;
+        }
+        Ok(x)
+    }
+
+    /// Decoder layer `l` on the residual stream `x`.
+    fn layer_forward(
+        &self,
+        l: usize,
+        mut x: Tensor,
+        st: &Step,
+        mut cache: Option<&mut KvCache>,
+        mut dropout: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, s, inference, fused) = (st.b, st.s, st.inference, st.fused);
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_size());
         let scale = cfg.attention_scale();
         let softcap = cfg
             .attn_logit_softcapping
             .filter(|_| cfg.architecture == crate::Architecture::Gemma2);
-        let mut x = embed(&self.embedding(inference)?, ids)?;
-        if cfg.architecture.offset_norms() {
-            // Gemma scales embeddings by √hidden, rounded to the activation dtype.
-            x = x.affine((cfg.hidden_size as f64).sqrt(), 0.0)?;
+        let rope = |x: &Tensor| -> Result<Tensor> {
+            match &st.tables {
+                Tables::Host(op) => Ok(x.contiguous()?.apply_op1(op.clone())?),
+                Tables::Device(cos, sin) => apply_rope(x, cos, sin),
+            }
+        };
+        let layer = &self.layers[l];
+        let a = &layer.self_attn;
+        let h = self.norm(&x, &layer.input_layernorm)?;
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let (q, k, v) = match &a.qkv {
+            Qkv::Split {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => (
+                project(q_proj, &h, dropout.as_deref_mut(), inference)?,
+                project(k_proj, &h, dropout.as_deref_mut(), inference)?,
+                project(v_proj, &h, dropout.as_deref_mut(), inference)?,
+            ),
+            Qkv::Fused { qkv_proj } => {
+                let y = project(qkv_proj, &h, dropout.as_deref_mut(), inference)?;
+                let (nq, nk) = (nh * hd, nkv * hd);
+                (
+                    y.narrow(D::Minus1, 0, nq)?,
+                    y.narrow(D::Minus1, nq, nk)?,
+                    y.narrow(D::Minus1, nq + nk, nk)?,
+                )
+            }
+        };
+        let mut q = heads(q, nh)?;
+        let mut k = heads(k, nkv)?;
+        let v = heads(v, nkv)?;
+        if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+            q = rms_norm(&q, qn, cfg.rms_norm_eps)?;
+            k = rms_norm(&k, kn, cfg.rms_norm_eps)?;
         }
-        for (l, layer) in self.layers.iter().enumerate() {
-            let a = &layer.self_attn;
-            let h = self.norm(&x, &layer.input_layernorm)?;
-            let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-                Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?)
-            };
-            let (q, k, v) = match &a.qkv {
-                Qkv::Split {
-                    q_proj,
-                    k_proj,
-                    v_proj,
-                } => (
-                    project(q_proj, &h, dropout.as_deref_mut(), inference)?,
-                    project(k_proj, &h, dropout.as_deref_mut(), inference)?,
-                    project(v_proj, &h, dropout.as_deref_mut(), inference)?,
-                ),
-                Qkv::Fused { qkv_proj } => {
-                    let y = project(qkv_proj, &h, dropout.as_deref_mut(), inference)?;
-                    let (nq, nk) = (nh * hd, nkv * hd);
-                    (
-                        y.narrow(D::Minus1, 0, nq)?,
-                        y.narrow(D::Minus1, nq, nk)?,
-                        y.narrow(D::Minus1, nq + nk, nk)?,
-                    )
-                }
-            };
-            let mut q = heads(q, nh)?;
-            let mut k = heads(k, nkv)?;
-            let v = heads(v, nkv)?;
-            if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
-                q = rms_norm(&q, qn, cfg.rms_norm_eps)?;
-                k = rms_norm(&k, kn, cfg.rms_norm_eps)?;
+        let q = rope(&q)?;
+        let mut k = rope(&k)?;
+        let mut v = v;
+        if let Some(c) = cache.as_deref_mut() {
+            if let Some((pk, pv)) = &c.layers[l] {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
             }
-            let q = rope(&q)?;
-            let mut k = rope(&k)?;
-            let mut v = v;
-            if let Some(c) = cache.as_deref_mut() {
-                if let Some((pk, pv)) = &c.layers[l] {
-                    k = Tensor::cat(&[pk, &k], 2)?;
-                    v = Tensor::cat(&[pv, &v], 2)?;
-                }
-                // Cached values never need a gradient; detaching keeps generation
-                // from holding the graph of every earlier step.
-                c.layers[l] = Some((k.detach(), v.detach()));
-            }
-            let window = cfg.window(l);
-            let (_, mask_values, mask) = masks
-                .iter()
-                .find(|(w, _, _)| *w == window)
-                .expect("a mask per window");
-            // Gemma 2 caps the scaled scores: cap·tanh(scores·scale / cap).
-            let capped = |scores: Tensor| -> Result<Tensor> {
-                match softcap {
-                    Some(cap) => Ok(scores.affine(scale / cap, 0.0)?.tanh()?.affine(cap, 0.0)?),
-                    None => Ok(scores.affine(scale, 0.0)?),
-                }
-            };
-            let o = match mask {
-                None => {
-                    // Grouped-query attention without copying K/V per query head:
-                    // the `rep` query heads of a KV head become `rep · s` rows.
-                    let rep = nh / nkv;
-                    let qg = q.reshape((b, nkv, rep * s, hd))?;
-                    let scores = qg.matmul(&k.t()?)?;
-                    let (scores, kernel_scale) = match softcap {
-                        Some(_) => (capped(scores)?, 1.0),
-                        None => (scores, scale as f32),
-                    };
-                    let probs = scores.apply_op1(crate::fused::MaskedSoftmax {
-                        mask: mask_values.clone(),
-                        scale: kernel_scale,
-                        queries: s,
-                    })?;
-                    probs.matmul(&v.contiguous()?)?.reshape((b, nh, s, hd))?
-                }
-                Some(mask) => {
-                    let k = repeat_kv(k, nh / nkv)?;
-                    let v = repeat_kv(v, nh / nkv)?;
-                    let scores = capped(q.matmul(&k.t()?)?)?.to_dtype(DType::F32)?;
-                    let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
-                    probs.to_dtype(self.dtype)?.matmul(&v.contiguous()?)?
-                }
-            };
-            let o = o.transpose(1, 2)?.reshape((b, s, nh * hd))?;
-            let mut o = project(&a.o_proj, &o, dropout.as_deref_mut(), inference)?;
-            let h = match &layer.pre_feedforward_layernorm {
-                Some(pre) => {
-                    o = self.norm(&o, &layer.post_attention_layernorm)?;
-                    x = (x + o)?;
-                    self.norm(&x, pre)?
-                }
-                None => {
-                    x = (x + o)?;
-                    self.norm(&x, &layer.post_attention_layernorm)?
-                }
-            };
-            let m = &layer.mlp;
-            let (g, u) = match &m.gate_up {
-                GateUp::Split { gate_proj, up_proj } => (
-                    project(gate_proj, &h, dropout.as_deref_mut(), inference)?,
-                    project(up_proj, &h, dropout.as_deref_mut(), inference)?,
-                ),
-                GateUp::Fused { gate_up_proj } => {
-                    let y = project(gate_up_proj, &h, dropout.as_deref_mut(), inference)?;
-                    let half = y.dim(D::Minus1)? / 2;
-                    (
-                        y.narrow(D::Minus1, 0, half)?,
-                        y.narrow(D::Minus1, half, half)?,
-                    )
-                }
-            };
-            let act = match self.activation {
-                Activation::Silu if fused => g
-                    .contiguous()?
-                    .apply_op2(&u.contiguous()?, crate::fused::SwiGlu)?,
-                Activation::Silu => (g.silu()? * u)?,
-                Activation::GeluTanh => (g.gelu()? * u)?,
-                Activation::Gelu => (g.gelu_erf()? * u)?,
-            };
-            let mut m = project(&m.down_proj, &act, dropout.as_deref_mut(), inference)?;
-            if let Some(post) = &layer.post_feedforward_layernorm {
-                m = self.norm(&m, post)?;
-            }
-            x = (x + m)?;
+            // Cached values never need a gradient; detaching keeps generation
+            // from holding the graph of every earlier step.
+            c.layers[l] = Some((k.detach(), v.detach()));
         }
-        self.norm(&x, &self.norm)
+        let window = cfg.window(l);
+        let m = st
+            .masks
+            .iter()
+            .find(|m| m.window == window)
+            .expect("a mask per window");
+        let (mask_values, mask) = (&m.values, &m.tensor);
+        // Gemma 2 caps the scaled scores: cap·tanh(scores·scale / cap).
+        let capped = |scores: Tensor| -> Result<Tensor> {
+            match softcap {
+                Some(cap) => Ok(scores.affine(scale / cap, 0.0)?.tanh()?.affine(cap, 0.0)?),
+                None => Ok(scores.affine(scale, 0.0)?),
+            }
+        };
+        let o = match mask {
+            None => {
+                // Grouped-query attention without copying K/V per query head:
+                // the `rep` query heads of a KV head become `rep · s` rows.
+                let rep = nh / nkv;
+                let qg = q.reshape((b, nkv, rep * s, hd))?;
+                let scores = qg.matmul(&k.t()?)?;
+                let (scores, kernel_scale) = match softcap {
+                    Some(_) => (capped(scores)?, 1.0),
+                    None => (scores, scale as f32),
+                };
+                let probs = scores.apply_op1(crate::fused::MaskedSoftmax {
+                    mask: mask_values.clone(),
+                    scale: kernel_scale,
+                    queries: s,
+                })?;
+                probs.matmul(&v.contiguous()?)?.reshape((b, nh, s, hd))?
+            }
+            Some(mask) => {
+                let k = repeat_kv(k, nh / nkv)?;
+                let v = repeat_kv(v, nh / nkv)?;
+                let scores = capped(q.matmul(&k.t()?)?)?.to_dtype(DType::F32)?;
+                let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
+                probs.to_dtype(self.dtype)?.matmul(&v.contiguous()?)?
+            }
+        };
+        let o = o.transpose(1, 2)?.reshape((b, s, nh * hd))?;
+        let mut o = project(&a.o_proj, &o, dropout.as_deref_mut(), inference)?;
+        let h = match &layer.pre_feedforward_layernorm {
+            Some(pre) => {
+                o = self.norm(&o, &layer.post_attention_layernorm)?;
+                x = (x + o)?;
+                self.norm(&x, pre)?
+            }
+            None => {
+                x = (x + o)?;
+                self.norm(&x, &layer.post_attention_layernorm)?
+            }
+        };
+        let m = &layer.mlp;
+        let (g, u) = match &m.gate_up {
+            GateUp::Split { gate_proj, up_proj } => (
+                project(gate_proj, &h, dropout.as_deref_mut(), inference)?,
+                project(up_proj, &h, dropout.as_deref_mut(), inference)?,
+            ),
+            GateUp::Fused { gate_up_proj } => {
+                let y = project(gate_up_proj, &h, dropout.as_deref_mut(), inference)?;
+                let half = y.dim(D::Minus1)? / 2;
+                (
+                    y.narrow(D::Minus1, 0, half)?,
+                    y.narrow(D::Minus1, half, half)?,
+                )
+            }
+        };
+        let act = match self.activation {
+            Activation::Silu if fused => g
+                .contiguous()?
+                .apply_op2(&u.contiguous()?, crate::fused::SwiGlu)?,
+            Activation::Silu => (g.silu()? * u)?,
+            Activation::GeluTanh => (g.gelu()? * u)?,
+            Activation::Gelu => (g.gelu_erf()? * u)?,
+        };
+        let mut m = project(&m.down_proj, &act, dropout.as_deref_mut(), inference)?;
+        if let Some(post) = &layer.post_feedforward_layernorm {
+            m = self.norm(&m, post)?;
+        }
+        x = (x + m)?;
+        Ok(x)
     }
 
     /// Logits `[..., vocab]` for hidden states `[..., hidden]`.

@@ -108,15 +108,27 @@ const BASES: [BaseQuant; 3] = [BaseQuant::None, BaseQuant::Int8, BaseQuant::Nf4]
 fn every_trainable_tensor_gets_a_nonzero_gradient() {
     for arch in FAMILIES {
         for base in BASES {
-            every_trainable_tensor_gets_a_nonzero_gradient_on(&format!("{arch}:2"), base);
+            every_trainable_tensor_gets_a_nonzero_gradient_on(
+                &format!("{arch}:2"),
+                base,
+                DType::F32,
+            );
+        }
+        // bf16 base weights and activations; LoRA weights and gradients stay f32.
+        for base in [BaseQuant::None, BaseQuant::Nf4] {
+            every_trainable_tensor_gets_a_nonzero_gradient_on(
+                &format!("{arch}:2"),
+                base,
+                DType::BF16,
+            );
         }
     }
 }
 
-fn every_trainable_tensor_gets_a_nonzero_gradient_on(arch: &str, base: BaseQuant) {
-    let mut m = loader::load(arch, DType::F32, &Device::Cpu).unwrap();
+fn every_trainable_tensor_gets_a_nonzero_gradient_on(arch: &str, base: BaseQuant, dtype: DType) {
+    let mut m = loader::load(arch, dtype, &Device::Cpu).unwrap();
     m.model.quantize_base(base, true).unwrap();
-    let arch = &format!("{arch} ({base:?} base)");
+    let arch = &format!("{arch} ({base:?} base, {dtype:?})");
     let adapter = lora::attach(&mut m.model, &all_linear(0.1), &mut Rng::new(1)).unwrap();
     let projections = if arch.starts_with("tiny:phi3") { 4 } else { 7 };
     assert_eq!(adapter.vars.len(), 2 * projections * 2, "{arch}");
@@ -134,6 +146,11 @@ fn every_trainable_tensor_gets_a_nonzero_gradient_on(arch: &str, base: BaseQuant
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{arch}: no gradient for {name}"));
+        assert_eq!(
+            g.dtype(),
+            DType::F32,
+            "{arch}: gradient of {name} is not f32"
+        );
         let norm = g
             .sqr()
             .unwrap()
