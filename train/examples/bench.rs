@@ -100,6 +100,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 save_every: 0,
                 seed: 0,
                 pad_id: 0,
+                gradient_checkpointing: std::env::var("PIPE_BENCH_CKPT").as_deref() == Ok("1"),
             };
             // One warm-up step, then the timed steps.
             train(&m.model, &adapter, &data[..batch], &[], &s, None, &mut ())?;

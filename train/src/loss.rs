@@ -47,7 +47,19 @@ pub fn causal_lm_loss(
     labels: &[Vec<i64>],
     dropout: Option<&mut Rng>,
 ) -> Result<LossSum> {
-    let (b, s) = ids.dims2()?;
+    if targets(labels).0.is_empty() {
+        return Ok(LossSum {
+            sum: Tensor::zeros((), DType::F32, model.device())?,
+            tokens: 0,
+        });
+    }
+    let hidden = model.hidden(ids, keys, None, dropout)?;
+    loss_from_hidden(model, &hidden, labels)
+}
+
+/// [`causal_lm_loss`] from final hidden states `[b, s, hidden]`.
+pub fn loss_from_hidden(model: &Decoder, hidden: &Tensor, labels: &[Vec<i64>]) -> Result<LossSum> {
+    let (b, s, _) = hidden.dims3()?;
     let (at, want) = targets(labels);
     let device = model.device();
     if at.is_empty() {
@@ -56,7 +68,6 @@ pub fn causal_lm_loss(
             tokens: 0,
         });
     }
-    let hidden = model.hidden(ids, keys, None, dropout)?;
     let hidden = hidden.reshape((b * s, hidden.dim(D::Minus1)?))?;
     let n = at.len();
     let picked = hidden.index_select(&Tensor::from_vec(at, n, device)?, 0)?;
@@ -75,4 +86,35 @@ pub fn causal_lm_loss(
         sum: nll,
         tokens: n,
     })
+}
+
+/// One micro-batch: `scale · Σ loss` (as f64), the tokens it covers, and its gradient
+/// for each of `vars`. With `checkpoint`, activations are recomputed layer by layer in
+/// the backward pass ([`Decoder::checkpointed_grads`]) instead of kept.
+pub fn loss_and_grads(
+    model: &Decoder,
+    batch: &crate::data::Batch,
+    dropout: Option<&mut Rng>,
+    scale: f64,
+    vars: &[&candle_core::Var],
+    checkpoint: bool,
+) -> Result<(f64, usize, Vec<Option<Tensor>>)> {
+    let (ids, keys, labels) = (&batch.ids, &batch.keys, batch.labels.as_slice());
+    let tokens = targets(labels).0.len();
+    if tokens == 0 {
+        return Ok((0.0, 0, vec![None; vars.len()]));
+    }
+    let (value, grads) = if checkpoint {
+        let head = |h: &Tensor| -> Result<Tensor> {
+            Ok((loss_from_hidden(model, h, labels)?.sum * scale)?)
+        };
+        model.checkpointed_grads(ids, keys, dropout, vars, &head)?
+    } else {
+        let scaled = (causal_lm_loss(model, ids, keys, labels, dropout)?.sum * scale)?;
+        let g = scaled.backward()?;
+        let grads = vars.iter().map(|v| g.get(v.as_tensor()).cloned()).collect();
+        (scaled, grads)
+    };
+    let value = value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    Ok((value, tokens, grads))
 }

@@ -690,7 +690,7 @@ impl Decoder {
         l: usize,
         mut x: Tensor,
         st: &Step,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         mut dropout: Option<&mut Rng>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
@@ -742,7 +742,7 @@ impl Decoder {
         let q = rope(&q)?;
         let mut k = rope(&k)?;
         let mut v = v;
-        if let Some(c) = cache.as_deref_mut() {
+        if let Some(c) = cache {
             if let Some((pk, pv)) = &c.layers[l] {
                 k = Tensor::cat(&[pk, &k], 2)?;
                 v = Tensor::cat(&[pv, &v], 2)?;
@@ -827,12 +827,79 @@ impl Decoder {
             Activation::GeluTanh => (g.gelu()? * u)?,
             Activation::Gelu => (g.gelu_erf()? * u)?,
         };
-        let mut m = project(&m.down_proj, &act, dropout.as_deref_mut(), inference)?;
+        let mut m = project(&m.down_proj, &act, dropout, inference)?;
         if let Some(post) = &layer.post_feedforward_layernorm {
             m = self.norm(&m, post)?;
         }
         x = (x + m)?;
         Ok(x)
+    }
+
+    /// Gradients of `head(final hidden states)` for `vars`, with gradient checkpointing:
+    /// the forward keeps only each layer's input (the residual stream, `[b, s,
+    /// hidden]`), and the backward recomputes one layer at a time from it, with the
+    /// same LoRA dropout masks (the generator's state before the layer is replayed),
+    /// back-propagating the layer's output gradient through it. The result equals
+    /// `head(hidden(..)).backward()`; activation memory is one layer's instead of all
+    /// of them. Returns the (detached) head value and one gradient per var (`None`
+    /// for a var the loss does not reach).
+    pub fn checkpointed_grads(
+        &self,
+        ids: &Tensor,
+        keys: &KeyMask,
+        mut dropout: Option<&mut Rng>,
+        vars: &[&Var],
+        head: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, Vec<Option<Tensor>>)> {
+        let st = self.step(ids, keys, false)?;
+        let x0 = self.embed_ids(ids, false)?;
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut states = Vec::with_capacity(self.layers.len());
+        let mut x = x0.detach();
+        for l in 0..self.layers.len() {
+            inputs.push(x.clone());
+            states.push(dropout.as_deref().copied());
+            x = self
+                .layer_forward(l, x, &st, None, dropout.as_deref_mut())?
+                .detach();
+        }
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let collect =
+            |g: &candle_core::backprop::GradStore, grads: &mut Vec<Option<Tensor>>| -> Result<()> {
+                for (slot, v) in grads.iter_mut().zip(vars) {
+                    if let Some(t) = g.get(v.as_tensor()) {
+                        *slot = Some(match slot.take() {
+                            Some(acc) => (acc + t)?,
+                            None => t.clone(),
+                        });
+                    }
+                }
+                Ok(())
+            };
+        let last = Var::from_tensor(&x)?;
+        let value = head(&self.norm(last.as_tensor(), &self.norm)?)?;
+        let g = value.backward()?;
+        collect(&g, &mut grads)?;
+        let Some(mut dy) = g.get(last.as_tensor()).cloned() else {
+            return Ok((value.detach(), grads));
+        };
+        for l in (0..self.layers.len()).rev() {
+            let input = Var::from_tensor(&inputs[l])?;
+            let mut rng = states[l];
+            let y = self.layer_forward(l, input.as_tensor().clone(), &st, None, rng.as_mut())?;
+            let g = (y * &dy)?.sum_all()?.backward()?;
+            collect(&g, &mut grads)?;
+            dy = match g.get(input.as_tensor()) {
+                Some(t) => t.clone(),
+                None => dy.zeros_like()?,
+            };
+        }
+        if x0.track_op() {
+            // Trained token rows: the embedding lookup's share of their gradient.
+            let g = (x0 * dy)?.sum_all()?.backward()?;
+            collect(&g, &mut grads)?;
+        }
+        Ok((value.detach(), grads))
     }
 
     /// Logits `[..., vocab]` for hidden states `[..., hidden]`.

@@ -57,6 +57,7 @@ fn settings(steps: u64, save_every: u64) -> TrainSettings {
         save_every,
         seed: 3,
         pad_id: 256,
+        gradient_checkpointing: false,
     }
 }
 
@@ -518,6 +519,110 @@ fn qlora_gradients_equal_the_dense_path_on_dequantized_weights() {
         assert!(
             worst <= 1e-5,
             "{arch}: QLoRA gradients differ by {worst} relative"
+        );
+    }
+}
+
+/// Gradient checkpointing recomputes each layer in the backward pass: the gradients
+/// (with LoRA dropout on, so the replayed masks matter) and a short training run's
+/// losses are the same as without it.
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients_and_losses() {
+    use pipe_train::loss::loss_and_grads;
+    for arch in [
+        "tiny:llama:5",
+        "tiny:gemma2:5",
+        "tiny:phi3:5",
+        "tiny:qwen2:5",
+    ] {
+        let mut m = loader::load(arch, DType::F32, &Device::Cpu).unwrap();
+        let mut adapter = lora::attach(&mut m.model, &all_linear(0.1), &mut Rng::new(1)).unwrap();
+        if arch.starts_with("tiny:qwen2") {
+            // Trained token rows on a tied model: gradients from the embedding and lm_head.
+            lora::add_trainable_tokens(&mut m.model, &mut adapter, vec![50, 60, 257]).unwrap();
+        }
+        // Non-zero B so that every A has a gradient too.
+        let mut rng = Rng::new(4);
+        for (k, v) in &adapter.vars {
+            if k.contains("lora_B") {
+                let t: Vec<f32> = (0..v.elem_count())
+                    .map(|_| rng.normal() as f32 * 0.1)
+                    .collect();
+                v.set(&Tensor::from_vec(t, v.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+        }
+        let data = examples(&m.tokenizer, 4);
+        let refs: Vec<&Example> = data.iter().collect();
+        let b = pipe_train::data::collate(&refs, 256, &Device::Cpu).unwrap();
+        let vars: Vec<&candle_core::Var> = adapter.vars.iter().map(|(_, v)| v).collect();
+        let run = |checkpoint: bool| {
+            let mut rng = Rng::new(9);
+            let out =
+                loss_and_grads(&m.model, &b, Some(&mut rng), 0.25, &vars, checkpoint).unwrap();
+            (out, rng.state())
+        };
+        let ((l0, n0, g0), r0) = run(false);
+        let ((l1, n1, g1), r1) = run(true);
+        assert_eq!((n0, r0), (n1, r1), "{arch}: tokens and dropout stream");
+        assert!(
+            (l0 - l1).abs() <= 1e-6 * l0.abs(),
+            "{arch}: loss {l0} vs {l1}"
+        );
+        let mut worst = 0f32;
+        for (((name, _), a), c) in adapter.vars.iter().zip(&g0).zip(&g1) {
+            let (a, c) = (
+                a.as_ref().unwrap(),
+                c.as_ref()
+                    .unwrap_or_else(|| panic!("{arch}: no gradient for {name}")),
+            );
+            let scale = a
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = (a - c)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(scale > 0.0, "{arch}: zero gradient for {name}");
+            worst = worst.max(d / scale);
+        }
+        println!("{arch}: checkpointed vs plain, worst gradient relative Δ = {worst:.3e}");
+        assert!(
+            worst <= 1e-6,
+            "{arch}: gradients differ by {worst} relative"
+        );
+    }
+    // Three optimizer steps each way: the same losses.
+    let losses = |checkpoint: bool| {
+        let mut m = loader::load("tiny:qwen3:5", DType::F32, &Device::Cpu).unwrap();
+        let adapter = lora::attach(&mut m.model, &all_linear(0.1), &mut Rng::new(1)).unwrap();
+        let data = examples(&m.tokenizer, 8);
+        let mut s = settings(3, 0);
+        s.gradient_checkpointing = checkpoint;
+        struct Losses(Vec<f64>);
+        impl Observer for Losses {
+            fn on_step(&mut self, m: &StepMetrics, _total: u64) {
+                self.0.push(m.loss);
+            }
+        }
+        let mut obs = Losses(Vec::new());
+        train(&m.model, &adapter, &data, &[], &s, None, &mut obs).unwrap();
+        obs.0
+    };
+    let (plain, ckpt) = (losses(false), losses(true));
+    assert_eq!(plain.len(), 3);
+    for (a, b) in plain.iter().zip(&ckpt) {
+        assert!(
+            (a - b).abs() <= 1e-6 * a.abs(),
+            "losses {plain:?} vs {ckpt:?}"
         );
     }
 }

@@ -86,6 +86,10 @@ struct SftParams {
     /// nf4: quantize the block absmaxes too (bitsandbytes' `bnb_4bit_use_double_quant`).
     #[serde(default)]
     double_quant: bool,
+    /// Recompute each layer in the backward pass instead of keeping its activations:
+    /// the same losses and adapter, less memory, more compute. Not part of the key.
+    #[serde(default)]
+    gradient_checkpointing: bool,
     #[serde(default = "default_mask")]
     loss_mask: LossMask,
     /// `auto` (the model's), `none` (plain text), or a Jinja template.
@@ -276,7 +280,8 @@ impl Stage for SftStage {
     }
 
     fn key_params(&self, params: &Value) -> Value {
-        model::key_with_identity(params)
+        // Checkpointing changes how the gradients are computed, not what they are.
+        model::key_without(params, &["gradient_checkpointing"])
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Outcome, StageError> {
@@ -358,6 +363,7 @@ impl Stage for SftStage {
             save_every: p.save_every,
             seed: p.seed,
             pad_id,
+            gradient_checkpointing: p.gradient_checkpointing,
         };
         let mut adapter = pipe_train::lora::attach(
             &mut loaded.model,
