@@ -34,6 +34,15 @@ fn peak_rss_mb() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+fn rss_mb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     pipe_train::allocator::keep_freed_memory();
     pipe_train::fix_thread_count();
@@ -76,6 +85,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             m.model
                 .quantize_base(base, std::env::var("PIPE_BENCH_DQ").as_deref() == Ok("1"))?;
             let adapter = lora::attach(&mut m.model, &cfg, &mut rng)?;
+            // Resident memory once the model is ready (weights, packed or not, plus
+            // what loading left in the allocator); the training peak minus this is
+            // what the steps added (activations, gradients, optimizer state).
+            let ready_mb = rss_mb();
             let data: Vec<Example> = (0..batch * (steps + 1))
                 .map(|_| {
                     let ids: Vec<u32> = (0..seq).map(|_| rng.below(vocab) as u32).collect();
@@ -124,7 +137,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 serde_json::json!({"impl": "pipe", "what": "train", "tokens_per_s": rep.tokens_seen as f64 / secs,
                     "steps": steps, "batch": batch, "seq": seq, "r": r, "last_loss": rep.final_train_loss,
                     "peak_rss_mb": peak_rss_mb(), "dtype": format!("{dtype:?}"), "device": format!("{device:?}"),
-                    "base": format!("{base:?}").to_lowercase()})
+                    "base": format!("{base:?}").to_lowercase(),
+                    "gradient_checkpointing": timed.gradient_checkpointing, "ready_rss_mb": ready_mb})
             );
         }
         "generate" => {

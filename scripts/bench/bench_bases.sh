@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Training speed and peak memory of one LoRA step loop on frozen bases stored as f32,
+# bf16, int8 and NF4, with and without gradient checkpointing: each configuration in
+# its own process (peak RSS = VmHWM of that process), same machine, same run.
+#   scripts/bench/bench_bases.sh [MODEL] [STEPS] [BATCH] [SEQ]
+# MODEL defaults to the SmolLM2 GGUF (scripts/fetch_smollm2.sh fetches it). LoRA r=16
+# on q,k,v,o; BATCH x SEQ (default 4 x 256) for every base, then batch 1 x seq 1024 with
+# and without checkpointing (activation memory).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+model="${1:-gguf:models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+steps="${2:-3}"
+batch="${3:-4}"
+seqlen="${4:-256}"
+cargo build --release --quiet -p pipe-train --example bench
+bin=target/release/examples/bench
+run() { # dtype base ckpt batch seq
+  PIPE_BENCH_DTYPE="$1" PIPE_BENCH_BASE="$2" PIPE_BENCH_DQ=1 PIPE_BENCH_CKPT="$3" \
+    "$bin" train "$model" --steps "$steps" --batch "$4" --seq "$5" --r 16
+}
+for cfg in "f32 none 0" "bf16 none 0" "f32 int8 0" "f32 nf4 0" "f32 none 1" "f32 nf4 1"; do
+  set -- $cfg
+  run "$1" "$2" "$3" "$batch" "$seqlen"
+done
+for cfg in "f32 none 0" "f32 none 1"; do
+  set -- $cfg
+  run "$1" "$2" "$3" 1 1024
+done
