@@ -455,6 +455,38 @@ fn rows_that_finish_leave_the_batch_without_changing_the_others() {
     }
 }
 
+/// `max |got − want| / max |want|`, asserting the reference is not all zero.
+fn relative_diff(got: &Tensor, want: &Tensor, what: &str) -> f32 {
+    let max_abs = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let scale = max_abs(want);
+    assert!(scale > 0.0, "{what}: the reference is zero");
+    max_abs(&(got - want).unwrap()) / scale
+}
+
+/// Gives every LoRA B a seeded random value (at init B is 0, so A has no gradient).
+fn randomize_lora_b(adapters: &[&lora::Adapter], seed: u64) {
+    let mut rng = Rng::new(seed);
+    let first = adapters[0];
+    for (i, (k, v)) in first.vars.iter().enumerate() {
+        if k.contains("lora_B") {
+            let n = v.elem_count();
+            let vals: Vec<f32> = (0..n).map(|_| rng.normal() as f32 * 0.1).collect();
+            let t = Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap();
+            for a in adapters {
+                assert_eq!(&a.vars[i].0, k);
+                a.vars[i].1.set(&t).unwrap();
+            }
+        }
+    }
+}
+
 /// QLoRA: LoRA gradients on an NF4 base equal those of the dense path run on the
 /// dequantized weights (the same numbers up to the order of f32 additions).
 #[test]
@@ -476,17 +508,7 @@ fn qlora_gradients_equal_the_dense_path_on_dequantized_weights() {
         let aq = lora::attach(&mut q.model, &all_linear(0.0), &mut Rng::new(1)).unwrap();
         let ad = lora::attach(&mut d.model, &all_linear(0.0), &mut Rng::new(1)).unwrap();
         // Non-zero B on both, so every A and B has a gradient.
-        let mut rng = Rng::new(8);
-        for ((kq, vq), (kd, vd)) in aq.vars.iter().zip(&ad.vars) {
-            assert_eq!(kq, kd);
-            if kq.contains("lora_B") {
-                let n = vq.elem_count();
-                let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32 * 0.1).collect();
-                let t = Tensor::from_vec(v, vq.shape(), &Device::Cpu).unwrap();
-                vq.set(&t).unwrap();
-                vd.set(&t).unwrap();
-            }
-        }
+        randomize_lora_b(&[&aq, &ad], 8);
         let data = examples(&q.tokenizer, 4);
         let refs: Vec<&Example> = data.iter().collect();
         let b = pipe_train::data::collate(&refs, 256, &Device::Cpu).unwrap();
@@ -495,25 +517,11 @@ fn qlora_gradients_equal_the_dense_path_on_dequantized_weights() {
         let (gq, gd) = (lq.sum.backward().unwrap(), ld.sum.backward().unwrap());
         let mut worst = 0f32;
         for ((name, vq), (_, vd)) in aq.vars.iter().zip(&ad.vars) {
-            let a = gq.get(vq.as_tensor()).unwrap();
-            let r = gd.get(vd.as_tensor()).unwrap();
-            let scale = r
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let diff = (a - r)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(scale > 0.0, "{arch}: zero reference gradient for {name}");
-            worst = worst.max(diff / scale);
+            let (a, r) = (
+                gq.get(vq.as_tensor()).unwrap(),
+                gd.get(vd.as_tensor()).unwrap(),
+            );
+            worst = worst.max(relative_diff(a, r, &format!("{arch}: {name}")));
         }
         println!("{arch}: worst QLoRA gradient relative Δ vs dense-on-dequantized = {worst:.3e}");
         assert!(
@@ -542,16 +550,7 @@ fn gradient_checkpointing_gives_the_same_gradients_and_losses() {
             lora::add_trainable_tokens(&mut m.model, &mut adapter, vec![50, 60, 257]).unwrap();
         }
         // Non-zero B so that every A has a gradient too.
-        let mut rng = Rng::new(4);
-        for (k, v) in &adapter.vars {
-            if k.contains("lora_B") {
-                let t: Vec<f32> = (0..v.elem_count())
-                    .map(|_| rng.normal() as f32 * 0.1)
-                    .collect();
-                v.set(&Tensor::from_vec(t, v.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-            }
-        }
+        randomize_lora_b(&[&adapter], 4);
         let data = examples(&m.tokenizer, 4);
         let refs: Vec<&Example> = data.iter().collect();
         let b = pipe_train::data::collate(&refs, 256, &Device::Cpu).unwrap();
@@ -571,28 +570,14 @@ fn gradient_checkpointing_gives_the_same_gradients_and_losses() {
         );
         let mut worst = 0f32;
         for (((name, _), a), c) in adapter.vars.iter().zip(&g0).zip(&g1) {
-            let (a, c) = (
+            let c = c
+                .as_ref()
+                .unwrap_or_else(|| panic!("{arch}: no gradient for {name}"));
+            worst = worst.max(relative_diff(
+                c,
                 a.as_ref().unwrap(),
-                c.as_ref()
-                    .unwrap_or_else(|| panic!("{arch}: no gradient for {name}")),
-            );
-            let scale = a
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let d = (a - c)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(scale > 0.0, "{arch}: zero gradient for {name}");
-            worst = worst.max(d / scale);
+                &format!("{arch}: {name}"),
+            ));
         }
         println!("{arch}: checkpointed vs plain, worst gradient relative Δ = {worst:.3e}");
         assert!(
