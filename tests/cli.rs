@@ -1104,10 +1104,10 @@ fn sft_params_are_checked_with_their_field_path() {
     );
 }
 
-#[test]
-fn smollm2_pipeline_runs_end_to_end_with_the_smoke_profile() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let pipeline = root.join("pipelines/smollm2_sft.yaml");
+/// Runs a repo pipeline with its `smoke` profile and checks that all four stages ran;
+/// returns the project and the `sft` record.
+fn run_smoke(file: &str) -> (Project, serde_json::Value) {
+    let pipeline = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
     let p = Project::new();
     let out = p.ok(&[
         "run",
@@ -1127,33 +1127,20 @@ fn smollm2_pipeline_runs_end_to_end_with_the_smoke_profile() {
     let show: serde_json::Value =
         serde_json::from_str(&p.ok(&["show", "sft", "--json"]).stdout).unwrap();
     assert_eq!(show["metrics"]["steps"], 4);
+    (p, show)
+}
+
+#[test]
+fn smollm2_pipeline_runs_end_to_end_with_the_smoke_profile() {
+    let (_, show) = run_smoke("pipelines/smollm2_sft.yaml");
     assert_eq!(show["metrics"]["train_examples"], 32);
 }
 
 #[test]
 fn qlora_pipeline_runs_end_to_end_on_an_nf4_base_with_the_smoke_profile() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let pipeline = root.join("pipelines/smollm2_qlora.yaml");
-    let p = Project::new();
-    let out = p.ok(&[
-        "run",
-        pipeline.to_str().unwrap(),
-        "--profile",
-        "smoke",
-        "--no-progress",
-        "-v",
-    ]);
-    for stage in ["data", "split", "sft", "answer"] {
-        assert_eq!(
-            out.status_of(stage).as_deref(),
-            Some("ran"),
-            "{}",
-            out.stdout
-        );
-    }
-    let show: serde_json::Value =
-        serde_json::from_str(&p.ok(&["show", "sft", "--json"]).stdout).unwrap();
-    assert_eq!(show["metrics"]["steps"], 4);
+    let (p, show) = run_smoke("pipelines/smollm2_qlora.yaml");
+    let pipeline =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/smollm2_qlora.yaml");
     let log = std::fs::read_to_string(p.join(show["log"].as_str().unwrap())).unwrap();
     assert!(
         log.contains("packed as Nf4 (double quantization)"),
