@@ -58,7 +58,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .unwrap_or("auto"),
         &device,
     )?;
-    let mut m = loader::load(&args[1], dtype, &device)?;
+    // PIPE_BENCH_BASE=nf4|int8 packs the projections while loading (PIPE_BENCH_DQ=1:
+    // double quantization); training then runs on the packed base.
+    let base = std::env::var("PIPE_BENCH_BASE").unwrap_or_else(|_| "none".into());
+    let base = pipe_train::linear::BaseQuant::parse(&base)?;
+    let dq = std::env::var("PIPE_BENCH_DQ").as_deref() == Ok("1");
+    let mut m = loader::load_with(&args[1], dtype, &device, base, dq)?;
     let vocab = m.config.vocab_size;
     let mut rng = Rng::new(0);
     match args[0].as_str() {
@@ -79,11 +84,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 target_modules: Targets::Names(names),
                 use_rslora: false,
             };
-            // PIPE_BENCH_BASE=nf4|int8 trains on a packed base (PIPE_BENCH_DQ=1: double quant).
-            let base = std::env::var("PIPE_BENCH_BASE").unwrap_or_else(|_| "none".into());
-            let base = pipe_train::linear::BaseQuant::parse(&base)?;
-            m.model
-                .quantize_base(base, std::env::var("PIPE_BENCH_DQ").as_deref() == Ok("1"))?;
             let adapter = lora::attach(&mut m.model, &cfg, &mut rng)?;
             // Resident memory once the model is ready (weights, packed or not, plus
             // what loading left in the allocator); the training peak minus this is

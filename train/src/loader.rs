@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Architecture, Config};
 use crate::error::{Error, Result};
+use crate::linear::BaseQuant;
 use crate::model::Decoder;
 use crate::tokenizer::TextTokenizer;
 use crate::weights::Weights;
@@ -207,6 +208,19 @@ pub fn identity(spec_text: &str) -> Result<String> {
 
 /// Loads a model for training or float inference in `dtype` on `device`.
 pub fn load(spec_text: &str, dtype: DType, device: &Device) -> Result<Loaded> {
+    load_with(spec_text, dtype, device, BaseQuant::None, false)
+}
+
+/// [`load`] with the projections packed as `base` (NF4, int8) while the checkpoint is
+/// read, one tensor at a time: the dense base never exists as a whole, so the peak is
+/// the packed model plus one dense matrix (and the embeddings, which stay dense).
+pub fn load_with(
+    spec_text: &str,
+    dtype: DType,
+    device: &Device,
+    base: BaseQuant,
+    double_quant: bool,
+) -> Result<Loaded> {
     let spec = ModelSpec::parse(spec_text)?;
     let identity = identity(spec_text)?;
     let (config, weights, tokenizer) = match &spec {
@@ -219,7 +233,7 @@ pub fn load(spec_text: &str, dtype: DType, device: &Device) -> Result<Loaded> {
             (cfg, w, tokenizer)
         }
         ModelSpec::Gguf(path) => {
-            let (cfg, w, tok) = read_gguf(path, dtype, device)?;
+            let (cfg, w, tok) = read_gguf_with(path, dtype, device, base, double_quant)?;
             (cfg, w, tok)
         }
         ModelSpec::Dir(_) | ModelSpec::Hub(_) => {
@@ -234,11 +248,13 @@ pub fn load(spec_text: &str, dtype: DType, device: &Device) -> Result<Loaded> {
                 .filter(|f| f.extension().is_some_and(|e| e == "safetensors"))
                 .cloned()
                 .collect();
-            let w = Weights::from_safetensors(&shards, dtype, device)?;
+            let w = Weights::from_safetensors_packed(&shards, dtype, device, base, double_quant)?;
             (cfg, w, TextTokenizer::from_dir(&dir)?)
         }
     };
-    let model = Decoder::new(&config, weights)?;
+    let mut model = Decoder::new(&config, weights)?;
+    // Tiny presets are generated dense; anything not packed while reading is packed now.
+    model.quantize_base(base, double_quant)?;
     Ok(Loaded {
         config,
         model,
@@ -376,12 +392,23 @@ pub fn read_gguf(
     dtype: DType,
     device: &Device,
 ) -> Result<(Config, Weights, TextTokenizer)> {
+    read_gguf_with(path, dtype, device, BaseQuant::None, false)
+}
+
+/// [`read_gguf`], packing each projection as `base` right after it is dequantized.
+pub fn read_gguf_with(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    base: BaseQuant,
+    double_quant: bool,
+) -> Result<(Config, Weights, TextTokenizer)> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let content = gguf_file::Content::read(&mut file)
         .map_err(|e| Error::format(path, format!("not a GGUF file: {e}")))?;
     let cfg = gguf_config(&content, path)?;
     let tokenizer = TextTokenizer::from_gguf(&content, path)?;
-    let mut tensors = HashMap::new();
+    let mut weights = Weights::new(HashMap::new(), path);
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
@@ -405,9 +432,14 @@ pub fn read_gguf(
                 t = unpermute(&t, cfg.kv_heads())?;
             }
         }
-        tensors.insert(hf, t.to_dtype(dtype)?.to_device(device)?);
+        weights.insert_packed_or_dense(
+            hf,
+            t.to_dtype(dtype)?.to_device(device)?,
+            base,
+            double_quant,
+        )?;
     }
-    Ok((cfg, Weights::new(tensors, path), tokenizer))
+    Ok((cfg, weights, tokenizer))
 }
 
 #[cfg(test)]

@@ -395,6 +395,21 @@ impl Decoder {
                 if let Some(q) = w.take_bnb_4bit(&name, out, inp)? {
                     return Linear::from_packed(Arc::new(q), bias, dtype, &device);
                 }
+                // So does a projection packed while loading (a quantized base).
+                if let Some(p) = w.take_packed(&format!("{name}.weight")) {
+                    if (p.rows(), p.cols()) != (out, inp) {
+                        return Err(crate::Error::Tensor {
+                            name: format!("{name}.weight"),
+                            path: w.source().to_path_buf(),
+                            message: format!(
+                                "shape [{}, {}], expected [{out}, {inp}]",
+                                p.rows(),
+                                p.cols()
+                            ),
+                        });
+                    }
+                    return Linear::from_packed(p, bias, dtype, &device);
+                }
                 let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
                 Ok(Linear::new(weight, bias))
             };

@@ -2,20 +2,34 @@
 //! which tensor in which file is wrong.
 
 use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::linear::BaseQuant;
 use crate::nf4::{Absmax, Nested, Nf4Matrix};
+use crate::packed::PackedWeight;
 use crate::rng::Rng;
 
-/// A bag of checkpoint tensors, already on the target device and dtype.
+/// A bag of checkpoint tensors, already on the target device and dtype; projections
+/// may already be packed (NF4, int8) when the model is loaded with a quantized base.
 #[derive(Debug, Clone)]
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
+    packed: HashMap<String, Arc<dyn PackedWeight>>,
     source: PathBuf,
+}
+
+/// Whether a checkpoint tensor is the weight of a decoder-layer projection (what a
+/// quantized base packs; embeddings, `lm_head` and norms stay dense).
+pub fn is_projection_weight(name: &str) -> bool {
+    name.starts_with("model.layers.")
+        && name.ends_with("_proj.weight")
+        && (name.contains(".self_attn.") || name.contains(".mlp."))
 }
 
 impl Weights {
@@ -23,26 +37,54 @@ impl Weights {
     pub fn new(tensors: HashMap<String, Tensor>, source: impl Into<PathBuf>) -> Weights {
         Weights {
             tensors,
+            packed: HashMap::new(),
             source: source.into(),
         }
     }
 
+    /// Packs the projection `name` (`[out, in]`, dense) as `how`, dropping the dense
+    /// copy: called as each tensor is read, so a quantized base never exists in full
+    /// precision as a whole.
+    pub fn insert_packed_or_dense(
+        &mut self,
+        name: String,
+        t: Tensor,
+        how: BaseQuant,
+        double_quant: bool,
+    ) -> Result<()> {
+        if how != BaseQuant::None && is_projection_weight(&name) && t.rank() == 2 {
+            let mut lin = crate::linear::Linear::new(t, None);
+            lin.pack(how, double_quant)?;
+            if let Some(p) = lin.packed {
+                self.packed.insert(name, p);
+                return Ok(());
+            }
+            self.tensors.insert(name, lin.weight);
+            return Ok(());
+        }
+        self.tensors.insert(name, t);
+        Ok(())
+    }
+
+    /// Takes a projection that was packed while loading.
+    pub fn take_packed(&mut self, name: &str) -> Option<Arc<dyn PackedWeight>> {
+        self.packed.remove(name)
+    }
+
     /// Reads one or several safetensors files, converting to `dtype` on `device`.
     pub fn from_safetensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Weights> {
-        let mut tensors = HashMap::new();
-        for file in files {
-            let loaded = candle_core::safetensors::load(file, &Device::Cpu)
-                .map_err(|e| Error::format(file, format!("cannot read safetensors: {e}")))?;
-            for (name, t) in loaded {
-                // bitsandbytes' quantization statistics stay f32 whatever the model dtype.
-                let t = if t.dtype().is_float() && !is_bnb_state(&name) {
-                    t.to_dtype(dtype)?
-                } else {
-                    t
-                };
-                tensors.insert(name, t.to_device(device)?);
-            }
-        }
+        Weights::from_safetensors_packed(files, dtype, device, BaseQuant::None, false)
+    }
+
+    /// [`Weights::from_safetensors`], packing each projection as `how` as soon as it is
+    /// read (tensors are read one at a time, so the dense projections never coexist).
+    pub fn from_safetensors_packed(
+        files: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+        how: BaseQuant,
+        double_quant: bool,
+    ) -> Result<Weights> {
         let source = match files {
             [one] => one.clone(),
             _ => files
@@ -51,7 +93,66 @@ impl Weights {
                 .map(Path::to_path_buf)
                 .unwrap_or_default(),
         };
-        Ok(Weights { tensors, source })
+        let mut w = Weights::new(HashMap::new(), source);
+        for file in files {
+            let bad = |e: String| Error::format(file, format!("cannot read safetensors: {e}"));
+            let mut f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+            let mut len = [0u8; 8];
+            f.read_exact(&mut len).map_err(|e| bad(e.to_string()))?;
+            let n = u64::from_le_bytes(len) as usize;
+            if n > 100_000_000 {
+                return Err(bad(format!("a header of {n} bytes")));
+            }
+            let mut header = vec![0u8; n];
+            f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
+            let meta: HashMap<String, serde_json::Value> =
+                serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+            let mut entries: Vec<(String, String, Vec<usize>, u64, u64)> = Vec::new();
+            for (name, v) in meta {
+                if name == "__metadata__" {
+                    continue;
+                }
+                let dtype_s = v["dtype"].as_str().unwrap_or_default().to_string();
+                let shape: Vec<usize> = serde_json::from_value(v["shape"].clone())
+                    .map_err(|e| bad(format!("{name}: shape: {e}")))?;
+                let offs: Vec<u64> = serde_json::from_value(v["data_offsets"].clone())
+                    .map_err(|e| bad(format!("{name}: data_offsets: {e}")))?;
+                if offs.len() != 2 || offs[1] < offs[0] {
+                    return Err(bad(format!("{name}: bad data_offsets")));
+                }
+                entries.push((name, dtype_s, shape, offs[0], offs[1]));
+            }
+            entries.sort_by_key(|e| e.3);
+            let base = 8 + n as u64;
+            for (name, dtype_s, shape, start, end) in entries {
+                let st_dtype = match dtype_s.as_str() {
+                    "F32" => DType::F32,
+                    "F16" => DType::F16,
+                    "BF16" => DType::BF16,
+                    "F64" => DType::F64,
+                    "U8" => DType::U8,
+                    "I64" => DType::I64,
+                    "U32" => DType::U32,
+                    other => return Err(bad(format!("{name}: dtype {other} is not supported"))),
+                };
+                let mut bytes = vec![0u8; (end - start) as usize];
+                f.seek(SeekFrom::Start(base + start))
+                    .map_err(|e| bad(e.to_string()))?;
+                f.read_exact(&mut bytes).map_err(|e| bad(e.to_string()))?;
+                let t = Tensor::from_raw_buffer(&bytes, st_dtype, &shape, &Device::Cpu)
+                    .map_err(|e| bad(format!("{name}: {e}")))?;
+                drop(bytes);
+                // bitsandbytes' quantization statistics stay f32 whatever the model dtype.
+                let t = if t.dtype().is_float() && !is_bnb_state(&name) {
+                    t.to_dtype(dtype)?
+                } else {
+                    t
+                };
+                let t = t.to_device(device)?;
+                w.insert_packed_or_dense(name, t, how, double_quant)?;
+            }
+        }
+        Ok(w)
     }
 
     /// Takes the bitsandbytes 4-bit weight `{name}.weight` (packed u8 plus its
@@ -241,10 +342,10 @@ impl Weights {
                 normal(&[cfg.vocab_size, h], &mut rng)?,
             );
         }
-        Ok(Weights {
+        Ok(Weights::new(
             tensors,
-            source: PathBuf::from(format!("<random seed {seed}>")),
-        })
+            PathBuf::from(format!("<random seed {seed}>")),
+        ))
     }
 
     /// Takes a tensor and checks its shape.
@@ -280,7 +381,12 @@ impl Weights {
 
     /// Names not taken yet, sorted.
     pub fn remaining(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.tensors.keys().cloned().collect();
+        let mut v: Vec<String> = self
+            .tensors
+            .keys()
+            .chain(self.packed.keys())
+            .cloned()
+            .collect();
         v.sort();
         v
     }

@@ -611,3 +611,39 @@ fn gradient_checkpointing_gives_the_same_gradients_and_losses() {
         );
     }
 }
+
+/// Packing while loading (one tensor at a time) gives the same model as loading dense
+/// and packing afterwards, for an HF folder and both quantized bases.
+#[test]
+fn packing_while_loading_equals_packing_after() {
+    let mut m = loader::load("tiny:gemma:3", DType::F32, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    pipe_train::export::save_hf_dir(&mut m.model, &m.tokenizer, dir.path()).unwrap();
+    let path = dir.path().to_str().unwrap();
+    let ids = Tensor::new(&[[5u32, 9, 200, 7, 3]], &Device::Cpu).unwrap();
+    let keys = KeyMask::full(1, 5);
+    let logits = |m: &pipe_train::Decoder| -> Vec<f32> {
+        m.forward(&ids, &keys)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    for base in [BaseQuant::Int8, BaseQuant::Nf4] {
+        let mut after = loader::load(path, DType::F32, &Device::Cpu).unwrap();
+        after.model.quantize_base(base, true).unwrap();
+        let mut during = loader::load_with(path, DType::F32, &Device::Cpu, base, true).unwrap();
+        let packed = during
+            .model
+            .linears_mut()
+            .iter()
+            .filter(|(_, l)| l.packed.is_some())
+            .count();
+        assert_eq!(
+            packed, 14,
+            "{base:?}: every projection packed while loading"
+        );
+        assert_eq!(logits(&after.model), logits(&during.model), "{base:?}");
+    }
+}

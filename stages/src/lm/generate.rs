@@ -104,8 +104,14 @@ impl Stage for GenerateStage {
 
     fn run(&self, ctx: &StageContext) -> Result<Outcome, StageError> {
         let p: GenerateParams = parse_params(&ctx.params)?;
-        let mut loaded = model::load_model(ctx, &p.model, &p.device, &p.dtype)?;
-        model::pack_base(ctx, &mut loaded.model, p.quantize, p.double_quant)?;
+        let mut loaded = model::load_model(
+            ctx,
+            &p.model,
+            &p.device,
+            &p.dtype,
+            p.quantize,
+            p.double_quant,
+        )?;
         if let Some(dir) = ctx.inputs.get("adapter") {
             pipe_train::lora::load(&mut loaded.model, dir)
                 .map_err(model::failed("loading the adapter"))?;

@@ -57,7 +57,14 @@ impl Stage for MergeStage {
 
     fn run(&self, ctx: &StageContext) -> Result<Outcome, StageError> {
         let p: MergeParams = parse_params(&ctx.params)?;
-        let mut loaded = model::load_model(ctx, &p.model, "cpu", &p.dtype)?;
+        let mut loaded = model::load_model(
+            ctx,
+            &p.model,
+            "cpu",
+            &p.dtype,
+            model::BaseQuant::None,
+            false,
+        )?;
         let adapter_dir = ctx.input("adapter")?;
         let adapter = pipe_train::lora::load(&mut loaded.model, adapter_dir)
             .map_err(model::failed("loading the adapter"))?;

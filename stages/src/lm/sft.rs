@@ -287,8 +287,14 @@ impl Stage for SftStage {
     fn run(&self, ctx: &StageContext) -> Result<Outcome, StageError> {
         let p: SftParams = parse_params(&ctx.params)?;
         p.validate()?;
-        let mut loaded = model::load_model(ctx, &p.model, &p.device, &p.dtype)?;
-        model::pack_base(ctx, &mut loaded.model, p.quantize, p.double_quant)?;
+        let mut loaded = model::load_model(
+            ctx,
+            &p.model,
+            &p.device,
+            &p.dtype,
+            p.quantize,
+            p.double_quant,
+        )?;
         let new_ids = if p.new_special_tokens.is_empty() {
             Vec::new()
         } else {

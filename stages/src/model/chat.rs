@@ -55,14 +55,11 @@ impl ChatModel {
         let (device, dtype) =
             crate::model::device(&opts.device, &opts.dtype).map_err(|e| e.to_string())?;
         let resolved = crate::model::resolve_model(spec, workdir);
-        let mut loaded = pipe_train::loader::load(&resolved, dtype, &device)
-            .map_err(|e| format!("loading `{spec}`: {e}"))?;
+        let mut loaded =
+            pipe_train::loader::load_with(&resolved, dtype, &device, opts.base, opts.double_quant)
+                .map_err(|e| format!("loading `{spec}`: {e}"))?;
         loaded.name = spec.to_string();
         if opts.base != crate::model::BaseQuant::None {
-            loaded
-                .model
-                .quantize_base(opts.base, opts.double_quant)
-                .map_err(|e| format!("quantizing the base: {e}"))?;
             loaded.identity =
                 crate::model::identity_with_base(&loaded.identity, opts.base, opts.double_quant);
         }

@@ -97,36 +97,6 @@ pub fn identity_with_base(identity: &str, base: BaseQuant, double_quant: bool) -
     }
 }
 
-/// Packs a loaded model's projections as `base` (NF4/int8), logging the weight bytes.
-pub fn pack_base(
-    ctx: &StageContext,
-    model: &mut pipe_train::Decoder,
-    base: BaseQuant,
-    double_quant: bool,
-) -> Result<(), StageError> {
-    if base == BaseQuant::None {
-        return Ok(());
-    }
-    model
-        .quantize_base(base, double_quant)
-        .map_err(failed("quantizing the base"))?;
-    let packed: usize = model
-        .linears_mut()
-        .iter()
-        .filter_map(|(_, l)| l.packed.as_ref().map(|p| p.bytes()))
-        .sum();
-    ctx.log(&format!(
-        "base projections packed as {base:?}{}: {:.1} MB",
-        if double_quant {
-            " (double quantization)"
-        } else {
-            ""
-        },
-        packed as f64 / 1e6
-    ));
-    Ok(())
-}
-
 /// Maps a pipe-train error to a stage error.
 pub fn failed(context: &str) -> impl Fn(pipe_train::Error) -> StageError + '_ {
     move |e| match e {
@@ -145,20 +115,39 @@ pub fn device(
     Ok((d, t))
 }
 
-/// Loads a model relative to the stage's workdir, logging what was loaded.
+/// Loads a model relative to the stage's workdir, its projections packed as `base`
+/// (NF4, int8) while they are read, logging what was loaded.
 pub fn load_model(
     ctx: &StageContext,
     model: &str,
     dev: &str,
     dtype: &str,
+    base: BaseQuant,
+    double_quant: bool,
 ) -> Result<pipe_train::loader::Loaded, StageError> {
     let (device, dtype) = device(dev, dtype)?;
     let spec = resolve_model(model, &ctx.workdir);
     ctx.progress(0, None, "loading model");
-    let loaded =
-        pipe_train::loader::load(&spec, dtype, &device).map_err(failed("loading the model"))?;
-    let mut loaded = loaded;
+    let mut loaded = pipe_train::loader::load_with(&spec, dtype, &device, base, double_quant)
+        .map_err(failed("loading the model"))?;
     loaded.name = model.to_string();
+    if base != BaseQuant::None {
+        let packed: usize = loaded
+            .model
+            .linears_mut()
+            .iter()
+            .filter_map(|(_, l)| l.packed.as_ref().map(|p| p.bytes()))
+            .sum();
+        ctx.log(&format!(
+            "base projections packed as {base:?}{}: {:.1} MB",
+            if double_quant {
+                " (double quantization)"
+            } else {
+                ""
+            },
+            packed as f64 / 1e6
+        ));
+    }
     ctx.log(&format!(
         "model {model}: {:?}, {} layers, hidden {}, vocab {}, identity {}, {device:?} {dtype:?}",
         loaded.config.architecture,

@@ -294,8 +294,14 @@ impl Stage for RewardTrainStage {
                 rows.len()
             )));
         }
-        let mut loaded = crate::model::load_model(ctx, &p.model, &p.device, &p.dtype)?;
-        crate::model::pack_base(ctx, &mut loaded.model, p.quantize, p.double_quant)?;
+        let loaded = crate::model::load_model(
+            ctx,
+            &p.model,
+            &p.device,
+            &p.dtype,
+            p.quantize,
+            p.double_quant,
+        )?;
         let mut order: Vec<usize> = (0..rows.len()).collect();
         pipe_train::Rng::new(p.seed).shuffle(&mut order);
         let n_eval =
