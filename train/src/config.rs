@@ -196,7 +196,7 @@ pub struct Config {
     pub hidden_activation: Option<String>,
     /// Gemma 2: attention scores are scaled by `query_pre_attn_scalar^-½` (not `head_dim^-½`).
     #[serde(default)]
-    pub query_pre_attn_scalar: Option<f64>,
+    pub query_pre_attn_scalar: Option<u32>,
     /// Gemma 2: attention logits become `cap·tanh(logits/cap)` before the mask.
     #[serde(default)]
     pub attn_logit_softcapping: Option<f64>,
@@ -372,7 +372,10 @@ impl Config {
         for (field, cap) in [
             ("attn_logit_softcapping", self.attn_logit_softcapping),
             ("final_logit_softcapping", self.final_logit_softcapping),
-            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
+            (
+                "query_pre_attn_scalar",
+                self.query_pre_attn_scalar.map(f64::from),
+            ),
         ] {
             if cap.is_some_and(|c| c <= 0.0) {
                 return Err(format!("{field} must be positive"));
@@ -465,7 +468,7 @@ impl Config {
     /// The factor applied to attention scores.
     pub fn attention_scale(&self) -> f64 {
         match self.query_pre_attn_scalar {
-            Some(s) if self.architecture == Architecture::Gemma2 => 1.0 / s.sqrt(),
+            Some(s) if self.architecture == Architecture::Gemma2 => 1.0 / (s as f64).sqrt(),
             _ => 1.0 / (self.head_size() as f64).sqrt(),
         }
     }
@@ -510,7 +513,7 @@ impl Config {
             pad_token_id: None,
             hidden_act: None,
             hidden_activation: None,
-            query_pre_attn_scalar: (architecture == A::Gemma2).then_some(24.0),
+            query_pre_attn_scalar: (architecture == A::Gemma2).then_some(24),
             attn_logit_softcapping: (architecture == A::Gemma2).then_some(50.0),
             final_logit_softcapping: (architecture == A::Gemma2).then_some(30.0),
             layer_types: None,

@@ -36,14 +36,6 @@ pub fn save_hf_dir(model: &mut Decoder, tokenizer: &TextTokenizer, dir: &Path) -
             o.insert("hidden_act".into(), json!(act));
         }
         o.retain(|_, v| !v.is_null());
-        // transformers' config classes type these as integers and reject `24.0`.
-        for k in ["query_pre_attn_scalar"] {
-            if let Some(f) = o.get(k).and_then(|v| v.as_f64()) {
-                if f.fract() == 0.0 {
-                    o.insert(k.into(), json!(f as i64));
-                }
-            }
-        }
     }
     write_json(&dir.join("config.json"), &c)?;
     save_safetensors(&dir.join("model.safetensors"), &model.merged_tensors()?)?;

@@ -219,7 +219,12 @@ impl Linear {
     /// stay f32; so do weights on a GPU.
     pub fn quantize(&mut self) -> Result<()> {
         let (inp, out) = self.in_out();
-        if !self.weight.device().is_cpu() || inp % BLOCK != 0 || self.packed.is_some() {
+        if let Some(p) = &self.packed {
+            // An int8 base already is the decoding copy; an NF4 one has none.
+            self.quantized = p.clone().as_q8();
+            return Ok(());
+        }
+        if !self.weight.device().is_cpu() || inp % BLOCK != 0 {
             return Ok(());
         }
         // Read the f32 weight in place (a copy of `lm_head` would add 100+ MB to the

@@ -27,6 +27,11 @@ pub trait PackedWeight: Send + Sync + std::fmt::Debug {
     fn bytes(&self) -> usize;
     /// `nf4`, `int8`.
     fn kind(&self) -> &'static str;
+    /// The matrix as an int8 [`Q8Matrix`], when that is how it is stored (then it also
+    /// serves few-row decoding calls directly).
+    fn as_q8(self: Arc<Self>) -> Option<Arc<crate::q8::Q8Matrix>> {
+        None
+    }
 }
 
 /// `x · dequant(W)ᵀ` for `x: [m, in]`.
@@ -39,34 +44,26 @@ struct PackedMatmulInputGrad {
     w: Arc<dyn PackedWeight>,
 }
 
-fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], usize, usize)> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("packed matmul takes f32 activations")
-    };
-    let (m, k) = l.shape().dims2()?;
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("packed matmul needs a contiguous input")
-    };
-    Ok((&data[start..end], m, k))
-}
-
-/// `a [m, k] · B` with `B` given as `[n, k]` (used transposed) or `[k, n]`.
+/// `x [m, k] · B` on the input's own storage, with `B` given as `[n, k]` (used
+/// transposed) or `[k, n]`.
 fn gemm(
-    a: &[f32],
-    m: usize,
-    k: usize,
+    x: &CpuStorage,
+    l: &Layout,
     b: Vec<f32>,
     n: usize,
     b_is_n_by_k: bool,
-) -> candle_core::Result<CpuStorage> {
-    let sa = CpuStorage::F32(a.to_vec());
-    let sb = CpuStorage::F32(b);
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    if !matches!(x, CpuStorage::F32(_)) {
+        candle_core::bail!("packed matmul takes f32 activations")
+    }
+    let (m, k) = l.shape().dims2()?;
     let lb = if b_is_n_by_k {
         Layout::contiguous((n, k)).transpose(0, 1)?
     } else {
         Layout::contiguous((k, n))
     };
-    sa.matmul(&sb, (1, m, n, k), &Layout::contiguous((m, k)), &lb)
+    let out = x.matmul(&CpuStorage::F32(b), (1, m, n, k), l, &lb)?;
+    Ok((out, Shape::from((m, n))))
 }
 
 impl CustomOp1 for PackedMatmul {
@@ -75,16 +72,15 @@ impl CustomOp1 for PackedMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, m, k) = f32_rows(s, l)?;
         let (rows, cols) = (self.w.rows(), self.w.cols());
+        let k = l.shape().dims2()?.1;
         if k != cols {
             candle_core::bail!(
                 "{} matmul: input width {k} but weight is [{rows}, {cols}]",
                 self.w.kind()
             )
         }
-        let out = gemm(x, m, k, self.w.dequantize(), rows, true)?;
-        Ok((out, Shape::from((m, rows))))
+        gemm(s, l, self.w.dequantize(), rows, true)
     }
 
     fn bwd(
@@ -106,16 +102,15 @@ impl CustomOp1 for PackedMatmulInputGrad {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (dy, m, n) = f32_rows(s, l)?;
         let (rows, cols) = (self.w.rows(), self.w.cols());
+        let n = l.shape().dims2()?.1;
         if n != rows {
             candle_core::bail!(
                 "{} matmul backward: gradient width {n} but weight is [{rows}, {cols}]",
                 self.w.kind()
             )
         }
-        let out = gemm(dy, m, n, self.w.dequantize(), cols, false)?;
-        Ok((out, Shape::from((m, cols))))
+        gemm(s, l, self.w.dequantize(), cols, false)
     }
 }
 

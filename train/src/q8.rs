@@ -299,6 +299,10 @@ impl crate::packed::PackedWeight for Q8Matrix {
     fn kind(&self) -> &'static str {
         "int8"
     }
+
+    fn as_q8(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<Q8Matrix>> {
+        Some(self)
+    }
 }
 
 #[cfg(test)]

@@ -105,40 +105,19 @@ impl Weights {
             }
             let mut header = vec![0u8; n];
             f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
-            let meta: HashMap<String, serde_json::Value> =
+            let meta: safetensors::tensor::Metadata =
                 serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
-            let mut entries: Vec<(String, String, Vec<usize>, u64, u64)> = Vec::new();
-            for (name, v) in meta {
-                if name == "__metadata__" {
-                    continue;
-                }
-                let dtype_s = v["dtype"].as_str().unwrap_or_default().to_string();
-                let shape: Vec<usize> = serde_json::from_value(v["shape"].clone())
-                    .map_err(|e| bad(format!("{name}: shape: {e}")))?;
-                let offs: Vec<u64> = serde_json::from_value(v["data_offsets"].clone())
-                    .map_err(|e| bad(format!("{name}: data_offsets: {e}")))?;
-                if offs.len() != 2 || offs[1] < offs[0] {
-                    return Err(bad(format!("{name}: bad data_offsets")));
-                }
-                entries.push((name, dtype_s, shape, offs[0], offs[1]));
-            }
-            entries.sort_by_key(|e| e.3);
             let base = 8 + n as u64;
-            for (name, dtype_s, shape, start, end) in entries {
-                let st_dtype = match dtype_s.as_str() {
-                    "F32" => DType::F32,
-                    "F16" => DType::F16,
-                    "BF16" => DType::BF16,
-                    "F64" => DType::F64,
-                    "U8" => DType::U8,
-                    "I64" => DType::I64,
-                    "U32" => DType::U32,
-                    other => return Err(bad(format!("{name}: dtype {other} is not supported"))),
-                };
-                let mut bytes = vec![0u8; (end - start) as usize];
-                f.seek(SeekFrom::Start(base + start))
+            for name in meta.offset_keys() {
+                let info = meta.info(&name).expect("listed by the header");
+                let st_dtype =
+                    DType::try_from(info.dtype).map_err(|e| bad(format!("{name}: {e}")))?;
+                let (start, end) = info.data_offsets;
+                let mut bytes = vec![0u8; end - start];
+                f.seek(SeekFrom::Start(base + start as u64))
                     .map_err(|e| bad(e.to_string()))?;
                 f.read_exact(&mut bytes).map_err(|e| bad(e.to_string()))?;
+                let shape = info.shape.clone();
                 let t = Tensor::from_raw_buffer(&bytes, st_dtype, &shape, &Device::Cpu)
                     .map_err(|e| bad(format!("{name}: {e}")))?;
                 drop(bytes);
