@@ -27,7 +27,7 @@ pub trait PackedWeight: Send + Sync + std::fmt::Debug {
     fn bytes(&self) -> usize;
     /// `nf4`, `int8`.
     fn kind(&self) -> &'static str;
-    /// The matrix as an int8 [`Q8Matrix`], when that is how it is stored (then it also
+    /// The matrix as an int8 [`crate::q8::Q8Matrix`], when that is how it is stored (then it also
     /// serves few-row decoding calls directly).
     fn as_q8(self: Arc<Self>) -> Option<Arc<crate::q8::Q8Matrix>> {
         None
