@@ -17,6 +17,7 @@ pub mod export;
 pub mod fastmath;
 pub mod fused;
 pub mod generate;
+pub mod ggml;
 pub mod io;
 pub mod linear;
 pub mod loader;

@@ -114,16 +114,22 @@ pub enum BaseQuant {
     Int8,
     /// NF4 as bitsandbytes stores it (QLoRA; see [`crate::nf4`]).
     Nf4,
+    /// A GGUF file's projections stay in the file's own blocks (Q4_0, Q4_1, Q4_K,
+    /// Q8_0; see [`crate::ggml`]) instead of being dequantized.
+    Keep,
 }
 
 impl BaseQuant {
-    /// Reads `none`, `int8`, `nf4`.
+    /// Reads `none`, `int8`, `nf4`, `keep`.
     pub fn parse(s: &str) -> std::result::Result<BaseQuant, String> {
         match s {
             "none" => Ok(BaseQuant::None),
             "int8" => Ok(BaseQuant::Int8),
             "nf4" => Ok(BaseQuant::Nf4),
-            other => Err(format!("quantize `{other}` is not one of none, int8, nf4")),
+            "keep" => Ok(BaseQuant::Keep),
+            other => Err(format!(
+                "quantize `{other}` is not one of none, int8, nf4, keep"
+            )),
         }
     }
 }
@@ -177,9 +183,10 @@ impl Linear {
     }
 
     /// Replaces the dense weight by a packed copy (NF4 or int8), freeing the dense one.
-    /// Widths that int8 blocks cannot split stay dense.
+    /// Widths that int8 blocks cannot split stay dense; so does everything under
+    /// [`BaseQuant::Keep`], which only keeps blocks a GGUF file already has.
     pub fn pack(&mut self, how: BaseQuant, double_quant: bool) -> Result<()> {
-        if how == BaseQuant::None || self.packed.is_some() {
+        if matches!(how, BaseQuant::None | BaseQuant::Keep) || self.packed.is_some() {
             return Ok(());
         }
         let (inp, out) = self.in_out();

@@ -5,17 +5,19 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
 use crate::config::{Architecture, Config};
 use crate::error::{Error, Result};
+use crate::ggml::GgmlMatrix;
 use crate::linear::BaseQuant;
 use crate::model::Decoder;
 use crate::tokenizer::TextTokenizer;
-use crate::weights::Weights;
+use crate::weights::{is_projection_weight, Weights};
 
 /// A model reference as users write it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,6 +224,12 @@ pub fn load_with(
     double_quant: bool,
 ) -> Result<Loaded> {
     let spec = ModelSpec::parse(spec_text)?;
+    if base == BaseQuant::Keep && !matches!(spec, ModelSpec::Gguf(_)) {
+        return Err(Error::Model {
+            spec: spec_text.to_string(),
+            message: "quantize: keep keeps a GGUF file's own blocks, and this model is not a .gguf file; use quantize: none, int8 or nf4".into(),
+        });
+    }
     let identity = identity(spec_text)?;
     let (config, weights, tokenizer) = match &spec {
         ModelSpec::Tiny { arch, seed } => {
@@ -424,13 +432,34 @@ pub fn read_gguf_with(
         let q = content
             .tensor(&mut file, name, &Device::Cpu)
             .map_err(|e| Error::format(path, format!("{name}: {e}")))?;
+        let heads = if cfg.architecture != Architecture::Llama {
+            None
+        } else if hf.ends_with("q_proj.weight") {
+            Some(cfg.num_attention_heads)
+        } else if hf.ends_with("k_proj.weight") {
+            Some(cfg.kv_heads())
+        } else {
+            None
+        };
+        if base == BaseQuant::Keep
+            && is_projection_weight(&hf)
+            && !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+        {
+            let (rows, cols) = q.shape().dims2()?;
+            let order = heads.map(|h| crate::ggml::unpermute_rows(rows, h));
+            let m = GgmlMatrix::from_blocks(q.dtype(), rows, cols, &q.data()?, order.as_deref())
+                .map_err(|m| {
+                    Error::format(
+                        path,
+                        format!("{name}: quantize: keep: {m}; use quantize: none, int8 or nf4 for this file"),
+                    )
+                })?;
+            weights.insert_packed(hf, Arc::new(m));
+            continue;
+        }
         let mut t = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
-        if cfg.architecture == Architecture::Llama {
-            if hf.ends_with("q_proj.weight") {
-                t = unpermute(&t, cfg.num_attention_heads)?;
-            } else if hf.ends_with("k_proj.weight") {
-                t = unpermute(&t, cfg.kv_heads())?;
-            }
+        if let Some(h) = heads {
+            t = unpermute(&t, h)?;
         }
         weights.insert_packed_or_dense(
             hf,

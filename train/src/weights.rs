@@ -66,6 +66,11 @@ impl Weights {
         Ok(())
     }
 
+    /// Adds a projection that a checkpoint already stores packed.
+    pub fn insert_packed(&mut self, name: String, p: Arc<dyn PackedWeight>) {
+        self.packed.insert(name, p);
+    }
+
     /// Takes a projection that was packed while loading.
     pub fn take_packed(&mut self, name: &str) -> Option<Arc<dyn PackedWeight>> {
         self.packed.remove(name)
