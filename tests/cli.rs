@@ -1102,6 +1102,28 @@ fn sft_params_are_checked_with_their_field_path() {
         "{}",
         out.stderr
     );
+    // An unknown storage for the base, and `keep` on a model that is not a GGUF file.
+    p.file("p.yaml", &TINY_SFT.replace("steps: 6", "steps: 6\n      quantize: nf5"));
+    let out = p.pipe(&["check", "p.yaml"]);
+    assert_eq!(out.code, 2, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("sft")
+            && out.stderr.contains("quantize")
+            && out.stderr.contains("nf5")
+            && out.stderr.contains("keep"),
+        "{}",
+        out.stderr
+    );
+    p.file("p.yaml", &TINY_SFT.replace("steps: 6", "steps: 6\n      quantize: keep"));
+    let out = p.pipe(&["check", "p.yaml"]);
+    assert_eq!(out.code, 2, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("sft")
+            && out.stderr.contains("with.quantize")
+            && out.stderr.contains("not a .gguf file"),
+        "{}",
+        out.stderr
+    );
 }
 
 /// Runs a repo pipeline with its `smoke` profile and checks that all four stages ran;

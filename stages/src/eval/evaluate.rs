@@ -98,6 +98,7 @@ impl Stage for EvaluateStage {
 
     fn declare(&self, params: &Value) -> Result<Signature, ParamError> {
         let p: EvaluateParams = parse_params(params)?;
+        crate::model::check_quantize(&p.model, p.quantize)?;
         if p.batch_size == 0 {
             return Err(ParamError::new(&["batch_size"], "expected at least 1"));
         }

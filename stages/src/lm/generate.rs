@@ -80,6 +80,7 @@ impl Stage for GenerateStage {
 
     fn declare(&self, params: &Value) -> Result<Signature, ParamError> {
         let p: GenerateParams = parse_params(params)?;
+        crate::model::check_quantize(&p.model, p.quantize)?;
         model::model_dep(&p.model)?;
         if p.batch_size == 0 {
             return Err(ParamError::new(

@@ -140,6 +140,7 @@ fn default_response() -> String {
 impl SftParams {
     fn validate(&self) -> Result<(), ParamError> {
         model::model_dep(&self.model)?;
+        model::check_quantize(&self.model, self.quantize)?;
         self.lora
             .validate()
             .map_err(|e| ParamError::new(&["with", "lora"], e.to_string()))?;

@@ -25,6 +25,17 @@ pub fn model_dep(model: &str) -> Result<Option<String>, ParamError> {
     }
 }
 
+/// Checks that `quantize: keep` names a GGUF model (it keeps the file's own blocks).
+pub fn check_quantize(model: &str, base: BaseQuant) -> Result<(), ParamError> {
+    if base == BaseQuant::Keep && !matches!(ModelSpec::parse(model), Ok(ModelSpec::Gguf(_))) {
+        return Err(ParamError::new(
+            &["with", "quantize"],
+            format!("`keep` keeps a GGUF file's own quantized blocks, and model `{model}` is not a .gguf file; expected none, int8 or nf4"),
+        ));
+    }
+    Ok(())
+}
+
 /// Adds the identity of a hub model found in the local cache to the key params, so a
 /// new revision in the cache changes the fingerprint (files and folders are deps instead).
 pub fn key_with_identity(params: &Value) -> Value {

@@ -187,6 +187,8 @@ impl OracleSpec {
         match spec.backend {
             BackendKind::Local => {
                 crate::model::model_dep(&spec.model).map_err(|e| err("model", e.message))?;
+                crate::model::check_quantize(&spec.model, spec.quantize)
+                    .map_err(|e| err("quantize", e.message))?;
                 if spec.batch_size == 0 {
                     return Err(err("batch_size", "expected at least 1".into()));
                 }

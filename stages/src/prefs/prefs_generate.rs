@@ -106,6 +106,7 @@ impl Stage for PrefsGenerateStage {
 
     fn declare(&self, params: &Value) -> Result<Signature, ParamError> {
         let p: PrefsGenerateParams = parse_params(params)?;
+        crate::model::check_quantize(&p.model, p.quantize)?;
         if p.models.is_empty() {
             return Err(ParamError::new(
                 &["models"],

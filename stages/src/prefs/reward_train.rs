@@ -256,6 +256,7 @@ impl Stage for RewardTrainStage {
 
     fn declare(&self, params: &Value) -> Result<Signature, ParamError> {
         let p: RewardParams = parse_params(params)?;
+        crate::model::check_quantize(&p.model, p.quantize)?;
         if !(0.0..1.0).contains(&p.eval_fraction) {
             return Err(ParamError::new(
                 &["eval_fraction"],
