@@ -1103,7 +1103,10 @@ fn sft_params_are_checked_with_their_field_path() {
         out.stderr
     );
     // An unknown storage for the base, and `keep` on a model that is not a GGUF file.
-    p.file("p.yaml", &TINY_SFT.replace("steps: 6", "steps: 6\n      quantize: nf5"));
+    p.file(
+        "p.yaml",
+        &TINY_SFT.replace("steps: 6", "steps: 6\n      quantize: nf5"),
+    );
     let out = p.pipe(&["check", "p.yaml"]);
     assert_eq!(out.code, 2, "{}{}", out.stdout, out.stderr);
     assert!(
@@ -1114,7 +1117,10 @@ fn sft_params_are_checked_with_their_field_path() {
         "{}",
         out.stderr
     );
-    p.file("p.yaml", &TINY_SFT.replace("steps: 6", "steps: 6\n      quantize: keep"));
+    p.file(
+        "p.yaml",
+        &TINY_SFT.replace("steps: 6", "steps: 6\n      quantize: keep"),
+    );
     let out = p.pipe(&["check", "p.yaml"]);
     assert_eq!(out.code, 2, "{}{}", out.stdout, out.stderr);
     assert!(

@@ -115,8 +115,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 pad_id: 0,
                 gradient_checkpointing: std::env::var("PIPE_BENCH_CKPT").as_deref() == Ok("1"),
             };
-            // One warm-up step, then the timed steps.
-            train(&m.model, &adapter, &data[..batch], &[], &s, None, &mut ())?;
+            // Warm-up steps (default one), then the timed steps.
+            for w in 0..arg(&args, "--warmup", 1) {
+                let chunk = &data[(w % (steps + 1)) * batch..][..batch];
+                train(&m.model, &adapter, chunk, &[], &s, None, &mut ())?;
+            }
             let timed = TrainSettings {
                 steps: steps as u64,
                 ..s

@@ -29,6 +29,15 @@ pub enum ModelSpec {
         /// Seed of the random weights.
         seed: u64,
     },
+    /// `random:CONFIG.json[:SEED]`: random weights of the shape an HF `config.json`
+    /// declares, with a byte tokenizer: memory and speed of a model's shape without
+    /// its weights (the benchmarks' 1.5B shape).
+    Random {
+        /// The config file.
+        config: PathBuf,
+        /// Seed of the random weights.
+        seed: u64,
+    },
     /// A local HF folder with config.json, safetensors and tokenizer files.
     Dir(PathBuf),
     /// A `.gguf` file.
@@ -62,6 +71,18 @@ impl ModelSpec {
             };
             return Ok(ModelSpec::Tiny { arch, seed });
         }
+        if let Some(rest) = s.strip_prefix("random:") {
+            let (config, seed) = match rest.rsplit_once(':') {
+                Some((c, n)) if n.chars().all(|c| c.is_ascii_digit()) && !n.is_empty() => {
+                    (c, n.parse().unwrap_or(0))
+                }
+                _ => (rest, 0),
+            };
+            return Ok(ModelSpec::Random {
+                config: PathBuf::from(config),
+                seed,
+            });
+        }
         if let Some(p) = s.strip_prefix("gguf:") {
             return Ok(ModelSpec::Gguf(PathBuf::from(p)));
         }
@@ -93,6 +114,15 @@ impl ModelSpec {
     pub fn files(&self, spec: &str) -> Result<Vec<PathBuf>> {
         match self {
             ModelSpec::Tiny { .. } => Ok(vec![]),
+            ModelSpec::Random { config, .. } => {
+                if !config.is_file() {
+                    return Err(Error::Model {
+                        spec: spec.into(),
+                        message: format!("config file {} does not exist", config.display()),
+                    });
+                }
+                Ok(vec![config.clone()])
+            }
             ModelSpec::Gguf(p) => {
                 if !p.is_file() {
                     return Err(Error::Model {
@@ -184,6 +214,9 @@ pub fn identity(spec_text: &str) -> Result<String> {
     let spec = ModelSpec::parse(spec_text)?;
     let mut h = Sha256::new();
     h.update(b"pipe-model-v1\n");
+    if let ModelSpec::Random { seed, .. } = &spec {
+        h.update(format!("random {seed}\n").as_bytes());
+    }
     match &spec {
         ModelSpec::Tiny { arch, seed } => h.update(format!("tiny {arch:?} {seed}").as_bytes()),
         _ => {
@@ -240,6 +273,24 @@ pub fn load_with(
             let w = Weights::random(&cfg, *seed, dtype, device)?;
             (cfg, w, tokenizer)
         }
+        ModelSpec::Random { config, seed } => {
+            let tokenizer = TextTokenizer::bytes_chatml();
+            let mut cfg = Config::from_file(config)?;
+            if cfg.vocab_size < tokenizer.vocab_size() {
+                return Err(Error::Model {
+                    spec: spec_text.into(),
+                    message: format!(
+                        "vocab_size {} is smaller than the byte tokenizer's {}",
+                        cfg.vocab_size,
+                        tokenizer.vocab_size()
+                    ),
+                });
+            }
+            cfg.eos_token_id = tokenizer.eos_id().map(crate::config::TokenIds::One);
+            cfg.pad_token_id = tokenizer.eos_id();
+            let w = Weights::random_packed(&cfg, *seed, dtype, device, base, double_quant)?;
+            (cfg, w, tokenizer)
+        }
         ModelSpec::Gguf(path) => {
             let (cfg, w, tok) = read_gguf_with(path, dtype, device, base, double_quant)?;
             (cfg, w, tok)
@@ -293,19 +344,40 @@ pub fn gguf_config(content: &gguf_file::Content, path: &Path) -> Result<Config> 
     let architecture = match arch_name.as_str() {
         "llama" => Architecture::Llama,
         "qwen2" => Architecture::Qwen2,
+        "qwen3" => Architecture::Qwen3,
+        "gemma" => Architecture::Gemma,
+        "gemma2" => Architecture::Gemma2,
+        "phi3" => Architecture::Phi3,
         other => {
             return Err(Error::format(
                 path,
-                format!("GGUF architecture `{other}` is not supported (llama, qwen2)"),
+                format!(
+                    "GGUF architecture `{other}` is not supported (llama, qwen2, qwen3, gemma, gemma2, phi3)"
+                ),
             ))
         }
     };
+    for t in ["rope_factors_long.weight", "rope_factors_short.weight"] {
+        if content.tensor_infos.contains_key(t) {
+            return Err(Error::format(
+                path,
+                format!(
+                    "`{t}`: LongRoPE scaling (Phi-3 128k) is not supported; use a 4k-context model"
+                ),
+            ));
+        }
+    }
     let a = arch_name.as_str();
     let f = |k: &str, d: f64| {
         md.get(&format!("{a}.{k}"))
             .and_then(|v| v.to_f32().ok())
             .map(f64::from)
             .unwrap_or(d)
+    };
+    let opt_f = |k: &str| {
+        md.get(&format!("{a}.{k}"))
+            .and_then(|v| v.to_f32().ok())
+            .map(f64::from)
     };
     let vocab = md
         .get("tokenizer.ggml.tokens")
@@ -314,15 +386,28 @@ pub fn gguf_config(content: &gguf_file::Content, path: &Path) -> Result<Config> 
         .ok_or_else(|| Error::format(path, "GGUF metadata lacks tokenizer.ggml.tokens"))?;
     let heads = md_u(md, &format!("{a}.attention.head_count"), path)?;
     let hidden = md_u(md, &format!("{a}.embedding_length"), path)?;
+    let layers = md_u(md, &format!("{a}.block_count"), path)?;
+    // Families with an explicit head size write it as the key length.
+    let head_dim = md_u(md, &format!("{a}.attention.key_length"), path).ok();
+    let head_size = head_dim.unwrap_or(hidden / heads);
+    let window = md_u(md, &format!("{a}.attention.sliding_window"), path)
+        .ok()
+        .filter(|&w| w > 0);
+    let gemma2 = architecture == Architecture::Gemma2;
+    // Phi-3 writes its rotary width; anything but the full head is partial rotary.
+    let partial_rotary_factor = md_u(md, &format!("{a}.rope.dimension_count"), path)
+        .ok()
+        .map(|d| d as f64 / head_size as f64)
+        .filter(|&r| (r - 1.0).abs() > 1e-12);
     let cfg = Config {
         architecture,
         vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: md_u(md, &format!("{a}.feed_forward_length"), path)?,
-        num_hidden_layers: md_u(md, &format!("{a}.block_count"), path)?,
+        num_hidden_layers: layers,
         num_attention_heads: heads,
         num_key_value_heads: md_u(md, &format!("{a}.attention.head_count_kv"), path).ok(),
-        head_dim: None,
+        head_dim,
         rms_norm_eps: f("attention.layer_norm_rms_epsilon", 1e-6),
         rope_theta: f("rope.freq_base", 10_000.0),
         rope_scaling: None,
@@ -330,7 +415,7 @@ pub fn gguf_config(content: &gguf_file::Content, path: &Path) -> Result<Config> 
         max_position_embeddings: md_u(md, &format!("{a}.context_length"), path).unwrap_or(4096),
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         attention_bias: false,
-        sliding_window: None,
+        sliding_window: window,
         use_sliding_window: false,
         bos_token_id: md
             .get("tokenizer.ggml.bos_token_id")
@@ -344,18 +429,35 @@ pub fn gguf_config(content: &gguf_file::Content, path: &Path) -> Result<Config> 
             .and_then(|v| v.to_u32().ok()),
         hidden_act: None,
         hidden_activation: None,
-        query_pre_attn_scalar: None,
-        attn_logit_softcapping: None,
-        final_logit_softcapping: None,
+        // llama.cpp does not store Gemma 2's query scalar: it uses hidden / heads for
+        // the 27B model (46 layers) and the head size otherwise, as its configs do.
+        query_pre_attn_scalar: gemma2.then(|| {
+            (if layers == 46 {
+                hidden / heads
+            } else {
+                head_size
+            }) as u32
+        }),
+        attn_logit_softcapping: if gemma2 {
+            opt_f("attn_logit_softcapping")
+        } else {
+            None
+        },
+        final_logit_softcapping: if gemma2 {
+            opt_f("final_logit_softcapping")
+        } else {
+            None
+        },
+        // Gemma 2 alternates from a sliding layer 0, the default when this is unset.
         layer_types: None,
-        partial_rotary_factor: None,
+        partial_rotary_factor,
     };
     cfg.validate().map_err(|m| Error::format(path, m))?;
     Ok(cfg)
 }
 
-/// HF name of a GGUF tensor.
-fn hf_name(gguf: &str) -> Option<String> {
+/// HF name of a GGUF tensor of `arch` (llama.cpp's names, `gguf-py`'s tensor map).
+fn hf_name(gguf: &str, arch: Architecture) -> Option<String> {
     let direct = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -368,14 +470,24 @@ fn hf_name(gguf: &str) -> Option<String> {
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, tail) = rest.split_once('.')?;
     let (module, kind) = tail.rsplit_once('.')?;
+    let gemma2 = arch == Architecture::Gemma2;
     let hf = match module {
         "attn_norm" => "input_layernorm",
+        // Gemma 2's pre-MLP norm; elsewhere the norm after attention, before the MLP.
+        "ffn_norm" if gemma2 => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "post_attention_norm" if gemma2 => "post_attention_layernorm",
+        "post_ffw_norm" if gemma2 => "post_feedforward_layernorm",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
+        "attn_qkv" => "self_attn.qkv_proj",
         "attn_output" => "self_attn.o_proj",
         "ffn_gate" => "mlp.gate_proj",
+        // Phi-3's fused gate and up projections are one `ffn_up` (gate rows first).
+        "ffn_up" if arch == Architecture::Phi3 => "mlp.gate_up_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
         _ => return None,
@@ -420,7 +532,7 @@ pub fn read_gguf_with(
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
-        let Some(hf) = hf_name(name) else {
+        let Some(hf) = hf_name(name, cfg.architecture) else {
             if name.starts_with("rope_") {
                 continue;
             }
@@ -460,6 +572,10 @@ pub fn read_gguf_with(
         let mut t = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
         if let Some(h) = heads {
             t = unpermute(&t, h)?;
+        }
+        // llama.cpp stores Gemma's `x·(1+w)` norm weights as 1+w (its RMSNorm is `x·w`).
+        if cfg.architecture.offset_norms() && hf.ends_with("norm.weight") {
+            t = (t - 1.0)?;
         }
         weights.insert_packed_or_dense(
             hf,

@@ -98,10 +98,10 @@ impl TextTokenizer {
         let model = get("tokenizer.ggml.model")?
             .to_string()
             .map_err(|e| Error::format(path, e.to_string()))?;
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(Error::format(
                 path,
-                format!("GGUF tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`); put a tokenizer.json beside the model"),
+                format!("GGUF tokenizer model `{model}` is not supported (byte-level BPE `gpt2`, SentencePiece `llama`); put a tokenizer.json beside the model"),
             ));
         }
         let strings = |k: &str| -> Result<Vec<String>> {
@@ -117,7 +117,6 @@ impl TextTokenizer {
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
         let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
             Some(v) => v
                 .to_vec()
@@ -136,19 +135,49 @@ impl TextTokenizer {
         let name_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
         let bos = name_of(id_of("tokenizer.ggml.bos_token_id"));
         let eos = name_of(id_of("tokenizer.ggml.eos_token_id"));
-        // Control tokens (type 3) are special added tokens, as in tokenizer.json.
+        // Control tokens (type 3) are special added tokens, as in tokenizer.json; so are
+        // a SentencePiece model's user-defined ones (type 4), which it never splits.
         let special: Vec<(u32, String)> = tokens
             .iter()
             .enumerate()
-            .filter(|(i, _)| types.get(*i) == Some(&3))
+            .filter(|(i, _)| {
+                types.get(*i) == Some(&3) || (model == "llama" && types.get(*i) == Some(&4))
+            })
             .map(|(i, t)| (i as u32, t.clone()))
             .collect();
         let chat_template = md
             .get("tokenizer.chat_template")
             .and_then(|v| v.to_string().ok())
             .cloned();
-        let json = byte_level_bpe_json(&tokens, &merges, &special, &pre)
-            .map_err(|m| Error::format(path, m))?;
+        let json = if model == "gpt2" {
+            let merges = strings("tokenizer.ggml.merges")?;
+            byte_level_bpe_json(&tokens, &merges, &special, &pre)
+        } else {
+            let scores: Vec<f32> = match md.get("tokenizer.ggml.scores") {
+                Some(v) => v
+                    .to_vec()
+                    .map_err(|e| Error::format(path, e.to_string()))?
+                    .iter()
+                    .map(|s| s.to_f32().unwrap_or(0.0))
+                    .collect(),
+                None => vec![0.0; tokens.len()],
+            };
+            let add_space_prefix = md
+                .get("tokenizer.ggml.add_space_prefix")
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(true);
+            let unk = id_of("tokenizer.ggml.unknown_token_id")
+                .and_then(|i| tokens.get(i as usize).cloned());
+            Ok(sentencepiece_bpe_json(
+                &tokens,
+                &special,
+                &scores,
+                &types,
+                add_space_prefix,
+                unk.as_deref(),
+            ))
+        }
+        .map_err(|m| Error::format(path, m))?;
         let text = serde_json::to_string(&json).expect("json");
         let inner = tokenizers::Tokenizer::from_bytes(text.as_bytes())
             .map_err(|e| Error::format(path, format!("cannot rebuild the tokenizer: {e}")))?;
@@ -364,10 +393,7 @@ fn byte_level_bpe_json(
         .enumerate()
         .map(|(i, t)| (t.clone(), json!(i)))
         .collect();
-    let added: Vec<Value> = special
-        .iter()
-        .map(|(id, content)| json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
-        .collect();
+    let added = added_tokens(special);
     Ok(json!({
         "version": "1.0",
         "truncation": null,
@@ -381,6 +407,91 @@ fn byte_level_bpe_json(
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                   "vocab": vocab, "merges": merges},
     }))
+}
+
+/// Special tokens as `tokenizers` added tokens (never split, not normalized).
+fn added_tokens(special: &[(u32, String)]) -> Vec<Value> {
+    special
+        .iter()
+        .map(|(id, content)| json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect()
+}
+
+/// The `tokenizers` JSON of a SentencePiece BPE model given as GGUF metadata
+/// (`tokenizer.ggml.model = llama`: Gemma, Phi-3, Llama 2): tokens, scores and token
+/// types. llama.cpp (and SentencePiece) repeatedly merge the adjacent pair whose
+/// concatenation is the highest-scoring token; a BPE whose merge list is every split of
+/// every token, ranked by that token's score, merges the same pairs in the same order
+/// (this is how `transformers` converts SentencePiece models too). Spaces become `▁`,
+/// with one prefixed to each text segment when `add_space_prefix` is set (llama.cpp
+/// prefixes after each special token too, as a per-segment normalizer does); characters
+/// outside the vocabulary fall back to the `<0xXX>` byte tokens.
+fn sentencepiece_bpe_json(
+    tokens: &[String],
+    special: &[(u32, String)],
+    scores: &[f32],
+    types: &[i32],
+    add_space_prefix: bool,
+    unk: Option<&str>,
+) -> Value {
+    // Types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+    let ty = |i: usize| types.get(i).copied().unwrap_or(1);
+    let mut vocab = serde_json::Map::new();
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, t) in tokens.iter().enumerate() {
+        vocab.insert(t.clone(), json!(i));
+        if matches!(ty(i), 1 | 4 | 6) {
+            index.entry(t.as_str()).or_insert(i);
+        }
+    }
+    let mut order: Vec<usize> = (0..tokens.len()).filter(|&i| ty(i) == 1).collect();
+    order.sort_by(|&a, &b| {
+        let (sa, sb) = (
+            scores.get(a).copied().unwrap_or(0.0),
+            scores.get(b).copied().unwrap_or(0.0),
+        );
+        sb.total_cmp(&sa).then(a.cmp(&b))
+    });
+    let mut merges: Vec<Value> = Vec::new();
+    for &i in &order {
+        let t = tokens[i].as_str();
+        let mut splits: Vec<(usize, usize, &str, &str)> = t
+            .char_indices()
+            .skip(1)
+            .filter_map(|(k, _)| {
+                let (l, r) = t.split_at(k);
+                Some((*index.get(l)?, *index.get(r)?, l, r))
+            })
+            .collect();
+        splits.sort();
+        merges.extend(splits.into_iter().map(|(_, _, l, r)| json!([l, r])));
+    }
+    let mut normalizers = vec![];
+    if add_space_prefix {
+        normalizers.push(json!({"type": "Prepend", "prepend": "▁"}));
+    }
+    normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if add_space_prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens(special),
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    })
 }
 
 #[cfg(test)]

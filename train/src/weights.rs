@@ -253,7 +253,24 @@ impl Weights {
 
     /// Random weights for a config, as HF initialises them (normal σ = 0.02, norms 1, biases 0).
     pub fn random(cfg: &Config, seed: u64, dtype: DType, device: &Device) -> Result<Weights> {
+        Weights::random_packed(cfg, seed, dtype, device, BaseQuant::None, false)
+    }
+
+    /// [`Weights::random`] with each projection packed as `how` as soon as it is drawn
+    /// (so a large shape never exists in full precision as a whole).
+    pub fn random_packed(
+        cfg: &Config,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+        how: BaseQuant,
+        double_quant: bool,
+    ) -> Result<Weights> {
         let mut rng = Rng::new(seed);
+        let mut weights = Weights::new(
+            HashMap::new(),
+            PathBuf::from(format!("<random seed {seed}>")),
+        );
         let mut tensors = HashMap::new();
         let normal = |shape: &[usize], rng: &mut Rng| -> Result<Tensor> {
             let n: usize = shape.iter().product();
@@ -296,7 +313,12 @@ impl Weights {
             }
             projections.push(("mlp.down_proj", h, i));
             for (name, out, inp) in projections {
-                tensors.insert(format!("{p}.{name}.weight"), normal(&[out, inp], &mut rng)?);
+                weights.insert_packed_or_dense(
+                    format!("{p}.{name}.weight"),
+                    normal(&[out, inp], &mut rng)?,
+                    how,
+                    double_quant,
+                )?;
                 let biased = if name == "self_attn.o_proj" {
                     cfg.o_bias()
                 } else {
@@ -326,10 +348,8 @@ impl Weights {
                 normal(&[cfg.vocab_size, h], &mut rng)?,
             );
         }
-        Ok(Weights::new(
-            tensors,
-            PathBuf::from(format!("<random seed {seed}>")),
-        ))
+        weights.tensors.extend(tensors);
+        Ok(weights)
     }
 
     /// Takes a tensor and checks its shape.

@@ -302,3 +302,73 @@ fn keep_needs_a_gguf_model() {
         "{err}"
     );
 }
+
+/// llama.cpp's own converter wrote these files from tiny transformers models (script:
+/// scripts/reference/make_gguf_fixtures.py): the config comes from the metadata, the
+/// weights from llama.cpp's tensor names (Gemma's norms stored as 1+w), the tokenizer
+/// from tokens, scores, types and merges; logits equal transformers' on the same f16
+/// weights and every test string tokenizes as the original tokenizer does.
+#[test]
+fn gguf_files_of_every_family_match_transformers_and_their_tokenizers() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    for arch in ["gemma", "gemma2", "qwen3", "phi3"] {
+        let dir = root.join(arch);
+        let io: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("io.json")).unwrap()).unwrap();
+        let spec = dir.join("model.gguf");
+        let m = loader::load(spec.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(m.config.architecture.name(), arch);
+        let ids: Vec<u32> = io["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let n = ids.len();
+        let want: Vec<f32> = io["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| {
+                row.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap() as f32)
+            })
+            .collect();
+        let want = Tensor::from_vec(want, (1, n, m.config.vocab_size), &Device::Cpu).unwrap();
+        let got = m
+            .model
+            .forward(
+                &Tensor::new(ids.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                &KeyMask::full(1, n),
+            )
+            .unwrap();
+        let d = max_abs(&(&got - &want).unwrap()) / max_abs(&want);
+        let mut mismatched = Vec::new();
+        let strings = io["strings"].as_array().unwrap();
+        for s in strings {
+            let text = s["text"].as_str().unwrap();
+            let expect: Vec<u32> = s["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            let got = m.tokenizer.encode(text).unwrap();
+            if got != expect {
+                mismatched.push(format!("{text:?}: {got:?} vs {expect:?}"));
+            }
+        }
+        println!(
+            "{arch}: logits relative Δ {d:.2e}; {} of {} strings tokenize identically",
+            strings.len() - mismatched.len(),
+            strings.len()
+        );
+        assert!(d <= 1e-4, "{arch}: logits differ by {d} relative");
+        assert!(mismatched.is_empty(), "{arch}: {mismatched:#?}");
+    }
+}

@@ -20,7 +20,9 @@ use crate::params::ParamError;
 /// Checks a `model` param and returns the workspace path to declare as a dep, if it is a file or folder.
 pub fn model_dep(model: &str) -> Result<Option<String>, ParamError> {
     match ModelSpec::parse(model).map_err(|e| ParamError::new(&["with", "model"], e.to_string()))? {
-        ModelSpec::Gguf(p) | ModelSpec::Dir(p) => Ok(Some(p.to_string_lossy().into_owned())),
+        ModelSpec::Gguf(p) | ModelSpec::Dir(p) | ModelSpec::Random { config: p, .. } => {
+            Ok(Some(p.to_string_lossy().into_owned()))
+        }
         ModelSpec::Tiny { .. } | ModelSpec::Hub(_) => Ok(None),
     }
 }
