@@ -5,7 +5,8 @@
 //! [`crate::packed::packed_matmul`] dequantizes it with candle's own block decoders for
 //! each forward and backward call, so training on a Q4_1 file sees the very weights
 //! llama.cpp runs. Only the block types that pipe tests are kept (Q4_0, Q4_1, Q4_K,
-//! Q8_0); others are refused by name rather than silently dequantized.
+//! Q8_0); others are refused by name rather than silently dequantized. Decoding calls
+//! (a few rows, no gradient) use llama.cpp's block dot products instead.
 
 use std::borrow::Cow;
 
@@ -118,6 +119,16 @@ impl PackedWeight for GgmlMatrix {
 
     fn bytes(&self) -> usize {
         self.blocks.storage_size_in_bytes()
+    }
+
+    /// llama.cpp's own dot-product kernels (candle's `k_quants::matmul`), which round the
+    /// input to 8-bit blocks as llama.cpp does: what llama.cpp computes when decoding.
+    fn matmul_rows(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
+        let mut out = vec![0f32; rows * self.rows];
+        self.blocks
+            .matmul_t((rows, self.cols, self.rows), x, &mut out)
+            .ok()?;
+        Some(out)
     }
 
     fn kind(&self) -> &'static str {

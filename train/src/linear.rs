@@ -270,17 +270,29 @@ impl Linear {
 
     fn apply(&self, x: &Tensor, dropout: Option<&mut Rng>, constant: bool) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
-        let mut y = match &self.quantized {
-            Some(q) if rows <= QUANTIZED_MAX_ROWS && x.dtype() == DType::F32 && !x.track_op() => {
+        let few = rows <= QUANTIZED_MAX_ROWS && x.dtype() == DType::F32 && !x.track_op();
+        let shaped = |v: Vec<f32>, n: usize| -> Result<Tensor> {
+            let mut dims = x.dims().to_vec();
+            *dims.last_mut().expect("rank ≥ 1") = n;
+            Ok(Tensor::from_vec(v, dims, x.device())?)
+        };
+        let mut y = match (&self.quantized, &self.packed) {
+            (Some(q), _) if few => {
                 let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut dims = x.dims().to_vec();
-                *dims.last_mut().expect("rank ≥ 1") = q.rows();
-                Tensor::from_vec(q.matmul(&xs, rows), dims, x.device())?
+                shaped(q.matmul(&xs, rows), q.rows())?
             }
-            _ => match &self.packed {
-                Some(p) => packed_matmul(x, p)?,
-                None => frozen_matmul(x, &self.weight)?,
-            },
+            (_, Some(p)) => {
+                let direct = if few {
+                    p.matmul_rows(&x.flatten_all()?.to_vec1::<f32>()?, rows)
+                } else {
+                    None
+                };
+                match direct {
+                    Some(v) => shaped(v, p.rows())?,
+                    None => packed_matmul(x, p)?,
+                }
+            }
+            _ => frozen_matmul(x, &self.weight)?,
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;

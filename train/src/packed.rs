@@ -32,6 +32,11 @@ pub trait PackedWeight: Send + Sync + std::fmt::Debug {
     fn as_q8(self: Arc<Self>) -> Option<Arc<crate::q8::Q8Matrix>> {
         None
     }
+    /// `x · Wᵀ` for a few rows `x: [rows, cols]` straight from the packed storage, when
+    /// the format has such a kernel (token-by-token decoding); `None` otherwise.
+    fn matmul_rows(&self, _x: &[f32], _rows: usize) -> Option<Vec<f32>> {
+        None
+    }
 }
 
 /// `x · dequant(W)ᵀ` for `x: [m, in]`.

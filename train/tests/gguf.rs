@@ -202,8 +202,10 @@ fn max_abs(t: &Tensor) -> f32 {
 fn kept_gguf_blocks_train_like_the_dequantized_file() {
     let dir = tempfile::tempdir().unwrap();
     let (cfg, tok) = tiny_llama(dir.path());
-    let ids = Tensor::new(&[[5u32, 9, 200, 7, 3, 44]], &Device::Cpu).unwrap();
-    let keys = KeyMask::full(1, 6);
+    // More rows than decoding calls have, so the product runs on the dequantized blocks.
+    let seq: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 250).collect();
+    let ids = Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let keys = KeyMask::full(1, seq.len());
     let logits = |m: &Decoder| m.forward(&ids, &keys).unwrap();
     let hf = loader::load(dir.path().to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
     let reference = logits(&hf.model);
@@ -371,4 +373,26 @@ fn gguf_files_of_every_family_match_transformers_and_their_tokenizers() {
         assert!(d <= 1e-4, "{arch}: logits differ by {d} relative");
         assert!(mismatched.is_empty(), "{arch}: {mismatched:#?}");
     }
+}
+
+/// Decoding on a kept base runs llama.cpp's block dot products (the input rounded to
+/// 8-bit blocks): close to, not equal to, the dequantized product; training calls (a
+/// gradient to track) take the dequantized path.
+#[test]
+fn decoding_on_kept_blocks_uses_the_block_kernels() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, tok) = tiny_llama(dir.path());
+    let path = write_gguf(dir.path(), &cfg, &tok, GgmlDType::Q4K);
+    let spec = path.to_str().unwrap();
+    let mut kept = loader::load_with(spec, DType::F32, &Device::Cpu, BaseQuant::Keep, false).unwrap();
+    let (_, lin) = kept.model.linears_mut().into_iter().next().unwrap();
+    let mut rng = Rng::new(3);
+    let xs: Vec<f32> = (0..2 * cfg.hidden_size).map(|_| rng.normal() as f32).collect();
+    let x = Tensor::from_vec(xs, (2, cfg.hidden_size), &Device::Cpu).unwrap();
+    let few = lin.forward_inference(&x).unwrap();
+    let p = lin.packed.clone().unwrap();
+    let dense = pipe_train::packed::packed_matmul(&x, &p).unwrap();
+    let d = max_abs(&(&few - &dense).unwrap()) / max_abs(&dense);
+    println!("Q4_K decoding kernel vs dequantized product: relative Δ {d:.2e}");
+    assert!(d > 0.0 && d < 0.02, "relative Δ {d}");
 }
