@@ -5,7 +5,9 @@
 #   scripts/bench/bench_bases.sh [MODEL] [STEPS] [BATCH] [SEQ]
 # MODEL defaults to the SmolLM2 GGUF (scripts/fetch_smollm2.sh fetches it). LoRA r=16
 # on q,k,v,o; BATCH x SEQ (default 4 x 256) for every base, then batch 1 x seq 1024 with
-# and without checkpointing (activation memory).
+# and without checkpointing (activation memory; PIPE_BENCH_LONG=0 skips it).
+# PIPE_BENCH_CONFIGS picks configurations, DTYPE:BASE:CHECKPOINT each (base none, int8,
+# nf4, or keep: the GGUF file's own blocks).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 model="${1:-gguf:models/SmolLM2-135M-Instruct.Q4_1.gguf}"
@@ -18,11 +20,14 @@ run() { # dtype base ckpt batch seq
   PIPE_BENCH_DTYPE="$1" PIPE_BENCH_BASE="$2" PIPE_BENCH_DQ=1 PIPE_BENCH_CKPT="$3" \
     "$bin" train "$model" --steps "$steps" --batch "$4" --seq "$5" --r 16
 }
-for cfg in "f32 none 0" "bf16 none 0" "f32 int8 0" "f32 nf4 0" "f32 none 1" "f32 nf4 1"; do
-  set -- $cfg
+configs=${PIPE_BENCH_CONFIGS:-"f32:none:0 bf16:none:0 f32:int8:0 f32:nf4:0 f32:keep:0 f32:none:1 f32:nf4:1"}
+for cfg in $configs; do
+  IFS=: read -r -a parts <<< "$cfg"
+  set -- "${parts[@]}"
   run "$1" "$2" "$3" "$batch" "$seqlen"
 done
-for cfg in "f32 none 0" "f32 none 1"; do
-  set -- $cfg
-  run "$1" "$2" "$3" 1 1024
-done
+if [ "${PIPE_BENCH_LONG:-1}" = 1 ]; then
+  for ckpt in 0 1; do
+    run f32 none "$ckpt" 1 1024
+  done
+fi

@@ -64,7 +64,7 @@ impl GgmlMatrix {
             ));
         }
         let bs = dtype.block_size();
-        if cols % bs != 0 {
+        if !cols.is_multiple_of(bs) {
             return Err(format!(
                 "a [{rows}, {cols}] {dtype:?} matrix: width is not a multiple of {bs}"
             ));

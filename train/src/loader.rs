@@ -257,6 +257,13 @@ pub fn load_with(
     double_quant: bool,
 ) -> Result<Loaded> {
     let spec = ModelSpec::parse(spec_text)?;
+    if base != BaseQuant::None && !device.is_cpu() {
+        // The packed matmul has a CPU kernel only (a GPU one comes with the CUDA core).
+        return Err(Error::Invalid(format!(
+            "quantize: {} runs on the CPU only so far; use quantize: none on {device:?}",
+            format!("{base:?}").to_lowercase()
+        )));
+    }
     if base == BaseQuant::Keep && !matches!(spec, ModelSpec::Gguf(_)) {
         return Err(Error::Model {
             spec: spec_text.to_string(),

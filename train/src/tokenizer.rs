@@ -3,7 +3,8 @@
 //! A [`TextTokenizer`] wraps an HF `tokenizers` tokenizer together with the chat
 //! template and special tokens from `tokenizer_config.json`. It can also be
 //! rebuilt from GGUF metadata (byte-level BPE: vocab, merges, token types, the
-//! `pre` pre-tokenizer name) so that a GGUF file alone is enough. candle's own
+//! `pre` pre-tokenizer name; SentencePiece: tokens, scores, types) so that a GGUF
+//! file alone is enough. candle's own
 //! GGUF tokenizer adds a prefix space that SmolLM2's does not have, and
 //! `transformers`' GGUF tokenizer lacks its digit split; this one follows the
 //! original `tokenizer.json` (checked against llama.cpp by a script).

@@ -204,7 +204,10 @@ fn kept_gguf_blocks_train_like_the_dequantized_file() {
     let (cfg, tok) = tiny_llama(dir.path());
     // More rows than decoding calls have, so the product runs on the dequantized blocks.
     let seq: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 250).collect();
-    let ids = Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let ids = Tensor::new(seq.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let keys = KeyMask::full(1, seq.len());
     let logits = |m: &Decoder| m.forward(&ids, &keys).unwrap();
     let hf = loader::load(dir.path().to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
@@ -384,10 +387,13 @@ fn decoding_on_kept_blocks_uses_the_block_kernels() {
     let (cfg, tok) = tiny_llama(dir.path());
     let path = write_gguf(dir.path(), &cfg, &tok, GgmlDType::Q4K);
     let spec = path.to_str().unwrap();
-    let mut kept = loader::load_with(spec, DType::F32, &Device::Cpu, BaseQuant::Keep, false).unwrap();
+    let mut kept =
+        loader::load_with(spec, DType::F32, &Device::Cpu, BaseQuant::Keep, false).unwrap();
     let (_, lin) = kept.model.linears_mut().into_iter().next().unwrap();
     let mut rng = Rng::new(3);
-    let xs: Vec<f32> = (0..2 * cfg.hidden_size).map(|_| rng.normal() as f32).collect();
+    let xs: Vec<f32> = (0..2 * cfg.hidden_size)
+        .map(|_| rng.normal() as f32)
+        .collect();
     let x = Tensor::from_vec(xs, (2, cfg.hidden_size), &Device::Cpu).unwrap();
     let few = lin.forward_inference(&x).unwrap();
     let p = lin.packed.clone().unwrap();
