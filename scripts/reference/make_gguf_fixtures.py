@@ -33,10 +33,9 @@ import tempfile
 
 import sentencepiece as spm
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_parity_fixtures import ARCHS, COMMON  # noqa: E402
+from make_parity_fixtures import ARCHS, COMMON, random_model  # noqa: E402
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -144,13 +143,7 @@ def build(llama_cpp, arch, out):
         spec["query_pre_attn_scalar"] = spec["head_dim"]
     if arch == "qwen3":
         spec.update(bos_token_id=None, eos_token_id=vocab - 1, pad_token_id=vocab - 3)
-    model_type = spec.pop("model_type")
-    cfg = AutoConfig.for_model(model_type, **spec)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
-                p.add_(torch.randn_like(p) * 0.1)
+    model = random_model(spec)
     model.save_pretrained(model_dir, safe_serialization=True)
 
     os.makedirs(out, exist_ok=True)

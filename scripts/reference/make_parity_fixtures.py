@@ -42,9 +42,9 @@ ARCHS = {
 }
 
 
-def build(arch, out):
-    torch.manual_seed(1234)
-    spec = dict(COMMON, **ARCHS[arch])
+def random_model(spec):
+    """A float32 eager model of `spec` (with `model_type`), norms and biases perturbed."""
+    spec = dict(spec)
     model_type = spec.pop("model_type")
     cfg = AutoConfig.for_model(model_type, **spec)
     cfg._attn_implementation = "eager"
@@ -55,6 +55,12 @@ def build(arch, out):
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def build(arch, out):
+    torch.manual_seed(1234)
+    model = random_model(dict(COMMON, **ARCHS[arch]))
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
 

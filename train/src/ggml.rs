@@ -169,6 +169,11 @@ mod tests {
         (0..rows * cols).map(|_| r.normal() as f32 * 0.1).collect()
     }
 
+    fn dequantized(q: &QTensor) -> Vec<f32> {
+        let t = q.dequantize(&Device::Cpu).unwrap();
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     #[test]
     fn decodes_as_candle_does_for_every_kept_type() {
         let (rows, cols) = (8, 512);
@@ -176,13 +181,7 @@ mod tests {
         let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
         for dtype in KEPT_TYPES {
             let q = QTensor::quantize(&t, dtype).unwrap();
-            let expect: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let expect = dequantized(&q);
             let m = GgmlMatrix::from_blocks(dtype, rows, cols, &q.data().unwrap(), None).unwrap();
             assert_eq!(m.dequantize(), expect, "{dtype:?}");
             assert_eq!(m.bytes(), q.storage_size_in_bytes());
@@ -195,13 +194,7 @@ mod tests {
         let (rows, cols, heads) = (8, 64, 2);
         let t = Tensor::from_vec(weight(rows, cols), (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
-        let dense: Vec<f32> = q
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let dense = dequantized(&q);
         let order = unpermute_rows(rows, heads);
         let m = GgmlMatrix::from_blocks(
             GgmlDType::Q8_0,
