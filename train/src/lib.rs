@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod allocator;
+pub mod attention;
 pub mod config;
 pub mod cross_entropy;
 pub mod data;
