@@ -17,6 +17,9 @@ if [ "${1:-}" = "--check" ]; then
 fi
 cargo build --release --features cuda --bin pipe
 mkdir -p dist
-gzip -c -6 "$CARGO_TARGET_DIR/release/pipe" > dist/pipe-cuda.gz.tmp
+# Debug info stays in the target directory; the carried binary is stripped.
+strip --strip-debug -o dist/pipe-cuda.tmp "$CARGO_TARGET_DIR/release/pipe"
+gzip -c -6 dist/pipe-cuda.tmp > dist/pipe-cuda.gz.tmp
+rm dist/pipe-cuda.tmp
 mv dist/pipe-cuda.gz.tmp dist/pipe-cuda.gz
 echo "built dist/pipe-cuda.gz ($(du -h dist/pipe-cuda.gz | cut -f1)) in $(( $(date +%s) - t0 )) s"

@@ -8,8 +8,10 @@
 #   every symbol cudarc declares, so the binary links here; on a GPU machine the real
 #   libraries of those SONAMEs are loaded instead;
 # - CUDA_COMPUTE_CAP=90 (H100/H200; there is no GPU to ask).
+# The installs run in a subshell with errexit; the caller's shell options are left alone.
+export PIPE_CUDA_HOME="${PIPE_CUDA_HOME:-$HOME/.cache/pipe-cuda}"
+_pipe_cuda_setup() (
 set -euo pipefail
-: "${PIPE_CUDA_HOME:=$HOME/.cache/pipe-cuda}"
 _pipe_cuda_venv="$PIPE_CUDA_HOME/venv"
 if [ ! -x "$_pipe_cuda_venv/bin/python" ]; then
   python3 -m venv "$_pipe_cuda_venv"
@@ -42,9 +44,13 @@ if [ ! -e "$_pipe_cuda_stubs/libcuda.so" ]; then
     ln -sf "$soname" "$_pipe_cuda_stubs/lib$name.so"
   done
 fi
+)
+_pipe_cuda_setup || { echo "scripts/cuda/env.sh: setting up the CUDA toolchain failed" >&2; return 1; }
+CUDA_HOME="$("$PIPE_CUDA_HOME/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia/cu13"
+export CUDA_HOME
+_pipe_cuda_stubs="$PIPE_CUDA_HOME/stubs"
 export PATH="$CUDA_HOME/bin:$PATH"
 export LIBRARY_PATH="$_pipe_cuda_stubs:$CUDA_HOME/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export CUDA_COMPUTE_CAP=90
 export CUDARC_CUDA_VERSION=13000
 export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-2}"
-set +euo pipefail

@@ -141,7 +141,11 @@ impl CustomOp3 for TiledAttention {
         lv: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let Dims { b, h, kvh, s, t, d } = self.dims(lq, lk, lv)?;
-        let (q, k, v) = (slice(sq, lq, "q")?, slice(sk, lk, "k")?, slice(sv, lv, "v")?);
+        let (q, k, v) = (
+            slice(sq, lq, "q")?,
+            slice(sk, lk, "k")?,
+            slice(sv, lv, "v")?,
+        );
         let rep = h / kvh;
         let mut out = vec![0f32; b * h * s * d];
         out.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
@@ -161,6 +165,21 @@ impl CustomOp3 for TiledAttention {
         Ok((CpuStorage::F32(out), lq.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sq: &candle_core::CudaStorage,
+        lq: &Layout,
+        sk: &candle_core::CudaStorage,
+        lk: &Layout,
+        sv: &candle_core::CudaStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let dims = self.dims(lq, lk, lv)?;
+        let (out, _) = gpu::forward(self, &dims, (sq, lq), (sk, lk), (sv, lv))?;
+        Ok((out, lq.shape().clone()))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -171,15 +190,63 @@ impl CustomOp3 for TiledAttention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, h, s, d) = q.dims4()?;
         let (_, kvh, t, _) = k.dims4()?;
+        let flat = q.apply_op3_no_bwd(
+            k,
+            v,
+            &TiledAttentionGrad {
+                op: self.clone(),
+                out: res.contiguous()?,
+                dout: grad.contiguous()?,
+            },
+        )?;
+        let (nq, nk) = (b * h * s * d, b * kvh * t * d);
+        Ok((
+            Some(flat.narrow(0, 0, nq)?.reshape((b, h, s, d))?),
+            Some(flat.narrow(0, nq, nk)?.reshape((b, kvh, t, d))?),
+            Some(flat.narrow(0, nq + nk, nk)?.reshape((b, kvh, t, d))?),
+        ))
+    }
+}
+
+/// The gradients of [`TiledAttention`] for `(q, k, v)`, given its output and the output's
+/// gradient, as one flat `[dq | dk | dv]` buffer.
+struct TiledAttentionGrad {
+    op: TiledAttention,
+    out: Tensor,
+    dout: Tensor,
+}
+
+fn host_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+impl CustomOp3 for TiledAttentionGrad {
+    fn name(&self) -> &'static str {
+        "tiled-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Dims { b, h, kvh, s, t, d } = self.op.dims(lq, lk, lv)?;
+        let (qv, kv, vv) = (
+            slice(sq, lq, "q")?,
+            slice(sk, lk, "k")?,
+            slice(sv, lv, "v")?,
+        );
+        let (ov, gv) = (host_f32(&self.out)?, host_f32(&self.dout)?);
         let rep = h / kvh;
-        let all = |x: &Tensor| -> candle_core::Result<Vec<f32>> {
-            x.contiguous()?.flatten_all()?.to_vec1::<f32>()
-        };
-        let (qv, kv, vv, ov, gv) = (all(q)?, all(k)?, all(v)?, all(res)?, all(grad)?);
         let group = rep * s * d;
-        let mut dq = vec![0f32; qv.len()];
-        let mut dk = vec![0f32; kv.len()];
-        let mut dv = vec![0f32; vv.len()];
+        let (nq, nk) = (b * h * s * d, b * kvh * t * d);
+        let mut flat = vec![0f32; nq + 2 * nk];
+        let (dq, rest) = flat.split_at_mut(nq);
+        let (dk, dv) = rest.split_at_mut(nk);
         // One task per (batch row, KV head): it owns that head's dK, dV and the dQ rows of
         // its query heads, so nothing is shared between tasks.
         dq.par_chunks_mut(group)
@@ -187,13 +254,16 @@ impl CustomOp3 for TiledAttention {
             .enumerate()
             .for_each(|(g, (dq_g, (dk_g, dv_g)))| {
                 let bi = g / kvh;
-                let (kg, vg) = (&kv[g * t * d..(g + 1) * t * d], &vv[g * t * d..(g + 1) * t * d]);
+                let (kg, vg) = (
+                    &kv[g * t * d..(g + 1) * t * d],
+                    &vv[g * t * d..(g + 1) * t * d],
+                );
                 for r in 0..rep * s {
                     let i = r % s;
                     let row = g * group + r * d;
                     let (qi, oi, doi) = (&qv[row..row + d], &ov[row..row + d], &gv[row..row + d]);
-                    let mask = &self.mask[(bi * s + i) * t..(bi * s + i + 1) * t];
-                    let (lse, _) = self.row(qi, kg, vg, mask, d);
+                    let mask = &self.op.mask[(bi * s + i) * t..(bi * s + i + 1) * t];
+                    let (lse, _) = self.op.row(qi, kg, vg, mask, d);
                     if !lse.is_finite() {
                         continue;
                     }
@@ -205,7 +275,7 @@ impl CustomOp3 for TiledAttention {
                         }
                         let kj = &kg[j * d..(j + 1) * d];
                         let vj = &vg[j * d..(j + 1) * d];
-                        let (sc, dsc) = self.score(dot(qi, kj));
+                        let (sc, dsc) = self.op.score(dot(qi, kj));
                         let p = (sc + mask[j] - lse).exp();
                         if p == 0.0 {
                             continue;
@@ -223,12 +293,175 @@ impl CustomOp3 for TiledAttention {
                     }
                 }
             });
-        let dev = q.device();
-        Ok((
-            Some(Tensor::from_vec(dq, (b, h, s, d), dev)?),
-            Some(Tensor::from_vec(dk, (b, kvh, t, d), dev)?),
-            Some(Tensor::from_vec(dv, (b, kvh, t, d), dev)?),
-        ))
+        let n = flat.len();
+        Ok((CpuStorage::F32(flat), Shape::from(n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sq: &candle_core::CudaStorage,
+        lq: &Layout,
+        sk: &candle_core::CudaStorage,
+        lk: &Layout,
+        sv: &candle_core::CudaStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let dims = self.op.dims(lq, lk, lv)?;
+        let flat = gpu::backward(self, &dims, (sq, lq), (sk, lk), (sv, lv))?;
+        let n = lq.shape().elem_count() + 2 * lk.shape().elem_count();
+        Ok((flat, Shape::from(n)))
+    }
+}
+
+/// Grid and block sizes of the GPU kernels: one warp per query row, `WARPS_PER_BLOCK`
+/// rows per block. Each lane keeps `d / 32` values of its row in registers, so the head
+/// size is at most 256 (every model pipe knows has 64–256).
+pub fn launch_shape(rows: usize, head_dim: usize) -> Result<(u32, u32), String> {
+    const WARPS_PER_BLOCK: usize = 4;
+    if head_dim == 0 || head_dim > 256 {
+        return Err(format!(
+            "tiled attention on the GPU takes head sizes 1..=256, not {head_dim}"
+        ));
+    }
+    let grid = rows.div_ceil(WARPS_PER_BLOCK).max(1);
+    if grid > u32::MAX as usize {
+        return Err(format!("{rows} query rows exceed one launch"));
+    }
+    Ok((grid as u32, (WARPS_PER_BLOCK * 32) as u32))
+}
+
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)] // kernel launches are FFI calls
+mod gpu {
+    //! Launches of `train/kernels/attention.cu` (PTX compiled by build.rs with nvcc).
+    use super::{launch_shape, Dims, TiledAttention, TiledAttentionGrad};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaDevice, CudaStorage, Layout, Storage, Tensor};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+    const MODULE: &str = "pipe_tiled_attention";
+
+    fn view<'a>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<CudaView<'a, f32>> {
+        let slice = s.as_cuda_slice::<f32>()?;
+        match l.contiguous_offsets() {
+            Some((a, b)) => Ok(slice.slice(a..b)),
+            None => candle_core::bail!("tiled attention: inputs must be contiguous"),
+        }
+    }
+
+    fn config(d: &Dims) -> candle_core::Result<LaunchConfig> {
+        let (grid, block) = launch_shape(d.b * d.h * d.s, d.d).map_err(candle_core::Error::msg)?;
+        Ok(LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+
+    fn ints(d: &Dims) -> [i32; 6] {
+        [d.b, d.h, d.kvh, d.s, d.t, d.d].map(|x| x as i32)
+    }
+
+    fn cap(op: &TiledAttention) -> f32 {
+        op.softcap.unwrap_or(0.0)
+    }
+
+    /// Output and per-row log-sum-exp.
+    pub(super) fn forward(
+        op: &TiledAttention,
+        d: &Dims,
+        (sq, lq): (&CudaStorage, &Layout),
+        (sk, lk): (&CudaStorage, &Layout),
+        (sv, lv): (&CudaStorage, &Layout),
+    ) -> candle_core::Result<(CudaStorage, CudaSlice<f32>)> {
+        let dev: &CudaDevice = sq.device();
+        let (q, k, v) = (view(sq, lq)?, view(sk, lk)?, view(sv, lv)?);
+        let mask = dev.clone_htod(op.mask.as_slice())?;
+        let rows = d.b * d.h * d.s;
+        let out = dev.alloc_zeros::<f32>(rows * d.d)?;
+        let lse = dev.alloc_zeros::<f32>(rows)?;
+        let func = dev.get_or_load_custom_func("tiled_attention_fwd", MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&q);
+        b.arg(&k);
+        b.arg(&v);
+        b.arg(&mask);
+        b.arg(&out);
+        b.arg(&lse);
+        let n = ints(d);
+        for x in &n {
+            b.arg(x);
+        }
+        let (scale, cap) = (op.scale, cap(op));
+        b.arg(&scale);
+        b.arg(&cap);
+        // SAFETY: argument types and count match the kernel's signature.
+        unsafe { b.launch(config(d)?) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), lse))
+    }
+
+    fn cuda_of(t: &Tensor) -> candle_core::Result<CudaStorage> {
+        let (st, l) = t.storage_and_layout();
+        match &*st {
+            Storage::Cuda(c) => {
+                let v = view(c, l)?;
+                let dev = c.device().clone();
+                let mut owned = dev.alloc_zeros::<f32>(v.len())?;
+                dev.cuda_stream().memcpy_dtod(&v, &mut owned).w()?;
+                Ok(CudaStorage::wrap_cuda_slice(owned, dev))
+            }
+            _ => candle_core::bail!("tiled attention: output and gradient must be on the GPU"),
+        }
+    }
+
+    /// `[dq | dk | dv]`, zeroed then accumulated by the kernel.
+    pub(super) fn backward(
+        g: &TiledAttentionGrad,
+        d: &Dims,
+        q: (&CudaStorage, &Layout),
+        k: (&CudaStorage, &Layout),
+        v: (&CudaStorage, &Layout),
+    ) -> candle_core::Result<CudaStorage> {
+        let dev: &CudaDevice = q.0.device();
+        // The log-sum-exp of each row, recomputed (the forward kept only its output).
+        let (_, lse) = forward(&g.op, d, q, k, v)?;
+        let (qv, kv, vv) = (view(q.0, q.1)?, view(k.0, k.1)?, view(v.0, v.1)?);
+        let (o, dout) = (cuda_of(&g.out)?, cuda_of(&g.dout)?);
+        let (o, dout) = (o.as_cuda_slice::<f32>()?, dout.as_cuda_slice::<f32>()?);
+        let mask = dev.clone_htod(g.op.mask.as_slice())?;
+        let (nq, nk) = (qv.len(), kv.len());
+        let mut flat = dev.alloc_zeros::<f32>(nq + 2 * nk)?;
+        {
+            let (mut dq, mut rest) = flat.split_at_mut(nq);
+            let (mut dk, mut dv) = rest.split_at_mut(nk);
+            let func = dev.get_or_load_custom_func("tiled_attention_bwd", MODULE, PTX)?;
+            let mut b = func.builder();
+            b.arg(&qv);
+            b.arg(&kv);
+            b.arg(&vv);
+            b.arg(&mask);
+            b.arg(o);
+            b.arg(dout);
+            b.arg(&lse);
+            b.arg(&mut dq);
+            b.arg(&mut dk);
+            b.arg(&mut dv);
+            let n = ints(d);
+            for x in &n {
+                b.arg(x);
+            }
+            let (scale, cap) = (g.op.scale, cap(&g.op));
+            b.arg(&scale);
+            b.arg(&cap);
+            // SAFETY: argument types and count match the kernel's signature.
+            unsafe { b.launch(config(d)?) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(flat, dev.clone()))
     }
 }
 
@@ -313,7 +546,14 @@ mod tests {
     }
 
     fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let m = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let m = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
         m(&(a - b).unwrap()) / m(b)
     }
 
@@ -327,20 +567,42 @@ mod tests {
                 scale: 0.35,
                 softcap,
             };
-            let (q, k, v) = (rand(&[b, h, s, d], 1), rand(&[b, kvh, s, d], 2), rand(&[b, kvh, s, d], 3));
+            let (q, k, v) = (
+                rand(&[b, h, s, d], 1),
+                rand(&[b, kvh, s, d], 2),
+                rand(&[b, kvh, s, d], 3),
+            );
             let w = rand(&[b, h, s, d], 4);
             let tiled = tiled_attention(&q, &k, &v, op.clone()).unwrap();
             let reference = composed(&q, &k, &v, &op);
             let fwd = max_rel(&tiled, &reference);
             assert!(fwd < 1e-5, "{window:?} {softcap:?}: forward Δ {fwd}");
             let loss = |o: &Tensor| (o * w.as_tensor()).unwrap().sum_all().unwrap();
-            let (gt, gr) = (loss(&tiled).backward().unwrap(), loss(&reference).backward().unwrap());
+            let (gt, gr) = (
+                loss(&tiled).backward().unwrap(),
+                loss(&reference).backward().unwrap(),
+            );
             for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
                 let (a, r) = (gt.get(var).unwrap(), gr.get(var).unwrap());
                 let e = max_rel(a, r);
                 assert!(e < 1e-4, "{window:?} {softcap:?}: d{name} Δ {e}");
             }
         }
+    }
+
+    #[test]
+    fn gpu_launch_covers_every_row_with_one_warp() {
+        for (rows, d) in [(1, 64), (4, 128), (5, 256), (12 * 4096, 128)] {
+            let (grid, block) = launch_shape(rows, d).unwrap();
+            let warps = grid as usize * block as usize / 32;
+            assert!(
+                warps >= rows && warps < rows + 4,
+                "{rows} rows: {warps} warps"
+            );
+            assert_eq!(block % 32, 0);
+        }
+        assert!(launch_shape(8, 288).unwrap_err().contains("288"));
+        assert!(launch_shape(8, 0).is_err());
     }
 
     #[test]
@@ -352,12 +614,40 @@ mod tests {
             scale: 0.5,
             softcap: None,
         };
-        let (q, k, v) = (rand(&[b, h, s, d], 5), rand(&[b, h, s, d], 6), rand(&[b, h, s, d], 7));
+        let (q, k, v) = (
+            rand(&[b, h, s, d], 5),
+            rand(&[b, h, s, d], 6),
+            rand(&[b, h, s, d], 7),
+        );
         let o = tiled_attention(&q, &k, &v, op).unwrap();
         let row = o.get(1).unwrap().get(0).unwrap().get(0).unwrap();
-        assert_eq!(row.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(
+            row.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
         let g = o.sum_all().unwrap().backward().unwrap();
-        let dq = g.get(&q).unwrap().get(1).unwrap().get(0).unwrap().get(0).unwrap();
-        assert_eq!(dq.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        let dq = g
+            .get(&q)
+            .unwrap()
+            .get(1)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap();
+        assert_eq!(
+            dq.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
     }
 }

@@ -798,6 +798,17 @@ impl Decoder {
                 })?;
                 probs.matmul(&v.contiguous()?)?.reshape((b, nh, s, hd))?
             }
+            // On the GPU: tiled attention (no [heads, s, t] probabilities in memory).
+            Some(_) if self.device.is_cuda() => crate::attention::tiled_attention(
+                &q,
+                &k,
+                &v,
+                crate::attention::TiledAttention {
+                    mask: mask_values.clone(),
+                    scale: scale as f32,
+                    softcap: softcap.map(|c| c as f32),
+                },
+            )?,
             Some(mask) => {
                 let k = repeat_kv(k, nh / nkv)?;
                 let v = repeat_kv(v, nh / nkv)?;
