@@ -110,11 +110,22 @@ pub fn identity_with_base(identity: &str, base: BaseQuant, double_quant: bool) -
     }
 }
 
-/// Maps a pipe-train error to a stage error.
+/// Maps a pipe-train error to a stage error; running out of GPU (or host) memory says
+/// which settings lower it.
 pub fn failed(context: &str) -> impl Fn(pipe_train::Error) -> StageError + '_ {
     move |e| match e {
         pipe_train::Error::Cancelled => StageError::Cancelled,
-        e => StageError::Failed(format!("{context}: {e}")),
+        e => {
+            let text = e.to_string();
+            let oom =
+                text.contains("OUT_OF_MEMORY") || text.to_lowercase().contains("out of memory");
+            let hint = if oom {
+                "; to need less memory: `quantize: nf4` (a 4-bit frozen base), `gradient_checkpointing: true`, or a smaller `batch_size` (with `grad_accum` to keep the effective batch)"
+            } else {
+                ""
+            };
+            StageError::Failed(format!("{context}: {text}{hint}"))
+        }
     }
 }
 
@@ -187,4 +198,31 @@ pub fn apply_template_choice(tok: &mut pipe_train::tokenizer::TextTokenizer, cho
 /// A path under the checkpoint dir.
 pub fn ckpt(ctx: &StageContext, name: &str) -> PathBuf {
     ctx.checkpoint_dir.join(name)
+}
+
+#[cfg(test)]
+mod oom_tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_says_what_lowers_memory() {
+        let e = pipe_train::Error::Candle(candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        ));
+        let StageError::Failed(m) = failed("training")(e) else {
+            panic!("not a failure")
+        };
+        assert!(
+            m.starts_with("training: ")
+                && m.contains("quantize: nf4")
+                && m.contains("gradient_checkpointing")
+                && m.contains("batch_size"),
+            "{m}"
+        );
+        let e = pipe_train::Error::Invalid("bad".into());
+        let StageError::Failed(m) = failed("training")(e) else {
+            panic!("not a failure")
+        };
+        assert_eq!(m, "training: bad");
+    }
 }
