@@ -3,6 +3,8 @@
 //! layers, built by `scripts/reference/make_parity_fixtures.py` (transformers 5.24,
 //! peft 0.21.2, float32, CPU; versions in `fixtures/parity/VERSIONS.json`). Checked
 //! here: base logits, LoRA logits, the LoRA loss and every LoRA gradient.
+//! `PIPE_TEST_DEVICE=cuda` runs the same checks on the GPU (a `--features cuda` build;
+//! the GPU device script does), with the same f32 tolerances.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,14 +28,24 @@ struct Case {
     labels: Vec<Vec<i64>>,
 }
 
+/// The device under test: `PIPE_TEST_DEVICE` (`cpu` when unset).
+fn device() -> Device {
+    let name = std::env::var("PIPE_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    pipe_train::device(&name).unwrap()
+}
+
 fn load(arch: &str) -> Case {
     let dir = fixture(arch);
     let cfg = Config::from_file(&dir.join("config.json")).unwrap();
-    let w = Weights::from_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu)
-        .unwrap();
+    let dev = device();
+    let w = Weights::from_safetensors(&[dir.join("model.safetensors")], DType::F32, &dev).unwrap();
     let model = Decoder::new(&cfg, w).unwrap();
     let io = candle_core::safetensors::load(dir.join("io.safetensors"), &Device::Cpu).unwrap();
-    let ids = io["input_ids"].to_dtype(DType::U32).unwrap();
+    let ids = io["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_device(&dev)
+        .unwrap();
     let mask: Vec<Vec<i64>> = io["attention_mask"].to_vec2().unwrap();
     let (b, s) = ids.dims2().unwrap();
     let keys = KeyMask {
@@ -53,7 +65,7 @@ fn load(arch: &str) -> Case {
 
 /// Max |a − b| over positions whose attention mask is 1.
 fn max_diff_valid(a: &Tensor, b: &Tensor, keys: &KeyMask) -> f32 {
-    let a: Vec<Vec<Vec<f32>>> = a.to_vec3().unwrap();
+    let a: Vec<Vec<Vec<f32>>> = a.to_device(&Device::Cpu).unwrap().to_vec3().unwrap();
     let b: Vec<Vec<Vec<f32>>> = b.to_vec3().unwrap();
     let mut worst = 0f32;
     for (r, (ra, rb)) in a.iter().zip(&b).enumerate() {
@@ -101,6 +113,7 @@ fn check(arch: &str) {
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{arch}: no gradient for {key}"));
+        let g = &g.to_device(&Device::Cpu).unwrap();
         let r = &c.io[&format!("grad.{key}")];
         let scale = r
             .abs()
