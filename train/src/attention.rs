@@ -341,7 +341,7 @@ mod gpu {
         CudaSlice, CudaView, LaunchConfig, PushKernelArg,
     };
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{CudaDevice, CudaStorage, Layout, Storage, Tensor};
+    use candle_core::{CudaDevice, CudaStorage, Layout, Storage};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
     const MODULE: &str = "pipe_tiled_attention";
@@ -405,16 +405,10 @@ mod gpu {
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), lse))
     }
 
-    fn cuda_of(t: &Tensor) -> candle_core::Result<CudaStorage> {
-        let (st, l) = t.storage_and_layout();
-        match &*st {
-            Storage::Cuda(c) => {
-                let v = view(c, l)?;
-                let dev = c.device().clone();
-                let mut owned = dev.alloc_zeros::<f32>(v.len())?;
-                dev.cuda_stream().memcpy_dtod(&v, &mut owned).w()?;
-                Ok(CudaStorage::wrap_cuda_slice(owned, dev))
-            }
+    /// The storage of a tensor that must be on the GPU.
+    fn on_gpu(st: &Storage) -> candle_core::Result<&CudaStorage> {
+        match st {
+            Storage::Cuda(c) => Ok(c),
             _ => candle_core::bail!("tiled attention: output and gradient must be on the GPU"),
         }
     }
@@ -431,8 +425,9 @@ mod gpu {
         // The log-sum-exp of each row, recomputed (the forward kept only its output).
         let (_, lse) = forward(&g.op, d, q, k, v)?;
         let (qv, kv, vv) = (view(q.0, q.1)?, view(k.0, k.1)?, view(v.0, v.1)?);
-        let (o, dout) = (cuda_of(&g.out)?, cuda_of(&g.dout)?);
-        let (o, dout) = (o.as_cuda_slice::<f32>()?, dout.as_cuda_slice::<f32>()?);
+        let (o_st, o_l) = g.out.storage_and_layout();
+        let (d_st, d_l) = g.dout.storage_and_layout();
+        let (o, dout) = (view(on_gpu(&o_st)?, o_l)?, view(on_gpu(&d_st)?, d_l)?);
         let mask = dev.clone_htod(g.op.mask.as_slice())?;
         let (nq, nk) = (qv.len(), kv.len());
         let mut flat = dev.alloc_zeros::<f32>(nq + 2 * nk)?;
@@ -445,8 +440,8 @@ mod gpu {
             b.arg(&kv);
             b.arg(&vv);
             b.arg(&mask);
-            b.arg(o);
-            b.arg(dout);
+            b.arg(&o);
+            b.arg(&dout);
             b.arg(&lse);
             b.arg(&mut dq);
             b.arg(&mut dk);

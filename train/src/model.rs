@@ -664,7 +664,8 @@ impl Decoder {
                 continue;
             }
             let values = Arc::new(keys.additive_values(s, window));
-            let tensor = if fused {
+            // The fused CPU kernel and the GPU's tiled attention read the values.
+            let tensor = if fused || self.device.is_cuda() {
                 None
             } else {
                 Some(Tensor::from_vec(
@@ -781,6 +782,17 @@ impl Decoder {
             }
         };
         let o = match mask {
+            // On the GPU: tiled attention (no [heads, s, t] probabilities in memory).
+            _ if self.device.is_cuda() => crate::attention::tiled_attention(
+                &q,
+                &k,
+                &v,
+                crate::attention::TiledAttention {
+                    mask: mask_values.clone(),
+                    scale: scale as f32,
+                    softcap: softcap.map(|c| c as f32),
+                },
+            )?,
             None => {
                 // Grouped-query attention without copying K/V per query head:
                 // the `rep` query heads of a KV head become `rep · s` rows.
@@ -798,17 +810,6 @@ impl Decoder {
                 })?;
                 probs.matmul(&v.contiguous()?)?.reshape((b, nh, s, hd))?
             }
-            // On the GPU: tiled attention (no [heads, s, t] probabilities in memory).
-            Some(_) if self.device.is_cuda() => crate::attention::tiled_attention(
-                &q,
-                &k,
-                &v,
-                crate::attention::TiledAttention {
-                    mask: mask_values.clone(),
-                    scale: scale as f32,
-                    softcap: softcap.map(|c| c as f32),
-                },
-            )?,
             Some(mask) => {
                 let k = repeat_kv(k, nh / nkv)?;
                 let v = repeat_kv(v, nh / nkv)?;

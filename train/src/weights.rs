@@ -271,7 +271,6 @@ impl Weights {
             HashMap::new(),
             PathBuf::from(format!("<random seed {seed}>")),
         );
-        let mut tensors = HashMap::new();
         let normal = |shape: &[usize], rng: &mut Rng| -> Result<Tensor> {
             let n: usize = shape.iter().product();
             let v: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.02) as f32).collect();
@@ -281,7 +280,7 @@ impl Weights {
         let (q, kv) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
         let ones = |n: usize| Tensor::ones(n, dtype, device);
         let zeros = |n: usize| Tensor::zeros(n, dtype, device);
-        tensors.insert(
+        weights.tensors.insert(
             "model.embed_tokens.weight".into(),
             normal(&[cfg.vocab_size, h], &mut rng)?,
         );
@@ -325,7 +324,9 @@ impl Weights {
                     name.starts_with("self_attn") && cfg.qkv_bias()
                 };
                 if biased {
-                    tensors.insert(format!("{p}.{name}.bias"), zeros(out)?);
+                    weights
+                        .tensors
+                        .insert(format!("{p}.{name}.bias"), zeros(out)?);
                 }
             }
             let mut norms = vec![("input_layernorm", h), ("post_attention_layernorm", h)];
@@ -338,17 +339,20 @@ impl Weights {
                 norms.push(("self_attn.k_norm", hd));
             }
             for (name, n) in norms {
-                tensors.insert(format!("{p}.{name}.weight"), norm_init(n)?);
+                weights
+                    .tensors
+                    .insert(format!("{p}.{name}.weight"), norm_init(n)?);
             }
         }
-        tensors.insert("model.norm.weight".into(), norm_init(h)?);
+        weights
+            .tensors
+            .insert("model.norm.weight".into(), norm_init(h)?);
         if !cfg.tie_word_embeddings {
-            tensors.insert(
+            weights.tensors.insert(
                 "lm_head.weight".into(),
                 normal(&[cfg.vocab_size, h], &mut rng)?,
             );
         }
-        weights.tensors.extend(tensors);
         Ok(weights)
     }
 
