@@ -10,7 +10,7 @@ fn main() {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
-    let kernels: &[&str] = &["attention"];
+    let kernels: &[&str] = &["attention", "ops"];
     for name in kernels {
         let status = std::process::Command::new(&nvcc)
             .args(["--ptx", &format!("-arch=compute_{cap}"), "-O3", "-o"])

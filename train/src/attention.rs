@@ -23,6 +23,9 @@ pub const KEY_TILE: usize = 64;
 pub struct TiledAttention {
     /// Additive mask `[b, s, t]` (0 or a large negative value).
     pub mask: Arc<Vec<f32>>,
+    /// The same mask already on the GPU (any shape with `b · s · t` contiguous f32
+    /// values), so one upload serves every layer; without it the GPU path uploads `mask`.
+    pub device_mask: Option<Tensor>,
     /// Factor on `q kᵀ`.
     pub scale: f32,
     /// Gemma 2's soft-capping `cap · tanh(x / cap)` of the scaled scores.
@@ -381,7 +384,22 @@ mod gpu {
     ) -> candle_core::Result<(CudaStorage, CudaSlice<f32>)> {
         let dev: &CudaDevice = sq.device();
         let (q, k, v) = (view(sq, lq)?, view(sk, lk)?, view(sv, lv)?);
-        let mask = dev.clone_htod(op.mask.as_slice())?;
+        let uploaded;
+        let resident = op.device_mask.as_ref().map(|t| t.storage_and_layout());
+        let mask = match &resident {
+            Some((st, l)) => view(on_gpu(st)?, l)?,
+            None => {
+                uploaded = dev.clone_htod(op.mask.as_slice())?;
+                uploaded.slice(..)
+            }
+        };
+        if mask.len() != d.b * d.s * d.t {
+            candle_core::bail!(
+                "tiled attention: the GPU mask has {} values, expected {}",
+                mask.len(),
+                d.b * d.s * d.t
+            )
+        }
         let rows = d.b * d.h * d.s;
         let out = dev.alloc_zeros::<f32>(rows * d.d)?;
         let lse = dev.alloc_zeros::<f32>(rows)?;
@@ -428,7 +446,15 @@ mod gpu {
         let (o_st, o_l) = g.out.storage_and_layout();
         let (d_st, d_l) = g.dout.storage_and_layout();
         let (o, dout) = (view(on_gpu(&o_st)?, o_l)?, view(on_gpu(&d_st)?, d_l)?);
-        let mask = dev.clone_htod(g.op.mask.as_slice())?;
+        let uploaded;
+        let resident = g.op.device_mask.as_ref().map(|t| t.storage_and_layout());
+        let mask = match &resident {
+            Some((st, l)) => view(on_gpu(st)?, l)?,
+            None => {
+                uploaded = dev.clone_htod(g.op.mask.as_slice())?;
+                uploaded.slice(..)
+            }
+        };
         let (nq, nk) = (qv.len(), kv.len());
         let mut flat = dev.alloc_zeros::<f32>(nq + 2 * nk)?;
         {
@@ -559,6 +585,7 @@ mod tests {
         for (window, softcap) in [(None, None), (Some(9), None), (None, Some(2.0))] {
             let op = TiledAttention {
                 mask: Arc::new(mask(b, s, window)),
+                device_mask: None,
                 scale: 0.35,
                 softcap,
             };
@@ -606,6 +633,7 @@ mod tests {
         // Batch row 1 pads its first 3 keys; with causality its first 3 queries see nothing.
         let op = TiledAttention {
             mask: Arc::new(mask(b, s, None)),
+            device_mask: None,
             scale: 0.5,
             softcap: None,
         };

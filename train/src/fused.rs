@@ -1,16 +1,18 @@
-//! Fused CPU kernels, each with a backward, for the two element-wise hot spots of
-//! a training step: masked attention softmax and RMSNorm.
+//! Fused kernels, each with a backward, for the element-wise hot spots of a training
+//! step: masked attention softmax, RMSNorm, RoPE and the gated MLP activation.
 //!
 //! Composed from candle primitives, softmax over `[b, h, s, t]` scores is six
 //! passes forward and about fifteen backward (every broadcast op adds a
 //! reduction), each allocating a fresh tensor; RMSNorm is similar. Those passes,
 //! not the matmuls, dominated a LoRA step on CPU. Here each is one pass forward
-//! and one backward, split over threads. Other devices and dtypes use the
-//! composed ops (see [`crate::model`]). Work is split over rayon's pool.
+//! and one backward, split over threads (rayon's pool). RMSNorm, RoPE and the gated
+//! activations also run on the GPU (f32 or bf16) through the kernels of
+//! `train/kernels/ops.cu` (see [`crate::kernels`]), whose CPU twins these are; the
+//! masked softmax is CPU-only (the GPU uses [`crate::attention`]).
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 
 use crate::fastmath::{self, exp};
 
@@ -126,10 +128,20 @@ impl CustomOp1 for MaskedSoftmax {
 }
 
 /// RMSNorm `x / √(mean(x²) + ε) · w` over the last axis, with a gradient for `x`
-/// only (norm weights are frozen in LoRA training).
+/// only (norm weights are frozen in LoRA training). `w` is f32 (Gemma's `1 + w` is
+/// folded in by the caller). On the CPU `x` is f32; on the GPU f32 or bf16, where
+/// `round_first` rounds the normalised value to bf16 before the weight multiplies it,
+/// as transformers' Llama does (Gemma multiplies in f32 and rounds once).
 pub struct RmsNorm {
     /// ε.
     pub eps: f32,
+    /// Round `x / rms` to the activation dtype before multiplying by `w`.
+    pub round_first: bool,
+}
+
+fn rms_dims(l: &Layout) -> (usize, usize) {
+    let d = l.shape().dims().last().copied().unwrap_or(1);
+    (l.shape().elem_count() / d.max(1), d)
 }
 
 impl CustomOp2 for RmsNorm {
@@ -144,7 +156,7 @@ impl CustomOp2 for RmsNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = l1.shape().dims().last().copied().unwrap_or(1);
+        let (_, d) = rms_dims(l1);
         let x = f32_slice(s1, l1, "rms norm")?;
         let w = f32_slice(s2, l2, "rms norm weight")?;
         let mut out = vec![0f32; x.len()];
@@ -159,6 +171,18 @@ impl CustomOp2 for RmsNorm {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = gpu::rms_norm_fwd(self, (s1, l1), (s2, l2))?;
+        Ok((out, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -166,58 +190,99 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let d = x.dim(candle_core::D::Minus1)?;
-        let eps = self.eps;
-        let out = with_data(x, |xs| {
-            with_data(w, |ws| {
-                with_data(grad, |dy| {
-                    let mut out = vec![0f32; xs.len()];
-                    par_rows(&mut out, d, |r, o| {
-                        let (xr, gr) = (&xs[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
-                        let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-                        let inv = 1.0 / (ms + eps).sqrt();
-                        let dot: f32 = xr
-                            .iter()
-                            .zip(gr)
-                            .zip(ws)
-                            .map(|((a, g), wv)| a * g * wv)
-                            .sum();
-                        let k = inv * inv * inv * dot / d as f32;
-                        for (((o, &xv), &gv), &wv) in o.iter_mut().zip(xr).zip(gr).zip(ws) {
-                            *o = inv * wv * gv - xv * k;
-                        }
-                    });
-                    out
-                })
-            })
-        })???;
-        Ok((Some(Tensor::from_vec(out, x.shape(), x.device())?), None))
+        let dx = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormGrad { eps: self.eps })?;
+        Ok((Some(dx), None))
     }
 }
 
-/// HF-style (half-split) RoPE on `[b, h, s, d]` with per-row angles:
-/// `cos`/`sin` are `[b, s, d/2]`. The rotation is orthogonal, so the backward is
-/// the same rotation with `−sin`.
-#[derive(Clone)]
+/// The input gradient of [`RmsNorm`]: `(x, w, dy) → dx`.
+struct RmsNormGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, d) = rms_dims(l1);
+        let xs = f32_slice(s1, l1, "rms norm backward")?;
+        let ws = f32_slice(s2, l2, "rms norm backward weight")?;
+        let dy = f32_slice(s3, l3, "rms norm backward gradient")?;
+        let eps = self.eps;
+        let mut out = vec![0f32; xs.len()];
+        par_rows(&mut out, d, |r, o| {
+            let (xr, gr) = (&xs[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            let dot: f32 = xr
+                .iter()
+                .zip(gr)
+                .zip(ws)
+                .map(|((a, g), wv)| a * g * wv)
+                .sum();
+            let k = inv * inv * inv * dot / d as f32;
+            for (((o, &xv), &gv), &wv) in o.iter_mut().zip(xr).zip(gr).zip(ws) {
+                *o = inv * wv * gv - xv * k;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = gpu::rms_norm_bwd(self.eps, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// HF-style (half-split) RoPE on `x: [b, h, s, d]` with per-row angles, applied as
+/// `x.apply_op3(cos, sin, Rope)` with f32 `cos`/`sin` of shape `[b, s, d/2]`. The
+/// rotation is orthogonal, so the backward is the same op with `−sin`.
+#[derive(Clone, Copy)]
 pub struct Rope {
-    /// Cosines, `[b, s, d/2]`.
-    pub cos: Arc<Vec<f32>>,
-    /// Sines, `[b, s, d/2]`.
-    pub sin: Arc<Vec<f32>>,
+    /// 1 forward, −1 for the inverse rotation.
+    pub sign: f32,
 }
 
 impl Rope {
-    fn rotate(&self, x: &[f32], dims: (usize, usize, usize, usize), sign: f32) -> Vec<f32> {
+    /// The forward rotation.
+    pub const FORWARD: Rope = Rope { sign: 1.0 };
+
+    fn rotate(
+        &self,
+        x: &[f32],
+        c: &[f32],
+        sn: &[f32],
+        dims: (usize, usize, usize, usize),
+    ) -> Vec<f32> {
         let (_, h, s, d) = dims;
         let half = d / 2;
         let mut out = vec![0f32; x.len()];
         par_rows(&mut out, d, |r, y| {
             let (bi, si) = (r / (h * s), r % s);
             let base = (bi * s + si) * half;
-            let (c, sn) = (&self.cos[base..base + half], &self.sin[base..base + half]);
+            let (c, sn) = (&c[base..base + half], &sn[base..base + half]);
             let xr = &x[r * d..(r + 1) * d];
             for i in 0..half {
-                let (x1, x2, si_) = (xr[i], xr[i + half], sign * sn[i]);
+                let (x1, x2, si_) = (xr[i], xr[i + half], self.sign * sn[i]);
                 y[i] = x1 * c[i] - x2 * si_;
                 y[i + half] = x2 * c[i] + x1 * si_;
             }
@@ -226,38 +291,141 @@ impl Rope {
     }
 }
 
-impl CustomOp1 for Rope {
+fn rope_check(
+    lx: &Layout,
+    lc: &Layout,
+    ls: &Layout,
+) -> candle_core::Result<(usize, usize, usize, usize)> {
+    let (b, h, s, d) = lx.shape().dims4()?;
+    let want = b * s * (d / 2);
+    if d % 2 != 0 || lc.shape().elem_count() != want || ls.shape().elem_count() != want {
+        candle_core::bail!(
+            "rope: x {:?} needs [{b}, {s}, {}] angle tables, got {:?} and {:?}",
+            lx.shape(),
+            d / 2,
+            lc.shape(),
+            ls.shape()
+        )
+    }
+    Ok((b, h, s, d))
+}
+
+impl CustomOp3 for Rope {
     fn name(&self) -> &'static str {
         "fused-rope"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = l.shape().dims4()?;
-        let x = f32_slice(s, l, "rope")?;
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = rope_check(l1, l2, l3)?;
+        let x = f32_slice(s1, l1, "rope")?;
+        let (c, sn) = (
+            f32_slice(s2, l2, "rope cos")?,
+            f32_slice(s3, l3, "rope sin")?,
+        );
         Ok((
-            CpuStorage::F32(self.rotate(x, dims, 1.0)),
-            l.shape().clone(),
+            CpuStorage::F32(self.rotate(x, c, sn, dims)),
+            l1.shape().clone(),
         ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let dims = rope_check(l1, l2, l3)?;
+        let out = gpu::rope(self.sign, dims, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, l1.shape().clone()))
     }
 
     fn bwd(
         &self,
-        _arg: &Tensor,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let dims = grad.dims4()?;
-        let out = with_data(grad, |g| self.rotate(g, dims, -1.0))?;
-        Ok(Some(Tensor::from_vec(out, grad.shape(), grad.device())?))
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let inverse = Rope { sign: -self.sign };
+        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &inverse)?;
+        Ok((Some(dx), None, None))
     }
 }
 
-/// SwiGLU `silu(gate) · up` for the MLP, with gradients for both inputs.
-pub struct SwiGlu;
+/// The activation of a gated MLP: `act(gate) · up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GluAct {
+    /// SiLU (SwiGLU: Llama, Qwen, Mistral, Phi-3).
+    Silu,
+    /// GELU, tanh approximation (GeGLU: Gemma).
+    GeluTanh,
+    /// GELU with the exact erf.
+    GeluErf,
+}
 
-impl CustomOp2 for SwiGlu {
+impl GluAct {
+    /// The number the GPU kernels use for the activation.
+    pub fn code(self) -> i32 {
+        match self {
+            GluAct::Silu => 0,
+            GluAct::GeluTanh => 1,
+            GluAct::GeluErf => 2,
+        }
+    }
+
+    /// `(act(g), act'(g))`, as the GPU kernel computes them.
+    pub fn value_and_grad(self, g: f32) -> (f32, f32) {
+        match self {
+            GluAct::Silu => {
+                let sig = 1.0 / (1.0 + exp(-g));
+                (g * sig, sig * (1.0 + g * (1.0 - sig)))
+            }
+            GluAct::GeluTanh => {
+                const C: f32 = 0.797_884_6; // √(2/π)
+                let th = (C * (g + 0.044715 * g * g * g)).tanh();
+                let d = 0.5 * (1.0 + th)
+                    + 0.5 * g * (1.0 - th * th) * C * (1.0 + 3.0 * 0.044715 * g * g);
+                (0.5 * g * (1.0 + th), d)
+            }
+            GluAct::GeluErf => {
+                let e = candle_core::cpu::erf::erf_f32(g * std::f32::consts::FRAC_1_SQRT_2);
+                let pdf = 0.398_942_3 * (-0.5 * g * g).exp(); // φ(g)
+                (0.5 * g * (1.0 + e), 0.5 * (1.0 + e) + g * pdf)
+            }
+        }
+    }
+}
+
+/// `act(gate) · up` for the MLP, with gradients for both inputs.
+pub struct Glu {
+    /// The activation.
+    pub act: GluAct,
+}
+
+/// The pair of a [`Glu`] and its shape checks.
+fn glu_check(l1: &Layout, l2: &Layout) -> candle_core::Result<()> {
+    if l1.shape() != l2.shape() {
+        candle_core::bail!("gated MLP: gate {:?} but up {:?}", l1.shape(), l2.shape())
+    }
+    Ok(())
+}
+
+impl CustomOp2 for Glu {
     fn name(&self) -> &'static str {
-        "fused-swiglu"
+        "fused-glu"
     }
 
     fn cpu_fwd(
@@ -267,17 +435,30 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = f32_slice(s1, l1, "swiglu gate")?;
-        let u = f32_slice(s2, l2, "swiglu up")?;
+        glu_check(l1, l2)?;
+        let g = f32_slice(s1, l1, "glu gate")?;
+        let u = f32_slice(s2, l2, "glu up")?;
         let d = l1.shape().dims().last().copied().unwrap_or(1);
         let mut out = vec![0f32; g.len()];
         par_rows(&mut out, d, |r, y| {
             for (i, o) in y.iter_mut().enumerate() {
-                let gv = g[r * d + i];
-                *o = gv / (1.0 + exp(-gv)) * u[r * d + i];
+                *o = self.act.value_and_grad(g[r * d + i]).0 * u[r * d + i];
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        glu_check(l1, l2)?;
+        let out = gpu::glu_fwd(self.act.code(), (s1, l1), (s2, l2))?;
+        Ok((out, l1.shape().clone()))
     }
 
     fn bwd(
@@ -287,37 +468,249 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let d = gate.dim(candle_core::D::Minus1)?;
         let n = gate.elem_count();
-        let (dg, du) = with_data(gate, |g| {
-            with_data(up, |u| {
-                with_data(grad, |dy| {
-                    // Interleave both gradients in one buffer so one parallel pass writes them.
-                    let mut both = vec![0f32; 2 * n];
-                    par_rows(&mut both, 2 * d, |r, o| {
-                        for i in 0..d {
-                            let k = r * d + i;
-                            let sig = 1.0 / (1.0 + exp(-g[k]));
-                            let silu = g[k] * sig;
-                            o[i] = dy[k] * u[k] * sig * (1.0 + g[k] * (1.0 - sig));
-                            o[d + i] = dy[k] * silu;
-                        }
-                    });
-                    let mut dg = Vec::with_capacity(n);
-                    let mut du = Vec::with_capacity(n);
-                    for row in both.chunks(2 * d) {
-                        dg.extend_from_slice(&row[..d]);
-                        du.extend_from_slice(&row[d..]);
-                    }
-                    (dg, du)
-                })
-            })
-        })???;
-        let dev = gate.device();
+        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &GluGrad { act: self.act })?;
         Ok((
-            Some(Tensor::from_vec(dg, gate.shape(), dev)?),
-            Some(Tensor::from_vec(du, up.shape(), dev)?),
+            Some(both.narrow(0, 0, n)?.reshape(gate.shape())?),
+            Some(both.narrow(0, n, n)?.reshape(up.shape())?),
         ))
+    }
+}
+
+/// `(gate, up, dy) → [d gate | d up]` (flat), the gradients of [`Glu`].
+struct GluGrad {
+    act: GluAct,
+}
+
+impl CustomOp3 for GluGrad {
+    fn name(&self) -> &'static str {
+        "fused-glu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        glu_check(l1, l2)?;
+        let g = f32_slice(s1, l1, "glu backward gate")?;
+        let u = f32_slice(s2, l2, "glu backward up")?;
+        let dy = f32_slice(s3, l3, "glu backward gradient")?;
+        let n = g.len();
+        let mut both = vec![0f32; 2 * n];
+        {
+            use rayon::prelude::*;
+            let (dg, du) = both.split_at_mut(n);
+            let chunk = 4096;
+            dg.par_chunks_mut(chunk)
+                .zip(du.par_chunks_mut(chunk))
+                .enumerate()
+                .for_each(|(c, (dg, du))| {
+                    for (j, (a, b)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
+                        let k = c * chunk + j;
+                        let (v, dv) = self.act.value_and_grad(g[k]);
+                        *a = dy[k] * u[k] * dv;
+                        *b = dy[k] * v;
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(both), Shape::from(2 * n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        glu_check(l1, l2)?;
+        let out = gpu::glu_bwd(self.act.code(), (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, Shape::from(2 * l1.shape().elem_count())))
+    }
+}
+
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)] // kernel launches are FFI calls
+mod gpu {
+    //! Launches of the RMSNorm, RoPE and gated-MLP kernels of `train/kernels/ops.cu`.
+    use crate::kernels::gpu::{elements, func, rows, typed, view};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg, ValidAsZeroBits};
+    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::{CudaStorage, DType, Layout};
+
+    type In<'a> = (&'a CudaStorage, &'a Layout);
+
+    /// Runs `f::<T>` for the storage's dtype (f32 or bf16).
+    macro_rules! by_dtype {
+        ($dtype:expr, $f:ident ( $($arg:expr),* )) => {
+            match $dtype {
+                DType::F32 => $f::<f32>($($arg),*),
+                DType::BF16 => $f::<half::bf16>($($arg),*),
+                other => candle_core::bail!("the GPU kernels take f32 or bf16, not {other:?}"),
+            }
+        };
+    }
+
+    trait Elem: CudaDType + DeviceRepr + ValidAsZeroBits {}
+    impl Elem for f32 {}
+    impl Elem for half::bf16 {}
+
+    pub(super) fn rms_norm_fwd(
+        op: &super::RmsNorm,
+        x: In,
+        w: In,
+    ) -> candle_core::Result<CudaStorage> {
+        fn go<T: Elem>(
+            op: &super::RmsNorm,
+            (sx, lx): In,
+            (sw, lw): In,
+        ) -> candle_core::Result<CudaStorage> {
+            let dev = sx.device().clone();
+            let (n, d) = super::rms_dims(lx);
+            let (x, w) = (
+                view::<T>(sx, lx, "rms norm")?,
+                view::<f32>(sw, lw, "rms norm weight")?,
+            );
+            let y = dev.alloc_zeros::<T>(n * d)?;
+            let f = func(&dev, &typed("rms_norm_fwd", sx.dtype())?)?;
+            let mut b = f.builder();
+            let (dd, eps, round) = (d as i32, op.eps, op.round_first as i32);
+            b.arg(&x);
+            b.arg(&w);
+            b.arg(&y);
+            b.arg(&dd);
+            b.arg(&eps);
+            b.arg(&round);
+            // SAFETY: argument types and count match the kernel's signature.
+            unsafe { b.launch(rows(n, d)?) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(y, dev))
+        }
+        by_dtype!(x.0.dtype(), go(op, x, w))
+    }
+
+    pub(super) fn rms_norm_bwd(eps: f32, x: In, w: In, dy: In) -> candle_core::Result<CudaStorage> {
+        fn go<T: Elem>(
+            eps: f32,
+            (sx, lx): In,
+            (sw, lw): In,
+            (sg, lg): In,
+        ) -> candle_core::Result<CudaStorage> {
+            let dev = sx.device().clone();
+            let (n, d) = super::rms_dims(lx);
+            let x = view::<T>(sx, lx, "rms norm backward")?;
+            let w = view::<f32>(sw, lw, "rms norm backward weight")?;
+            let g = view::<T>(sg, lg, "rms norm backward gradient")?;
+            let dx = dev.alloc_zeros::<T>(n * d)?;
+            let f = func(&dev, &typed("rms_norm_bwd", sx.dtype())?)?;
+            let mut b = f.builder();
+            let dd = d as i32;
+            b.arg(&x);
+            b.arg(&w);
+            b.arg(&g);
+            b.arg(&dx);
+            b.arg(&dd);
+            b.arg(&eps);
+            // SAFETY: argument types and count match the kernel's signature.
+            unsafe { b.launch(rows(n, d)?) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(dx, dev))
+        }
+        by_dtype!(x.0.dtype(), go(eps, x, w, dy))
+    }
+
+    pub(super) fn rope(
+        sign: f32,
+        dims: (usize, usize, usize, usize),
+        x: In,
+        cos: In,
+        sin: In,
+    ) -> candle_core::Result<CudaStorage> {
+        fn go<T: Elem>(
+            sign: f32,
+            (bb, h, s, d): (usize, usize, usize, usize),
+            (sx, lx): In,
+            (sc, lc): In,
+            (ss, ls): In,
+        ) -> candle_core::Result<CudaStorage> {
+            let dev = sx.device().clone();
+            let x = view::<T>(sx, lx, "rope")?;
+            let (c, sn) = (
+                view::<f32>(sc, lc, "rope cos")?,
+                view::<f32>(ss, ls, "rope sin")?,
+            );
+            let y = dev.alloc_zeros::<T>(bb * h * s * d)?;
+            let f = func(&dev, &typed("rope", sx.dtype())?)?;
+            let mut b = f.builder();
+            let ints = [bb, h, s, d].map(|v| v as i32);
+            b.arg(&x);
+            b.arg(&c);
+            b.arg(&sn);
+            b.arg(&y);
+            for v in &ints {
+                b.arg(v);
+            }
+            b.arg(&sign);
+            // SAFETY: argument types and count match the kernel's signature.
+            unsafe { b.launch(elements(bb * h * s * d / 2)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(y, dev))
+        }
+        by_dtype!(x.0.dtype(), go(sign, dims, x, cos, sin))
+    }
+
+    pub(super) fn glu_fwd(act: i32, g: In, u: In) -> candle_core::Result<CudaStorage> {
+        fn go<T: Elem>(act: i32, (sg, lg): In, (su, lu): In) -> candle_core::Result<CudaStorage> {
+            let dev = sg.device().clone();
+            let n = lg.shape().elem_count();
+            let (g, u) = (view::<T>(sg, lg, "glu gate")?, view::<T>(su, lu, "glu up")?);
+            let y = dev.alloc_zeros::<T>(n)?;
+            let f = func(&dev, &typed("glu_fwd", sg.dtype())?)?;
+            let mut b = f.builder();
+            b.arg(&g);
+            b.arg(&u);
+            b.arg(&y);
+            b.arg(&n);
+            b.arg(&act);
+            // SAFETY: argument types and count match the kernel's signature.
+            unsafe { b.launch(elements(n)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(y, dev))
+        }
+        by_dtype!(g.0.dtype(), go(act, g, u))
+    }
+
+    pub(super) fn glu_bwd(act: i32, g: In, u: In, dy: In) -> candle_core::Result<CudaStorage> {
+        fn go<T: Elem>(
+            act: i32,
+            (sg, lg): In,
+            (su, lu): In,
+            (sd, ld): In,
+        ) -> candle_core::Result<CudaStorage> {
+            let dev = sg.device().clone();
+            let n = lg.shape().elem_count();
+            let g = view::<T>(sg, lg, "glu backward gate")?;
+            let u = view::<T>(su, lu, "glu backward up")?;
+            let dy = view::<T>(sd, ld, "glu backward gradient")?;
+            let out = dev.alloc_zeros::<T>(2 * n)?;
+            let f = func(&dev, &typed("glu_bwd", sg.dtype())?)?;
+            let mut b = f.builder();
+            b.arg(&g);
+            b.arg(&u);
+            b.arg(&dy);
+            b.arg(&out);
+            b.arg(&n);
+            b.arg(&act);
+            // SAFETY: argument types and count match the kernel's signature.
+            unsafe { b.launch(elements(n)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev))
+        }
+        by_dtype!(g.0.dtype(), go(act, g, u, dy))
     }
 }
 
@@ -396,7 +789,13 @@ mod tests {
         let probe = rand(&[3, 7, 16], 5);
         let fused = x
             .as_tensor()
-            .apply_op2(w.as_tensor(), RmsNorm { eps: 1e-6 })
+            .apply_op2(
+                w.as_tensor(),
+                RmsNorm {
+                    eps: 1e-6,
+                    round_first: false,
+                },
+            )
             .unwrap();
         let var = x
             .as_tensor()
@@ -433,34 +832,40 @@ mod tests {
     }
 
     #[test]
-    fn swiglu_matches_composed_ops_with_gradients() {
+    fn gated_activations_match_composed_ops_with_gradients() {
         let (g, u, probe) = (
             rand(&[3, 5, 8], 1),
             rand(&[3, 5, 8], 2),
             rand(&[3, 5, 8], 3),
         );
-        let fused = g.as_tensor().apply_op2(u.as_tensor(), SwiGlu).unwrap();
-        let composed = (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap();
-        assert!(max_diff(&fused, &composed) < 1e-6);
-        let ga = (fused * probe.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gb = (composed * probe.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [&g, &u] {
-            assert!(
-                max_diff(
+        let (gt, ut) = (g.as_tensor(), u.as_tensor());
+        for (act, composed) in [
+            (GluAct::Silu, gt.silu().unwrap()),
+            (GluAct::GeluTanh, gt.gelu().unwrap()),
+            (GluAct::GeluErf, gt.gelu_erf().unwrap()),
+        ] {
+            let fused = gt.apply_op2(ut, Glu { act }).unwrap();
+            let composed = (composed * ut).unwrap();
+            assert!(max_diff(&fused, &composed) < 2e-6, "{act:?}");
+            let ga = (fused * probe.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gb = (composed * probe.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&g, &u] {
+                let d = max_diff(
                     ga.get(v.as_tensor()).unwrap(),
-                    gb.get(v.as_tensor()).unwrap()
-                ) < 1e-5
-            );
+                    gb.get(v.as_tensor()).unwrap(),
+                );
+                assert!(d < 1e-5, "{act:?}: gradient Δ {d}");
+            }
         }
     }
 
@@ -470,14 +875,16 @@ mod tests {
         let probe = rand(&[2, 3, 4, 8], 5);
         let mut rng = crate::Rng::new(6);
         let angles: Vec<f32> = (0..2 * 4 * 4).map(|_| rng.normal() as f32).collect();
-        let op = || Rope {
-            cos: Arc::new(angles.iter().map(|a| a.cos()).collect()),
-            sin: Arc::new(angles.iter().map(|a| a.sin()).collect()),
-        };
-        let y = x.as_tensor().apply_op1(op()).unwrap();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let table = |v: &[f32]| Tensor::from_vec(v.to_vec(), (2, 4, 4), &Device::Cpu).unwrap();
+        let y = x
+            .as_tensor()
+            .apply_op3(&table(&cos), &table(&sin), Rope::FORWARD)
+            .unwrap();
         // Composed reference: x·cos + rotate_half(x)·sin with [b, 1, s, d] tables.
-        let c = Tensor::from_vec(op().cos.to_vec(), (2, 1, 4, 4), &Device::Cpu).unwrap();
-        let s = Tensor::from_vec(op().sin.to_vec(), (2, 1, 4, 4), &Device::Cpu).unwrap();
+        let c = Tensor::from_vec(cos.clone(), (2, 1, 4, 4), &Device::Cpu).unwrap();
+        let s = Tensor::from_vec(sin.clone(), (2, 1, 4, 4), &Device::Cpu).unwrap();
         let c = Tensor::cat(&[&c, &c], 3).unwrap();
         let s = Tensor::cat(&[&s, &s], 3).unwrap();
         let xt = x.as_tensor();

@@ -20,6 +20,7 @@ pub mod fused;
 pub mod generate;
 pub mod ggml;
 pub mod io;
+pub mod kernels;
 pub mod linear;
 pub mod loader;
 pub mod lora;

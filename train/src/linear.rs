@@ -134,6 +134,24 @@ impl BaseQuant {
     }
 }
 
+/// A packed weight where the activations will be: on a GPU its GPU-resident copy (the
+/// host bytes are dropped); formats without a GPU kernel are refused there.
+fn on_device(
+    p: Arc<dyn PackedWeight>,
+    device: &candle_core::Device,
+) -> Result<Arc<dyn PackedWeight>> {
+    if device.is_cpu() || p.device_packed().is_some() {
+        return Ok(p);
+    }
+    match p.to_device(device)? {
+        Some(d) => Ok(d),
+        None => Err(crate::Error::Invalid(format!(
+            "a {} base has no GPU kernel; on {device:?} use quantize: nf4, int8 or none",
+            p.kind()
+        ))),
+    }
+}
+
 /// A projection: frozen weight, optional frozen bias, optional LoRA.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -177,7 +195,7 @@ impl Linear {
             weight: Tensor::zeros((0, 0), dtype, device)?,
             bias,
             lora: None,
-            packed: Some(packed),
+            packed: Some(on_device(packed, device)?),
             quantized: None,
         })
     }
@@ -202,8 +220,9 @@ impl Linear {
             BaseQuant::Nf4 => Arc::new(crate::nf4::Nf4Matrix::quantize(&w, out, inp, double_quant)),
             _ => Arc::new(Q8Matrix::quantize(&w, out, inp)),
         };
-        self.weight = Tensor::zeros((0, 0), self.weight.dtype(), self.weight.device())?;
-        self.packed = Some(packed);
+        let device = self.weight.device().clone();
+        self.weight = Tensor::zeros((0, 0), self.weight.dtype(), &device)?;
+        self.packed = Some(on_device(packed, &device)?);
         Ok(())
     }
 
@@ -338,14 +357,22 @@ pub fn dropout_with(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
     Ok((x * mask)?)
 }
 
-/// RMSNorm with a backward (candle's fused kernel records none): our fused CPU
-/// kernel for f32 on the CPU, composed ops in f32 elsewhere.
+/// RMSNorm with a backward (candle's fused kernel records none): the fused kernel
+/// ([`crate::fused::RmsNorm`]) for f32 on the CPU and for f32 or bf16 on the GPU
+/// (normalised value rounded to the dtype before the weight multiplies it, as
+/// transformers does), composed ops in f32 elsewhere.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    if x.device().is_cpu() && dtype == DType::F32 && weight.dtype() == DType::F32 {
+    let fused = (x.device().is_cpu() && dtype == DType::F32)
+        || (x.device().is_cuda() && matches!(dtype, DType::F32 | DType::BF16));
+    if fused {
+        let op = crate::fused::RmsNorm {
+            eps: eps as f32,
+            round_first: dtype != DType::F32,
+        };
         return Ok(x
             .contiguous()?
-            .apply_op2(weight, crate::fused::RmsNorm { eps: eps as f32 })?);
+            .apply_op2(&weight.to_dtype(DType::F32)?, op)?);
     }
     let x = x.to_dtype(DType::F32)?;
     let var = x.sqr()?.mean_keepdim(D::Minus1)?;

@@ -257,11 +257,10 @@ pub fn load_with(
     double_quant: bool,
 ) -> Result<Loaded> {
     let spec = ModelSpec::parse(spec_text)?;
-    if base != BaseQuant::None && !device.is_cpu() {
-        // The packed matmul has a CPU kernel only (a GPU one comes with the CUDA core).
+    if base == BaseQuant::Keep && !device.is_cpu() {
+        // NF4 and int8 have GPU kernels; GGUF's own block formats only CPU ones.
         return Err(Error::Invalid(format!(
-            "quantize: {} runs on the CPU only so far; use quantize: none on {device:?}",
-            format!("{base:?}").to_lowercase()
+            "quantize: keep (a GGUF file's own blocks) runs on the CPU only; on {device:?} use quantize: nf4, int8 or none"
         )));
     }
     if base == BaseQuant::Keep && !matches!(spec, ModelSpec::Gguf(_)) {

@@ -5,7 +5,10 @@
 //! `lm_head`: with answer-only masks and a 49k vocabulary this skips most of the
 //! largest matmul of the step.
 
-use candle_core::{DType, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 
 use crate::cross_entropy::CrossEntropy;
 use crate::error::Result;
@@ -71,21 +74,150 @@ pub fn loss_from_hidden(model: &Decoder, hidden: &Tensor, labels: &[Vec<i64>]) -
     let hidden = hidden.reshape((b * s, hidden.dim(D::Minus1)?))?;
     let n = at.len();
     let picked = hidden.index_select(&Tensor::from_vec(at, n, device)?, 0)?;
-    let logits = model.logits(&picked)?.to_dtype(DType::F32)?;
-    let nll = if device.is_cpu() {
-        logits
-            .contiguous()?
-            .apply_op1(CrossEntropy { targets: want })?
-            .sum_all()?
-    } else {
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let want = Tensor::from_vec(want, (n, 1), device)?;
-        logp.gather(&want, 1)?.sum_all()?.neg()?
-    };
+    let nll = nll_rows(model, &picked, want, LOGIT_BUDGET)?.sum_all()?;
     Ok(LossSum {
         sum: nll,
         tokens: n,
     })
+}
+
+/// Logit values the loss holds at once (128 MB of f32): rows beyond `LOGIT_BUDGET /
+/// vocab` go through the output projection a chunk at a time.
+pub const LOGIT_BUDGET: usize = 32 << 20;
+
+/// Per-row `−log p(want[i] | picked[i])` for hidden states `picked: [n, hidden]`.
+///
+/// When the output projection is a plain frozen matrix (no LoRA, no bias, not packed,
+/// no trained token columns), the `[n, vocab]` logits never exist as a whole: the
+/// forward computes them `budget / vocab` rows at a time, keeps only each row's loss,
+/// and the backward recomputes each chunk's logits to write its share of the hidden
+/// states' gradient (`dh = (softmax − onehot) · W`). Otherwise the logits of all rows
+/// are computed at once, as [`Decoder::logits`] does.
+pub fn nll_rows(model: &Decoder, picked: &Tensor, want: Vec<u32>, budget: usize) -> Result<Tensor> {
+    let targets = Arc::new(want);
+    match model.plain_lm_head() {
+        Some((w, softcap)) => {
+            let rows = (budget / w.dim(0)?.max(1)).max(1);
+            let op = ChunkedLmHeadLoss {
+                w: w.clone(),
+                targets,
+                softcap,
+                rows,
+            };
+            if picked.dim(0)? <= rows {
+                // One chunk: the plain graph (its logits are what the backward needs).
+                return Ok(op.logits(picked)?.apply_op1(op.ce(0, picked.dim(0)?))?);
+            }
+            let nll = op.forward(&picked.detach())?;
+            Ok(picked.apply_op2(&nll, op)?)
+        }
+        None => {
+            let logits = model.logits(picked)?.to_dtype(DType::F32)?.contiguous()?;
+            Ok(logits.apply_op1(CrossEntropy {
+                targets,
+                softcap: None,
+            })?)
+        }
+    }
+}
+
+/// The chunked loss of [`nll_rows`]: applied to `(hidden, nll)`, where `nll` is the
+/// loss [`ChunkedLmHeadLoss::forward`] computed without a graph; it returns `nll` and
+/// back-propagates into `hidden` chunk by chunk.
+struct ChunkedLmHeadLoss {
+    /// `[vocab, hidden]`, frozen.
+    w: Tensor,
+    targets: Arc<Vec<u32>>,
+    softcap: Option<f32>,
+    /// Rows per chunk.
+    rows: usize,
+}
+
+impl ChunkedLmHeadLoss {
+    fn logits(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        crate::linear::frozen_matmul(h, &self.w)?
+            .to_dtype(DType::F32)?
+            .contiguous()
+    }
+
+    fn ce(&self, start: usize, len: usize) -> CrossEntropy {
+        CrossEntropy {
+            targets: Arc::new(self.targets[start..start + len].to_vec()),
+            softcap: self.softcap,
+        }
+    }
+
+    fn chunks(&self, n: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..n)
+            .step_by(self.rows)
+            .map(move |a| (a, self.rows.min(n - a)))
+    }
+
+    /// The per-row loss, one chunk of logits at a time, recording nothing.
+    fn forward(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        let parts = self
+            .chunks(h.dim(0)?)
+            .map(|(a, len)| {
+                self.logits(&h.narrow(0, a, len)?)?
+                    .apply_op1_no_bwd(&self.ce(a, len))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)
+    }
+}
+
+impl CustomOp2 for ChunkedLmHeadLoss {
+    fn name(&self) -> &'static str {
+        "chunked-lm-head-loss"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        hidden: &Tensor,
+        nll: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let h = hidden.detach();
+        let parts = self
+            .chunks(h.dim(0)?)
+            .map(|(a, len)| {
+                let logits = self.logits(&h.narrow(0, a, len)?)?;
+                let d = crate::cross_entropy::grad(
+                    &logits,
+                    &nll.narrow(0, a, len)?.contiguous()?,
+                    &grad.narrow(0, a, len)?.contiguous()?,
+                    &self.ce(a, len),
+                )?;
+                d.to_dtype(self.w.dtype())?.matmul(&self.w)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok((
+            Some(Tensor::cat(&parts, 0)?.to_dtype(hidden.dtype())?),
+            None,
+        ))
+    }
 }
 
 /// One micro-batch: `scale · Σ loss` (as f64), the tokens it covers, and its gradient

@@ -331,8 +331,10 @@ pub struct TrainableTokens {
 
 /// RoPE tables: host vectors for the fused CPU kernel, tensors elsewhere.
 enum Tables {
-    Host(crate::fused::Rope),
-    Device(Tensor, Tensor),
+    /// f32 `[b, s, d/2]` angle tables for the fused rotation (CPU f32, GPU).
+    Fused(Tensor, Tensor),
+    /// `[b, 1, s, d]` tables in the model dtype for the composed rotation.
+    Composed(Tensor, Tensor),
 }
 
 /// The additive attention mask for one window.
@@ -615,6 +617,14 @@ impl Decoder {
         if dtype == DType::F32 {
             return rms_norm(x, &w1, eps);
         }
+        if x.device().is_cuda() {
+            // One rounding at the end, as Gemma does.
+            let op = crate::fused::RmsNorm {
+                eps: eps as f32,
+                round_first: false,
+            };
+            return Ok(x.contiguous()?.apply_op2(&w1, op)?);
+        }
         // Gemma multiplies in f32 and rounds once, unlike Llama (round, then multiply).
         let x = x.to_dtype(DType::F32)?;
         let var = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -647,14 +657,17 @@ impl Decoder {
         let (b, s) = ids.dims2()?;
         let cfg = &self.cfg;
         let positions = keys.positions(s);
-        let fused = self.device.is_cpu() && self.dtype == DType::F32;
-        // The fused CPU kernel takes host tables; other devices take tensors.
+        // The fused kernels: the CPU ones in f32, the GPU ones in f32 and bf16.
+        let fused = (self.device.is_cpu() && self.dtype == DType::F32)
+            || (self.device.is_cuda() && matches!(self.dtype, DType::F32 | DType::BF16));
         let tables = if fused {
             let (cos, sin) = self.rope.host_tables(&positions);
-            Tables::Host(crate::fused::Rope { cos, sin })
+            let half = cos.len() / (b * s).max(1);
+            let t = |v: Arc<Vec<f32>>| Tensor::from_vec(v.to_vec(), (b, s, half), &self.device);
+            Tables::Fused(t(cos)?, t(sin)?)
         } else {
             let (cos, sin) = self.rope.tables(&positions, b, s, self.dtype)?;
-            Tables::Device(cos, sin)
+            Tables::Composed(cos, sin)
         };
         // One mask per distinct window (Gemma 2 alternates two).
         let mut masks: Vec<Mask> = Vec::new();
@@ -664,8 +677,9 @@ impl Decoder {
                 continue;
             }
             let values = Arc::new(keys.additive_values(s, window));
-            // The fused CPU kernel and the GPU's tiled attention read the values.
-            let tensor = if fused || self.device.is_cuda() {
+            // The fused CPU kernel reads the values; the GPU's tiled attention reads the
+            // tensor (uploaded once per call, shared by the layers).
+            let tensor = if fused && !self.device.is_cuda() {
                 None
             } else {
                 Some(Tensor::from_vec(
@@ -718,8 +732,11 @@ impl Decoder {
             .filter(|_| cfg.architecture == crate::Architecture::Gemma2);
         let rope = |x: &Tensor| -> Result<Tensor> {
             match &st.tables {
-                Tables::Host(op) => Ok(x.contiguous()?.apply_op1(op.clone())?),
-                Tables::Device(cos, sin) => apply_rope(x, cos, sin),
+                Tables::Fused(cos, sin) => {
+                    Ok(x.contiguous()?
+                        .apply_op3(cos, sin, crate::fused::Rope::FORWARD)?)
+                }
+                Tables::Composed(cos, sin) => apply_rope(x, cos, sin),
             }
         };
         let layer = &self.layers[l];
@@ -789,6 +806,7 @@ impl Decoder {
                 &v,
                 crate::attention::TiledAttention {
                     mask: mask_values.clone(),
+                    device_mask: mask.clone(),
                     scale: scale as f32,
                     softcap: softcap.map(|c| c as f32),
                 },
@@ -846,10 +864,15 @@ impl Decoder {
                 )
             }
         };
+        let glu = match self.activation {
+            Activation::Silu => crate::fused::GluAct::Silu,
+            Activation::GeluTanh => crate::fused::GluAct::GeluTanh,
+            Activation::Gelu => crate::fused::GluAct::GeluErf,
+        };
         let act = match self.activation {
-            Activation::Silu if fused => g
+            _ if fused => g
                 .contiguous()?
-                .apply_op2(&u.contiguous()?, crate::fused::SwiGlu)?,
+                .apply_op2(&u.contiguous()?, crate::fused::Glu { act: glu })?,
             Activation::Silu => (g.silu()? * u)?,
             Activation::GeluTanh => (g.gelu()? * u)?,
             Activation::Gelu => (g.gelu_erf()? * u)?,
@@ -951,6 +974,22 @@ impl Decoder {
             }
             _ => self.cap_logits(base),
         }
+    }
+
+    /// The output projection and the final soft-cap when the logits are just
+    /// `cap(hidden · Wᵀ)` with a frozen dense `W` (no LoRA, bias, packing or trained token
+    /// columns): then the loss can compute them a chunk of rows at a time.
+    pub(crate) fn plain_lm_head(&self) -> Option<(&Tensor, Option<f32>)> {
+        let l = &self.lm_head;
+        let trained_columns = self.tokens.is_some() && self.cfg.tie_word_embeddings;
+        if l.lora.is_some() || l.packed.is_some() || l.bias.is_some() || trained_columns {
+            return None;
+        }
+        let cap = self
+            .cfg
+            .final_logit_softcapping
+            .filter(|_| self.cfg.architecture == crate::Architecture::Gemma2);
+        Some((&l.weight, cap.map(|c| c as f32)))
     }
 
     /// Gemma 2's final soft-capping, `cap·tanh(logits / cap)`.

@@ -402,6 +402,15 @@ impl crate::packed::PackedWeight for Nf4Matrix {
     fn kind(&self) -> &'static str {
         "nf4"
     }
+
+    fn to_device(
+        &self,
+        device: &candle_core::Device,
+    ) -> Result<Option<std::sync::Arc<dyn crate::packed::PackedWeight>>> {
+        Ok(Some(std::sync::Arc::new(crate::packed::DevicePacked::nf4(
+            self, device,
+        )?)))
+    }
 }
 
 #[cfg(test)]

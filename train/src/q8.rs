@@ -59,6 +59,18 @@ impl Q8Matrix {
         Q8Matrix { n, k, qs, scales }
     }
 
+    /// The int8 values and the scales.
+    pub(crate) fn parts(&self) -> (&[i8], &[f32]) {
+        (&self.qs, &self.scales)
+    }
+
+    /// A matrix from its parts (as [`Q8Matrix::parts`] returns them).
+    pub(crate) fn from_parts(n: usize, k: usize, qs: Vec<i8>, scales: Vec<f32>) -> Q8Matrix {
+        assert_eq!(qs.len(), n * k, "int8 values");
+        assert_eq!(scales.len(), n * k / BLOCK, "int8 scales");
+        Q8Matrix { n, k, qs, scales }
+    }
+
     /// Output width `n`.
     pub fn rows(&self) -> usize {
         self.n
@@ -302,6 +314,15 @@ impl crate::packed::PackedWeight for Q8Matrix {
 
     fn as_q8(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<Q8Matrix>> {
         Some(self)
+    }
+
+    fn to_device(
+        &self,
+        device: &candle_core::Device,
+    ) -> crate::Result<Option<std::sync::Arc<dyn crate::packed::PackedWeight>>> {
+        Ok(Some(std::sync::Arc::new(
+            crate::packed::DevicePacked::int8(self, device)?,
+        )))
     }
 }
 
