@@ -206,8 +206,11 @@ pub async fn execute(
         .filter(|&i| needed[i])
         .collect();
     let mut in_use: BTreeMap<String, u32> = BTreeMap::new();
+    // Which GPUs (ordinals among the visible ones) are free: a stage holding `gpu: k`
+    // gets k of them for itself, named in its context and its `CUDA_VISIBLE_DEVICES`.
+    let mut free_gpus: Vec<u32> = (0..options.capacity.get("gpu").copied().unwrap_or(0)).collect();
     let mut jobs_in_use = 0usize;
-    let mut running: JoinSet<(usize, bool, StageResult)> = JoinSet::new();
+    let mut running: JoinSet<(usize, bool, Vec<u32>, StageResult)> = JoinSet::new();
     let mut interrupted = false;
 
     loop {
@@ -291,11 +294,14 @@ pub async fn execute(
                 i += 1;
                 continue;
             }
+            let mut gpus = Vec::new();
             if mode == Mode::Compute {
                 jobs_in_use += 1;
                 for (k, v) in &spec.resources {
                     *in_use.entry(k.clone()).or_insert(0) += v;
                 }
+                let k = spec.resources.get("gpu").copied().unwrap_or(0) as usize;
+                gpus = free_gpus.drain(..k.min(free_gpus.len())).collect();
             }
             let mut upstream = Outputs::new();
             for r in spec.inputs.values() {
@@ -307,7 +313,8 @@ pub async fn execute(
             let shared2 = shared.clone();
             running.spawn_blocking(move || {
                 let computes = mode == Mode::Compute;
-                (idx, computes, process(&shared2, idx, &upstream, mode))
+                let r = process(&shared2, idx, &upstream, mode, &gpus);
+                (idx, computes, gpus, r)
             });
             waiting.remove(i);
         }
@@ -317,7 +324,7 @@ pub async fn execute(
         tokio::select! {
             joined = running.join_next() => {
                 let Some(joined) = joined else { break };
-                let (idx, held, result) = match joined {
+                let (idx, held, gpus, result) = match joined {
                     Ok(pair) => pair,
                     Err(e) => {
                         // A panic inside a stage task: fail loudly but keep the run going.
@@ -326,6 +333,8 @@ pub async fn execute(
                     }
                 };
                 let spec = &pipeline.stages[idx];
+                free_gpus.extend(gpus);
+                free_gpus.sort_unstable();
                 if held {
                     jobs_in_use = jobs_in_use.saturating_sub(1);
                     for (k, v) in &spec.resources {
@@ -362,7 +371,13 @@ pub async fn execute(
 }
 
 /// One stage, start to end, on a blocking thread.
-fn process(shared: &Shared, idx: usize, upstream: &Outputs, mode: Mode) -> StageResult {
+fn process(
+    shared: &Shared,
+    idx: usize,
+    upstream: &Outputs,
+    mode: Mode,
+    gpus: &[u32],
+) -> StageResult {
     let started = Instant::now();
     let spec = &shared.pipeline.stages[idx];
     let pipeline = &shared.pipeline;
@@ -415,7 +430,7 @@ fn process(shared: &Shared, idx: usize, upstream: &Outputs, mode: Mode) -> Stage
     if let Ok(Some(rec)) = shared.store.complete_record(&key) {
         return hit(rec);
     }
-    match compute(shared, spec, &fp, upstream, started) {
+    match compute(shared, spec, &fp, upstream, started, gpus) {
         Ok((outputs, gate)) => StageResult {
             status: StageStatus::Ran,
             key: Some(key),
@@ -440,6 +455,7 @@ fn compute(
     fp: &Fingerprint,
     upstream: &Outputs,
     started: Instant,
+    gpus: &[u32],
 ) -> Result<(BTreeMap<String, ArtifactInfo>, Option<pipe_stages::Gate>), StageError> {
     let store = &shared.store;
     let pipeline = &shared.pipeline;
@@ -494,6 +510,7 @@ fn compute(
         memo_root: store.memo_root(),
         cancel: shared.cancel.clone(),
         reporter: reporter.clone(),
+        gpus: gpus.to_vec(),
     };
     let started_at = now_rfc3339();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage.run(&ctx)))

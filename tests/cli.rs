@@ -263,6 +263,37 @@ stages:
 }
 
 #[test]
+fn stages_holding_a_gpu_each_get_their_own() {
+    let p = Project::new();
+    // Both run at once (each waits for the other to start) on a 2-GPU machine: each must
+    // see a different GPU; a stage holding both sees both.
+    p.file(
+        "p.yaml",
+        r#"
+stages:
+  g1:
+    resources: {gpu: 1}
+    run: touch g1.started; for i in $(seq 100); do [ -e g2.started ] && break; sleep 0.05; done; [ -e g2.started ] && echo "$CUDA_VISIBLE_DEVICES" > g1.txt
+    outs: [g1.txt]
+  g2:
+    resources: {gpu: 1}
+    run: touch g2.started; for i in $(seq 100); do [ -e g1.started ] && break; sleep 0.05; done; [ -e g1.started ] && echo "$CUDA_VISIBLE_DEVICES" > g2.txt
+    outs: [g2.txt]
+  both:
+    resources: {gpu: 2}
+    deps: [g1.txt, g2.txt]
+    run: echo "$CUDA_VISIBLE_DEVICES" > both.txt
+    outs: [both.txt]
+"#,
+    );
+    p.ok(&["run", "p.yaml", "--jobs", "4", "--resource", "gpu=2"]);
+    let mut got = [p.read("g1.txt"), p.read("g2.txt")];
+    got.sort();
+    assert_eq!(got, ["0\n", "1\n"]);
+    assert_eq!(p.read("both.txt"), "0,1\n");
+}
+
+#[test]
 fn a_stage_asking_for_more_than_the_machine_has_fails_clearly() {
     let p = Project::new();
     p.file(

@@ -152,6 +152,10 @@ impl Stage for CommandStage {
             .env("PIPE_STAGE", &ctx.stage)
             .env("PIPE_CHECKPOINT_DIR", &ctx.checkpoint_dir)
             .env("PIPE_OUT_DIR", &ctx.out_dir);
+        if let Some(v) = ctx.cuda_visible_devices() {
+            // The GPUs the engine gave this stage, and only those.
+            cmd.env("CUDA_VISIBLE_DEVICES", v);
+        }
         for (name, path) in &ctx.inputs {
             cmd.env(format!("PIPE_INPUT_{}", env_name(name)), path);
         }

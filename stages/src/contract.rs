@@ -240,9 +240,48 @@ pub struct StageContext {
     pub cancel: CancelToken,
     /// Progress and log sink.
     pub reporter: Arc<dyn Reporter>,
+    /// The GPUs the engine gave this stage (ordinals among the process's visible GPUs),
+    /// as many as its `resources: {gpu: N}`; empty when it holds none. Model stages run
+    /// `device: cuda` (and `auto`) on the first; command stages see them as
+    /// `CUDA_VISIBLE_DEVICES`.
+    pub gpus: Vec<u32>,
 }
 
 impl StageContext {
+    /// The device a model stage runs on for its `device` param: `cuda` and `auto` become
+    /// the first GPU the engine gave the stage (so stages holding `gpu: 1` each get their
+    /// own); an explicit `cuda:N` or `cpu` is kept. pipe-train trains on one GPU: a stage
+    /// given several uses the first.
+    pub fn device_for(&self, device: &str) -> String {
+        match (device, self.gpus.first()) {
+            ("cuda" | "auto", Some(g)) => format!("cuda:{g}"),
+            _ => device.to_string(),
+        }
+    }
+
+    /// `CUDA_VISIBLE_DEVICES` for a subprocess holding this stage's GPUs: their ids in
+    /// this process's own `CUDA_VISIBLE_DEVICES` when it has one, else the ordinals.
+    pub fn cuda_visible_devices(&self) -> Option<String> {
+        if self.gpus.is_empty() {
+            return None;
+        }
+        let parent: Option<Vec<String>> = std::env::var("CUDA_VISIBLE_DEVICES").ok().map(|v| {
+            v.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        });
+        let ids: Vec<String> = self
+            .gpus
+            .iter()
+            .map(|&g| match &parent {
+                Some(p) if (g as usize) < p.len() => p[g as usize].clone(),
+                _ => g.to_string(),
+            })
+            .collect();
+        Some(ids.join(","))
+    }
+
     /// Path of an input, or a clear error naming it when it is not bound.
     pub fn input(&self, name: &str) -> Result<&Path, StageError> {
         self.inputs.get(name).map(PathBuf::as_path).ok_or_else(|| {

@@ -4,10 +4,17 @@
 //! the same machine in the same run.
 //!
 //! ```text
-//! bench train MODEL --steps N --batch 4 --seq 256 --r 16
+//! bench train MODEL --steps N --batch 4 --seq 256 --r 16 [--targets attn|all]
+//!       [--warmup 1] [--save-init DIR]
 //! bench generate MODEL --batch B --new 128 [--prompt-len 32]
 //! ```
-//! Prints one JSON object.
+//! Prints one JSON object. `train` reports the loss of every timed step and its
+//! throughput from the second timed step on (the first one loads kernels). With
+//! `--save-init DIR` (and `--warmup 0`) it writes what another implementation needs to
+//! train the same thing from the same start (`scripts/bench/gpu.sh` gives it to PyTorch
+//! + PEFT): `DIR/model.safetensors` + `DIR/config.json` (the base, HF names, model
+//! dtype), `DIR/adapter/` (the initial LoRA in PEFT's format), `DIR/data.json` (token
+//! ids in the order the steps take them) and `DIR/train.json` (optimizer settings).
 
 use pipe_train::data::Example;
 use pipe_train::generate::{generate, Sampling};
@@ -16,6 +23,29 @@ use pipe_train::optim::{AdamWConfig, Decay};
 use pipe_train::trainer::{train, TrainSettings};
 use pipe_train::{loader, lora, Rng};
 use std::time::Instant;
+
+/// Per-step losses and times of a training run.
+#[derive(Default)]
+struct Steps {
+    losses: Vec<f64>,
+    at: Vec<Instant>,
+    tokens: Vec<u64>,
+}
+
+impl pipe_train::trainer::Observer for Steps {
+    fn on_step(&mut self, m: &pipe_train::trainer::StepMetrics, _total: u64) {
+        self.losses.push(m.loss);
+        self.at.push(Instant::now());
+        self.tokens.push(m.tokens_seen);
+    }
+}
+
+fn opt_arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
 
 fn arg(args: &[String], name: &str, default: usize) -> usize {
     args.iter()
@@ -74,9 +104,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 arg(&args, "--seq", 256),
                 arg(&args, "--r", 16),
             );
-            let names = ["q_proj", "k_proj", "v_proj", "o_proj"]
-                .map(String::from)
-                .to_vec();
+            let attn = ["q_proj", "k_proj", "v_proj", "o_proj"];
+            let mlp = ["gate_proj", "up_proj", "down_proj"];
+            let mut names: Vec<String> = attn.map(String::from).to_vec();
+            match opt_arg(&args, "--targets").unwrap_or("attn") {
+                "attn" => {}
+                "all" => names.extend(mlp.map(String::from)),
+                other => return Err(format!("--targets {other}: expected attn or all").into()),
+            }
+            let targets_json = names.clone();
             let cfg = LoraConfig {
                 r,
                 alpha: 2.0 * r as f64,
@@ -89,7 +125,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // what loading left in the allocator); the training peak minus this is
             // what the steps added (activations, gradients, optimizer state).
             let ready_mb = rss_mb();
-            let data: Vec<Example> = (0..batch * (steps + 1))
+            let warmup = arg(&args, "--warmup", 1);
+            let data: Vec<Example> = (0..batch * (steps + warmup))
                 .map(|_| {
                     let ids: Vec<u32> = (0..seq).map(|_| rng.below(vocab) as u32).collect();
                     Example {
@@ -116,28 +153,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 gradient_checkpointing: std::env::var("PIPE_BENCH_CKPT").as_deref() == Ok("1"),
             };
             // Warm-up steps (default one), then the timed steps.
-            for w in 0..arg(&args, "--warmup", 1) {
-                let chunk = &data[(w % (steps + 1)) * batch..][..batch];
+            for w in 0..warmup {
+                let chunk = &data[w * batch..][..batch];
                 train(&m.model, &adapter, chunk, &[], &s, None, &mut ())?;
             }
             let timed = TrainSettings {
                 steps: steps as u64,
                 ..s
             };
+            let timed_data = &data[warmup * batch..];
+            if let Some(dir) = opt_arg(&args, "--save-init") {
+                save_init(
+                    std::path::Path::new(dir),
+                    &args[1],
+                    &mut m.model,
+                    &adapter,
+                    timed_data,
+                    &timed,
+                )?;
+            }
+            let mut obs = Steps::default();
             let t = Instant::now();
-            let rep = train(
-                &m.model,
-                &adapter,
-                &data[batch..],
-                &[],
-                &timed,
-                None,
-                &mut (),
-            )?;
+            let rep = train(&m.model, &adapter, timed_data, &[], &timed, None, &mut obs)?;
             let secs = t.elapsed().as_secs_f64();
+            // Throughput after the first timed step (kernel loading, allocator warm-up).
+            let steady = match (obs.at.first(), obs.at.last(), obs.tokens.first()) {
+                (Some(a), Some(b), Some(&t0)) if obs.at.len() > 1 => {
+                    (rep.tokens_seen - t0) as f64 / (*b - *a).as_secs_f64()
+                }
+                _ => rep.tokens_seen as f64 / secs,
+            };
             println!(
                 "{}",
                 serde_json::json!({"impl": "pipe", "what": "train", "tokens_per_s": rep.tokens_seen as f64 / secs,
+                    "steady_tokens_per_s": steady, "losses": obs.losses, "targets": targets_json,
                     "steps": steps, "batch": batch, "seq": seq, "r": r, "last_loss": rep.final_train_loss,
                     "peak_rss_mb": peak_rss_mb(), "dtype": format!("{dtype:?}"), "device": format!("{device:?}"),
                     "base": format!("{base:?}").to_lowercase(),
@@ -190,5 +239,44 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         other => return Err(format!("unknown mode {other}").into()),
     }
+    Ok(())
+}
+
+/// Writes the start of a training run for another implementation (see the module doc).
+fn save_init(
+    dir: &std::path::Path,
+    spec: &str,
+    model: &mut pipe_train::Decoder,
+    adapter: &lora::Adapter,
+    data: &[Example],
+    s: &TrainSettings,
+) -> Result<(), Box<dyn std::error::Error>> {
+    std::fs::create_dir_all(dir)?;
+    let config = spec
+        .strip_prefix("random:")
+        .map(|r| {
+            r.rsplit_once(':').map_or(
+                r,
+                |(c, seed)| if seed.parse::<u64>().is_ok() { c } else { r },
+            )
+        })
+        .ok_or("--save-init takes a random:CONFIG.json[:SEED] model")?;
+    std::fs::copy(config, dir.join("config.json"))?;
+    let tensors = model.merged_tensors()?;
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    drop(tensors);
+    adapter.save(&dir.join("adapter"), spec)?;
+    let order = pipe_train::trainer::order(s.seed, 0, data.len());
+    let ids: Vec<&Vec<u32>> = order.iter().map(|&i| &data[i].ids).collect();
+    std::fs::write(dir.join("data.json"), serde_json::to_vec(&ids)?)?;
+    let o = &s.optimizer;
+    std::fs::write(
+        dir.join("train.json"),
+        serde_json::to_vec_pretty(&serde_json::json!({
+            "lr": o.lr, "beta1": o.beta1, "beta2": o.beta2, "eps": o.eps,
+            "weight_decay": o.weight_decay, "max_grad_norm": s.max_grad_norm,
+            "batch_size": s.batch_size, "steps": s.steps, "lr_schedule": "constant", "warmup_steps": 0,
+        }))?,
+    )?;
     Ok(())
 }

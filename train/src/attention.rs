@@ -7,7 +7,9 @@
 //! log-sum-exp (`P = exp(S − lse)`), then `dV += Pᵀ dO`, `dS = P ∘ (dO vᵀ − rowsum(dO ∘ O))`
 //! (times the soft-cap's derivative), `dQ += dS k · scale`, `dK += dSᵀ q · scale`. This is
 //! FlashAttention-2's recurrence; here it runs on the CPU in f32 and is the numerical twin
-//! the CUDA kernel is checked against. The mask is the decoder's additive `[b, q, t]` mask
+//! the CUDA kernel is checked against. [`ChunkedAttention`] is the same recurrence at the
+//! granularity of query chunks on the device's matmul (cuBLAS): the GPU trains with it,
+//! and the tiled kernel serves few-row calls (decoding). The mask is the decoder's additive `[b, q, t]` mask
 //! (padding, causality, sliding windows), shared by the heads.
 
 use std::sync::Arc;
@@ -486,6 +488,260 @@ mod gpu {
     }
 }
 
+/// Score values one chunk of [`chunked_attention`] holds at once (64 MB in f32).
+pub const CHUNK_BUDGET: usize = 16 << 20;
+
+/// Attention by query chunks on the device's matmul (cuBLAS on the GPU): the same
+/// `softmax(mask + cap(scale · q kᵀ)) v` as [`TiledAttention`], computed `chunk` query
+/// rows at a time with batched matmuls, a fused softmax and element-wise ops, so the
+/// scores of only one chunk exist (`[b, heads, chunk, t]`, at most [`CHUNK_BUDGET`]
+/// values). The backward recomputes each chunk's probabilities and writes
+/// `dV += Pᵀ dO`, `dS = P ∘ (dO Vᵀ − rowsum(P ∘ dO Vᵀ))` (times the soft-cap's
+/// derivative and the scale), `dQ = dS K`, `dK += dSᵀ Q` — FlashAttention's recurrence at
+/// the granularity of a chunk instead of a tile in registers. Matmuls run in the input
+/// dtype (bf16 on the GPU), scores, softmax and the K/V gradient sums in f32.
+/// Grouped-query heads are never copied: the `rep` query heads of a KV head are one
+/// `rep · chunk`-row matmul against it. This is what the GPU trains with; the tiled
+/// kernel serves few-row calls (decoding).
+#[derive(Debug, Clone)]
+pub struct ChunkedAttention {
+    /// Additive mask `[b, 1, s, t]` (f32), on the inputs' device.
+    pub mask: Tensor,
+    /// Factor on `q kᵀ`.
+    pub scale: f32,
+    /// Gemma 2's soft-capping of the scaled scores.
+    pub softcap: Option<f32>,
+    /// Query rows per chunk (0: from [`CHUNK_BUDGET`]).
+    pub chunk: usize,
+}
+
+/// One chunk's probabilities `[b, kvh, rep, c, t]` (f32) and, with a soft-cap, the
+/// `tanh` values its derivative needs.
+struct ChunkProbs {
+    p: Tensor,
+    tanh: Option<Tensor>,
+}
+
+impl ChunkedAttention {
+    fn rows(&self, b: usize, h: usize, s: usize, t: usize) -> usize {
+        let c = if self.chunk > 0 {
+            self.chunk
+        } else {
+            CHUNK_BUDGET / (b * h * t).max(1)
+        };
+        c.clamp(1, s.max(1))
+    }
+
+    /// `qc: [b, kvh, rep·c, d]` against `k: [b, kvh, t, d]`.
+    fn probs(
+        &self,
+        qc: &Tensor,
+        k: &Tensor,
+        mask: &Tensor,
+        rep: usize,
+    ) -> candle_core::Result<ChunkProbs> {
+        let (b, kvh, rc, _) = qc.dims4()?;
+        let t = k.dim(2)?;
+        let c = rc / rep;
+        let raw = qc
+            .matmul(&k.t()?)?
+            .to_dtype(candle_core::DType::F32)?
+            .reshape((b, kvh, rep, c, t))?;
+        let (z, tanh) = match self.softcap {
+            Some(cap) => {
+                let th = raw.affine((self.scale / cap) as f64, 0.0)?.tanh()?;
+                (th.affine(cap as f64, 0.0)?, Some(th))
+            }
+            None => (raw.affine(self.scale as f64, 0.0)?, None),
+        };
+        let z = z.broadcast_add(mask)?;
+        Ok(ChunkProbs {
+            p: candle_nn::ops::softmax_last_dim(&z)?,
+            tanh,
+        })
+    }
+
+    /// The chunks: (first row, rows, `[b, kvh, rep·c, d]` queries, `[b, 1, 1, c, t]` mask).
+    fn chunk_inputs(
+        &self,
+        q: &Tensor,
+        kvh: usize,
+    ) -> candle_core::Result<Vec<(usize, usize, Tensor, Tensor)>> {
+        let (b, h, s, d) = q.dims4()?;
+        let t = self.mask.dim(3)?;
+        let rep = h / kvh;
+        let q5 = q.reshape((b, kvh, rep, s, d))?;
+        let rows = self.rows(b, h, s, t);
+        (0..s)
+            .step_by(rows)
+            .map(|a| {
+                let c = rows.min(s - a);
+                let qc = q5
+                    .narrow(3, a, c)?
+                    .contiguous()?
+                    .reshape((b, kvh, rep * c, d))?;
+                let m = self.mask.narrow(2, a, c)?.reshape((b, 1, 1, c, t))?;
+                Ok((a, c, qc, m))
+            })
+            .collect()
+    }
+
+    /// The output, recording nothing.
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, h, s, d) = q.dims4()?;
+        let kvh = k.dim(1)?;
+        let rep = h / kvh;
+        let mut parts = Vec::new();
+        for (_, c, qc, m) in self.chunk_inputs(q, kvh)? {
+            let pr = self.probs(&qc, k, &m, rep)?;
+            let p =
+                pr.p.to_dtype(v.dtype())?
+                    .reshape((b, kvh, rep * c, k.dim(2)?))?;
+            parts.push(p.matmul(v)?.reshape((b, kvh, rep, c, d))?);
+        }
+        Tensor::cat(&parts, 3)?.reshape((b, h, s, d))
+    }
+
+    /// `(dq, dk, dv)` for the output gradient `dout`.
+    fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        dout: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        use candle_core::DType;
+        let (b, h, s, d) = q.dims4()?;
+        let (kvh, t) = (k.dim(1)?, k.dim(2)?);
+        let rep = h / kvh;
+        let dt = q.dtype();
+        let do5 = dout.reshape((b, kvh, rep, s, d))?;
+        let mut dk = Tensor::zeros((b, kvh, t, d), DType::F32, q.device())?;
+        let mut dv = dk.clone();
+        let mut dqs = Vec::new();
+        for (a, c, qc, m) in self.chunk_inputs(q, kvh)? {
+            let pr = self.probs(&qc, k, &m, rep)?;
+            let doc = do5
+                .narrow(3, a, c)?
+                .contiguous()?
+                .reshape((b, kvh, rep * c, d))?;
+            let p_dt = pr.p.to_dtype(dt)?.reshape((b, kvh, rep * c, t))?;
+            dv = (dv + p_dt.t()?.matmul(&doc)?.to_dtype(DType::F32)?)?;
+            let dp = doc
+                .matmul(&v.t()?)?
+                .to_dtype(DType::F32)?
+                .reshape((b, kvh, rep, c, t))?;
+            let rowdot = (&dp * &pr.p)?.sum_keepdim(4)?;
+            let dz = (&pr.p * dp.broadcast_sub(&rowdot)?)?;
+            let ds = match &pr.tanh {
+                Some(th) => (dz * (1.0 - th.sqr()?)?)?.affine(self.scale as f64, 0.0)?,
+                None => dz.affine(self.scale as f64, 0.0)?,
+            };
+            let ds = ds.to_dtype(dt)?.reshape((b, kvh, rep * c, t))?;
+            dqs.push(ds.matmul(k)?.reshape((b, kvh, rep, c, d))?);
+            dk = (dk + ds.t()?.matmul(&qc)?.to_dtype(DType::F32)?)?;
+        }
+        let dq = Tensor::cat(&dqs, 3)?.reshape((b, h, s, d))?;
+        Ok((dq, dk.to_dtype(dt)?, dv.to_dtype(dt)?))
+    }
+}
+
+/// Attaches [`ChunkedAttention`]'s backward to its output (computed beforehand without
+/// a graph): applied to `(q, k, v)` it returns `out`.
+struct ChunkedAttentionNode {
+    op: ChunkedAttention,
+    out: Tensor,
+}
+
+fn copy_out(out: &Tensor) -> candle_core::Result<candle_core::Storage> {
+    use candle_core::backend::BackendStorage;
+    let (st, l) = out.storage_and_layout();
+    match &*st {
+        candle_core::Storage::Cpu(c) => Ok(candle_core::Storage::Cpu(c.try_clone(l)?)),
+        #[cfg(feature = "cuda")]
+        candle_core::Storage::Cuda(c) => Ok(candle_core::Storage::Cuda(c.try_clone(l)?)),
+        #[allow(unreachable_patterns)]
+        _ => candle_core::bail!("chunked attention: unsupported device"),
+    }
+}
+
+impl CustomOp3 for ChunkedAttentionNode {
+    fn name(&self) -> &'static str {
+        "chunked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match copy_out(&self.out)? {
+            candle_core::Storage::Cpu(c) => Ok((c, self.out.shape().clone())),
+            _ => candle_core::bail!("chunked attention: output and inputs on different devices"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        match copy_out(&self.out)? {
+            candle_core::Storage::Cuda(c) => Ok((c, self.out.shape().clone())),
+            _ => candle_core::bail!("chunked attention: output and inputs on different devices"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk, dv) =
+            self.op
+                .backward(&q.detach(), &k.detach(), &v.detach(), &grad.detach())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// [`ChunkedAttention`] of `q: [b, heads, s, d]` over `k, v: [b, kv_heads, t, d]`,
+/// differentiable in `q`, `k`, `v`.
+pub fn chunked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    op: ChunkedAttention,
+) -> crate::error::Result<Tensor> {
+    let (b, h, s, _) = q.dims4()?;
+    let (bk, kvh, t, _) = k.dims4()?;
+    if bk != b || kvh == 0 || h % kvh != 0 || op.mask.dims() != [b, 1, s, t] {
+        return Err(crate::Error::Invalid(format!(
+            "chunked attention: q {:?}, k {:?}, mask {:?}",
+            q.shape(),
+            k.shape(),
+            op.mask.shape()
+        )));
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let out = op.forward(&q.detach(), &k.detach(), &v.detach())?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    Ok(q.apply_op3(&k, &v, ChunkedAttentionNode { op, out })?)
+}
+
 /// Attention of `q: [b, heads, s, d]` over `k, v: [b, kv_heads, t, d]` without the
 /// `[heads, s, t]` probabilities (see the module doc); differentiable in `q`, `k`, `v`.
 pub fn tiled_attention(
@@ -610,6 +866,76 @@ mod tests {
                 assert!(e < 1e-4, "{window:?} {softcap:?}: d{name} Δ {e}");
             }
         }
+    }
+
+    #[test]
+    fn chunked_attention_matches_composed_attention_and_its_gradients() {
+        // 70 queries in chunks of 16 (the last one 6 rows); 4 query heads on 2 KV heads.
+        let (b, h, kvh, s, d) = (2, 4, 2, 70, 8);
+        for (window, softcap) in [(None, None), (Some(9), None), (None, Some(2.0))] {
+            // The decoder's finite mask (-1e30), which the composed reference reads too.
+            let values: Vec<f32> = mask(b, s, window).iter().map(|&x| x.max(-1e30)).collect();
+            let reference_op = TiledAttention {
+                mask: Arc::new(values.clone()),
+                device_mask: None,
+                scale: 0.35,
+                softcap,
+            };
+            let op = ChunkedAttention {
+                mask: Tensor::from_vec(values, (b, 1, s, s), &Device::Cpu).unwrap(),
+                scale: 0.35,
+                softcap,
+                chunk: 16,
+            };
+            let (q, k, v) = (
+                rand(&[b, h, s, d], 1),
+                rand(&[b, kvh, s, d], 2),
+                rand(&[b, kvh, s, d], 3),
+            );
+            let w = rand(&[b, h, s, d], 4);
+            let chunked = chunked_attention(&q, &k, &v, op).unwrap();
+            // Rows that see no key (left padding) average every value under a finite
+            // mask, in both; they carry no loss in training, so compare the others.
+            let seen: Vec<f32> = reference_op
+                .mask
+                .chunks(s)
+                .map(|r| f32::from(r.iter().any(|&x| x > -1e29)))
+                .collect();
+            let seen = Tensor::from_vec(seen, (b, 1, s, 1), &Device::Cpu).unwrap();
+            let chunked_seen = chunked.broadcast_mul(&seen).unwrap();
+            let reference = composed(&q, &k, &v, &reference_op)
+                .broadcast_mul(&seen)
+                .unwrap();
+            let fwd = max_rel(&chunked_seen, &reference);
+            assert!(fwd < 1e-5, "{window:?} {softcap:?}: forward Δ {fwd}");
+            let loss = |o: &Tensor| (o * w.as_tensor()).unwrap().sum_all().unwrap();
+            let (gc, gr) = (
+                loss(&chunked_seen).backward().unwrap(),
+                loss(&reference).backward().unwrap(),
+            );
+            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (a, r) = (gc.get(var).unwrap(), gr.get(var).unwrap());
+                let e = max_rel(a, r);
+                assert!(e < 1e-4, "{window:?} {softcap:?}: d{name} Δ {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn chunks_follow_the_budget() {
+        let op = |chunk| ChunkedAttention {
+            mask: Tensor::zeros((1, 1, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            scale: 1.0,
+            softcap: None,
+            chunk,
+        };
+        // Qwen2.5-7B at seq 2048, batch 1: 28 heads × 2048 keys per query row.
+        let rows = op(0).rows(1, 28, 2048, 2048);
+        assert_eq!(rows, CHUNK_BUDGET / (28 * 2048));
+        assert!(rows * 28 * 2048 <= CHUNK_BUDGET);
+        assert_eq!(op(0).rows(1, 2, 10, 10), 10, "small inputs are one chunk");
+        assert_eq!(op(5).rows(4, 14, 2048, 2048), 5);
+        assert_eq!(op(0).rows(64, 64, 8, 1 << 20), 1, "at least one row");
     }
 
     #[test]

@@ -373,6 +373,10 @@ pub struct Decoder {
     activation: Activation,
     dtype: DType,
     device: Device,
+    /// Use [`crate::attention::ChunkedAttention`] on every device, with this many query
+    /// rows per chunk (0: by its budget); the GPU always does for calls with many rows.
+    /// Tests run the GPU's attention path on the CPU with it.
+    chunked_attention: Option<usize>,
 }
 
 impl Decoder {
@@ -531,7 +535,15 @@ impl Decoder {
             activation,
             dtype,
             device,
+            chunked_attention: None,
         })
+    }
+
+    /// Computes attention by query chunks of `rows` rows (0: by the budget;
+    /// [`crate::attention::ChunkedAttention`], what the GPU trains with) on any device,
+    /// instead of the device's default; `None` restores the default.
+    pub fn use_chunked_attention(&mut self, rows: Option<usize>) {
+        self.chunked_attention = rows;
     }
 
     /// The configuration.
@@ -679,7 +691,7 @@ impl Decoder {
             let values = Arc::new(keys.additive_values(s, window));
             // The fused CPU kernel reads the values; the GPU's tiled attention reads the
             // tensor (uploaded once per call, shared by the layers).
-            let tensor = if fused && !self.device.is_cuda() {
+            let tensor = if fused && !self.device.is_cuda() && self.chunked_attention.is_none() {
                 None
             } else {
                 Some(Tensor::from_vec(
@@ -799,7 +811,26 @@ impl Decoder {
             }
         };
         let o = match mask {
-            // On the GPU: tiled attention (no [heads, s, t] probabilities in memory).
+            // On the GPU, calls with many query rows (training, prefill): attention by
+            // query chunks on cuBLAS, recomputed in the backward (one chunk's scores in
+            // memory, never [heads, s, t]).
+            Some(mask)
+                if self.chunked_attention.is_some()
+                    || (self.device.is_cuda() && s > crate::linear::QUANTIZED_MAX_ROWS) =>
+            {
+                crate::attention::chunked_attention(
+                    &q,
+                    &k,
+                    &v,
+                    crate::attention::ChunkedAttention {
+                        mask: mask.clone(),
+                        scale: scale as f32,
+                        softcap: softcap.map(|c| c as f32),
+                        chunk: self.chunked_attention.unwrap_or(0),
+                    },
+                )?
+            }
+            // Few rows (decoding): the tiled kernel, one warp per query row.
             _ if self.device.is_cuda() => crate::attention::tiled_attention(
                 &q,
                 &k,

@@ -361,7 +361,7 @@ mod gpu {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{CudaStorage, DType, Storage, Tensor};
+    use candle_core::{CudaStorage, DType, Storage};
 
     /// The storage of a tensor that lives on the GPU.
     fn on_gpu<'a>(st: &'a Storage, what: &str) -> candle_core::Result<&'a CudaStorage> {
@@ -400,12 +400,11 @@ mod gpu {
         let n = w.rows * w.cols;
         let out: CudaSlice<T> = dev.alloc_zeros::<T>(n)?;
         let cfg = elements(n);
-        let guard = |t: &Tensor| t.storage_and_layout();
         let null = 0u64;
         match &w.parts {
             DeviceParts::Nf4 { packed, absmax } => {
-                let (ps, pl) = guard(packed);
-                let (as_, al) = guard(absmax);
+                let (ps, pl) = packed.storage_and_layout();
+                let (as_, al) = absmax.storage_and_layout();
                 let p = view::<u8>(on_gpu(&ps, "codes")?, pl, "nf4 codes")?;
                 let a = view::<f32>(on_gpu(&as_, "absmax")?, al, "nf4 absmax")?;
                 let f = func(&dev, &typed("nf4_dequant", dtype)?)?;
@@ -429,10 +428,10 @@ mod gpu {
                 absmax2,
                 offset,
             } => {
-                let (ps, pl) = guard(packed);
-                let (cs, cl) = guard(codes);
-                let (ds, dl) = guard(dmap);
-                let (a2s, a2l) = guard(absmax2);
+                let (ps, pl) = packed.storage_and_layout();
+                let (cs, cl) = codes.storage_and_layout();
+                let (ds, dl) = dmap.storage_and_layout();
+                let (a2s, a2l) = absmax2.storage_and_layout();
                 let p = view::<u8>(on_gpu(&ps, "codes")?, pl, "nf4 codes")?;
                 let c = view::<u8>(on_gpu(&cs, "absmax codes")?, cl, "nf4 absmax codes")?;
                 let d = view::<f32>(on_gpu(&ds, "map")?, dl, "nf4 map")?;
@@ -451,8 +450,8 @@ mod gpu {
                 unsafe { b.launch(cfg) }.w()?;
             }
             DeviceParts::Int8 { qs, scales } => {
-                let (qst, ql) = guard(qs);
-                let (sst, sl) = guard(scales);
+                let (qst, ql) = qs.storage_and_layout();
+                let (sst, sl) = scales.storage_and_layout();
                 let q = view::<u8>(on_gpu(&qst, "values")?, ql, "int8 values")?;
                 let sc = view::<f32>(on_gpu(&sst, "scales")?, sl, "int8 scales")?;
                 let f = func(&dev, &typed("q8_dequant", dtype)?)?;

@@ -157,7 +157,9 @@ pub fn evaluate(model: &Decoder, examples: &[Example], batch: usize, pad_id: u32
     Ok(sum / tokens as f64)
 }
 
-fn order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
+/// The order in which epoch `epoch` visits `n` training examples (0-based epochs):
+/// step `k` of the epoch takes the `k`-th `batch_size` of them.
+pub fn order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..n).collect();
     Rng::new(seed).fork(epoch + 1).shuffle(&mut idx);
     idx

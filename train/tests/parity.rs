@@ -120,7 +120,12 @@ fn check(arch: &str) {
 }
 
 fn check_with(arch: &str, tol: &Tol) {
+    check_case(arch, tol, None);
+}
+
+fn check_case(arch: &str, tol: &Tol, chunk_rows: Option<usize>) {
     let mut c = load(arch, tol.dtype);
+    c.model.use_chunked_attention(chunk_rows);
     let what = |w: &str| format!("{:?} {w}", tol.dtype);
     let base = c.model.forward(&c.ids, &c.keys).unwrap();
     let d = max_diff_valid(&base, &c.io["base_logits"], &c.keys);
@@ -235,5 +240,16 @@ fn every_family_in_bf16_stays_within_the_stated_tolerances() {
         "llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "phi3",
     ] {
         check_with(arch, &BF16);
+    }
+}
+
+#[test]
+fn every_family_matches_with_the_gpus_chunked_attention() {
+    // The attention the GPU trains with (query chunks on the matmul, recomputed in the
+    // backward), here on the CPU in chunks of 3 query rows: same f32 tolerances.
+    for arch in [
+        "llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "phi3",
+    ] {
+        check_case(arch, &F32, Some(3));
     }
 }

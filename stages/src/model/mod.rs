@@ -149,7 +149,7 @@ pub fn load_model(
     base: BaseQuant,
     double_quant: bool,
 ) -> Result<pipe_train::loader::Loaded, StageError> {
-    let (device, dtype) = device(dev, dtype)?;
+    let (device, dtype) = device(&ctx.device_for(dev), dtype)?;
     let spec = resolve_model(model, &ctx.workdir);
     ctx.progress(0, None, "loading model");
     let mut loaded = pipe_train::loader::load_with(&spec, dtype, &device, base, double_quant)
