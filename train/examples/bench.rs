@@ -11,10 +11,10 @@
 //! Prints one JSON object. `train` reports the loss of every timed step and its
 //! throughput from the second timed step on (the first one loads kernels). With
 //! `--save-init DIR` (and `--warmup 0`) it writes what another implementation needs to
-//! train the same thing from the same start (`scripts/bench/gpu.sh` gives it to PyTorch
-//! + PEFT): `DIR/model.safetensors` + `DIR/config.json` (the base, HF names, model
-//! dtype), `DIR/adapter/` (the initial LoRA in PEFT's format), `DIR/data.json` (token
-//! ids in the order the steps take them) and `DIR/train.json` (optimizer settings).
+//! train the same thing from the same start (`scripts/bench/gpu.sh` gives it to
+//! PyTorch and PEFT): `DIR/model.safetensors` and `DIR/config.json` (the base, HF names,
+//! model dtype), `DIR/adapter/` (the initial LoRA in PEFT's format), `DIR/data.json`
+//! (token ids in the order the steps take them) and `DIR/train.json` (optimizer settings).
 
 use pipe_train::data::Example;
 use pipe_train::generate::{generate, Sampling};
