@@ -247,16 +247,23 @@ pub struct StageContext {
     pub gpus: Vec<u32>,
 }
 
+/// `device` for a stage given `gpus` (see [`StageContext::device_for`]).
+fn device_on(device: &str, gpus: &[u32]) -> String {
+    // `auto` means the CPU in a build without CUDA, GPUs or not.
+    let gpu = device == "cuda" || (device == "auto" && cfg!(feature = "cuda"));
+    match gpus.first() {
+        Some(g) if gpu => format!("cuda:{g}"),
+        _ => device.to_string(),
+    }
+}
+
 impl StageContext {
-    /// The device a model stage runs on for its `device` param: `cuda` and `auto` become
-    /// the first GPU the engine gave the stage (so stages holding `gpu: 1` each get their
+    /// The device a model stage runs on for its `device` param: `cuda` (and `auto` in a
+    /// CUDA build) become the first GPU the engine gave the stage (so stages holding `gpu: 1` each get their
     /// own); an explicit `cuda:N` or `cpu` is kept. pipe-train trains on one GPU: a stage
     /// given several uses the first.
     pub fn device_for(&self, device: &str) -> String {
-        match (device, self.gpus.first()) {
-            ("cuda" | "auto", Some(g)) => format!("cuda:{g}"),
-            _ => device.to_string(),
-        }
+        device_on(device, &self.gpus)
     }
 
     /// `CUDA_VISIBLE_DEVICES` for a subprocess holding this stage's GPUs: their ids in
@@ -316,5 +323,20 @@ impl StageContext {
     /// Writes one line to the stage log.
     pub fn log(&self, line: &str) {
         self.reporter.log(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_stages_run_on_the_gpu_the_engine_gave_them() {
+        assert_eq!(device_on("cuda", &[1]), "cuda:1");
+        let auto = if cfg!(feature = "cuda") { "cuda:2" } else { "auto" };
+        assert_eq!(device_on("auto", &[2, 3]), auto);
+        assert_eq!(device_on("cuda", &[]), "cuda");
+        assert_eq!(device_on("cuda:0", &[1]), "cuda:0", "an explicit GPU is kept");
+        assert_eq!(device_on("cpu", &[1]), "cpu");
     }
 }

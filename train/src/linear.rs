@@ -301,7 +301,7 @@ impl Linear {
                 shaped(q.matmul(&xs, rows), q.rows())?
             }
             (_, Some(p)) => {
-                let direct = if few {
+                let direct = if few && p.device_packed().is_none() {
                     p.matmul_rows(&x.flatten_all()?.to_vec1::<f32>()?, rows)
                 } else {
                     None

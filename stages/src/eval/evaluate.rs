@@ -148,7 +148,7 @@ impl Stage for EvaluateStage {
                 &ctx.workdir,
                 adapter.as_deref(),
                 &crate::model::LoadOptions {
-                    device: p.device.clone(),
+                    device: ctx.device_for(&p.device),
                     dtype: p.dtype.clone(),
                     base: p.quantize,
                     double_quant: p.double_quant,

@@ -1,8 +1,6 @@
 //! The `local` backend: a model pipe-train loads, asked in batches of
 //! `batch_size` (GGUF and float models decode with Q8_0 weight copies on CPU).
 
-use std::path::Path;
-
 use super::{Ask, AskError, Backend, Budget, OracleSpec};
 use crate::contract::{CancelToken, StageError};
 use crate::model::chat::{ChatModel, ChatRequest, Completion};
@@ -14,10 +12,12 @@ pub struct LocalBackend {
 }
 
 impl LocalBackend {
-    /// Loads the spec's model.
-    pub fn load(spec: &OracleSpec, workdir: &Path) -> Result<LocalBackend, StageError> {
+    /// Loads the spec's model, on the stage's GPU for `device: cuda` (see
+    /// [`crate::StageContext::device_for`]).
+    pub fn load(spec: &OracleSpec, ctx: &crate::StageContext) -> Result<LocalBackend, StageError> {
+        let workdir = ctx.workdir.as_path();
         let opts = crate::model::LoadOptions {
-            device: spec.device.clone(),
+            device: ctx.device_for(&spec.device),
             dtype: spec.dtype.clone(),
             base: spec.quantize,
             double_quant: spec.double_quant,

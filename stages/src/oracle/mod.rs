@@ -151,7 +151,7 @@ impl Oracle {
         let backend: Box<dyn Backend> = match spec.backend {
             BackendKind::Local => {
                 ctx.progress(0, None, "loading the oracle model");
-                Box::new(local::LocalBackend::load(spec, &ctx.workdir)?)
+                Box::new(local::LocalBackend::load(spec, ctx)?)
             }
             BackendKind::Openai => Box::new(openai::OpenAiBackend::new(spec)?),
         };

@@ -232,7 +232,7 @@ impl Stage for PrefsGenerateStage {
                 &ctx.workdir,
                 adapter_dir,
                 &crate::model::LoadOptions {
-                    device: p.device.clone(),
+                    device: ctx.device_for(&p.device),
                     dtype: p.dtype.clone(),
                     base: p.quantize,
                     double_quant: p.double_quant,
