@@ -51,6 +51,16 @@ if [ -d dist/gpu/python ]; then
   export PYTHONPATH="$root/dist/gpu/python${PYTHONPATH:+:$PYTHONPATH}"
 fi
 py="${PIPE_GPU_PYTHON:-python3}"
+# cuBLAS, cuRAND and NVRTC of the SONAMEs the binaries link: torch's CUDA 13 wheels ship
+# them in site-packages/nvidia/cu13/lib (the driver's libcuda is on the system path).
+nvlib="$("$py" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2> /dev/null || true)"
+if [ -n "$nvlib" ] && [ -d "$nvlib" ]; then
+  export LD_LIBRARY_PATH="$nvlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+for b in "$bin"/*; do
+  missing="$(ldd "$b" 2> /dev/null | grep 'not found' | tr -s ' \t\n' ' ')"
+  [ -n "$missing" ] && log "$(basename "$b"): missing libraries: $missing"
+done
 {
   command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   "$py" -c 'import torch, transformers, peft; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "peft", peft.__version__)'
