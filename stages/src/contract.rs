@@ -333,10 +333,18 @@ mod tests {
     #[test]
     fn model_stages_run_on_the_gpu_the_engine_gave_them() {
         assert_eq!(device_on("cuda", &[1]), "cuda:1");
-        let auto = if cfg!(feature = "cuda") { "cuda:2" } else { "auto" };
+        let auto = if cfg!(feature = "cuda") {
+            "cuda:2"
+        } else {
+            "auto"
+        };
         assert_eq!(device_on("auto", &[2, 3]), auto);
         assert_eq!(device_on("cuda", &[]), "cuda");
-        assert_eq!(device_on("cuda:0", &[1]), "cuda:0", "an explicit GPU is kept");
+        assert_eq!(
+            device_on("cuda:0", &[1]),
+            "cuda:0",
+            "an explicit GPU is kept"
+        );
         assert_eq!(device_on("cpu", &[1]), "cpu");
     }
 }

@@ -140,7 +140,7 @@ impl Stage for EvaluateStage {
             runs.push(("base", None));
         }
         let mut per_model: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
-        let mut reliability: Vec<Vec<(f64, bool)>> = Vec::new();
+        let mut reliability: Vec<(String, Vec<(f64, bool)>)> = Vec::new();
         let mut predictions = String::new();
         for (name, adapter) in &runs {
             let model = ChatModel::load(
@@ -165,7 +165,7 @@ impl Stage for EvaluateStage {
                 );
                 predictions.push('\n');
             }
-            reliability.push(scored.confidence.clone());
+            reliability.push((name.to_string(), scored.confidence.clone()));
             per_model.insert(name.to_string(), scored.metrics);
         }
         let dir = ctx.out_dir.join("report");
@@ -436,7 +436,7 @@ fn markdown(
     n: usize,
 ) -> String {
     use std::fmt::Write;
-    let mut s = format!("# evaluation on {n} test items\n\n![reliability](reliability.png) (blue: first model, orange: second; the diagonal is perfect calibration)\n\n");
+    let mut s = format!("# evaluation on {n} test items\n\n![reliability](reliability.png) (accuracy per confidence bin for each model; the diagonal is perfect calibration)\n\n");
     let names: Vec<&String> = per_model.keys().collect();
     let _ = writeln!(
         s,

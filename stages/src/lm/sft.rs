@@ -275,6 +275,7 @@ impl Stage for SftStage {
                 OutputDecl::staged("adapter", "adapter"),
                 OutputDecl::staged("metrics", "metrics.jsonl"),
                 OutputDecl::staged("curve", "loss_curve.png"),
+                OutputDecl::staged("curve_svg", "loss_curve.svg"),
             ],
             ..Signature::default()
         })

@@ -276,6 +276,7 @@ impl Stage for RewardTrainStage {
             outputs: vec![
                 OutputDecl::staged("head", "head"),
                 OutputDecl::staged("metrics", "metrics.jsonl"),
+                OutputDecl::staged("figures", "figures"),
             ],
             ..Signature::default()
         })
@@ -450,6 +451,35 @@ impl Stage for RewardTrainStage {
         })
         .map_err(crate::model::failed("training the head"))?;
         let best = evaluate(&head);
+        let figures = ctx.out_dir.join("figures");
+        std::fs::create_dir_all(&figures).map_err(StageError::io("creating figures/"))?;
+        let margins: Vec<f64> = eval_idx
+            .iter()
+            .map(|&i| {
+                let (c, r) = pair_ix[i];
+                reward(&head, c) - reward(&head, r)
+            })
+            .collect();
+        crate::figure::Figure::Histogram {
+            title: format!(
+                "Held-out reward margins ({} pairs; > 0 ranks the chosen answer first)",
+                margins.len()
+            ),
+            x: "r(chosen) − r(rejected)".into(),
+            series: vec![("held-out pairs".into(), margins)],
+            bins: 20,
+        }
+        .save(&figures.join("margins.png"))
+        .map_err(StageError::io("writing figures/margins.png"))?;
+        let loss_pts: Vec<(f64, f64)> = losses.iter().map(|(s, l)| (*s as f64, *l)).collect();
+        crate::figure::Figure::Lines {
+            title: "Reward head training loss".into(),
+            x: "optimizer step".into(),
+            y: "pairwise logistic loss".into(),
+            series: vec![("train loss".into(), loss_pts)],
+        }
+        .save(&figures.join("loss_curve.png"))
+        .map_err(StageError::io("writing figures/loss_curve.png"))?;
         let mut lines = String::new();
         for (step, loss) in &losses {
             lines.push_str(&json!({"step": step, "loss": loss}).to_string());
