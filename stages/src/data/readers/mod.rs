@@ -223,6 +223,19 @@ mod tests {
         assert!(popqa(Path::new("p.tsv"), "id\tq\n")
             .unwrap_err()
             .contains("p.tsv:1: the header has no `question` column"));
+        // The official file's quoting: list cells CSV-quoted with doubled quotes; a
+        // quoted cell may hold a tab.
+        let official = "id\tsubj\tprop\tquestion\ts_aliases\tpossible_answers\n\
+4222362\tGeorge Rankin\toccupation\tWhat is George Rankin's occupation?\t\"[\"\"George James Rankin\"\"]\"\t\"[\"\"politician\"\", \"\"political leader\"\"]\"\n\
+1\tA\tb\t\"What is \tA?\"\t[]\t\"[\"\"x\"\"]\"\n";
+        let r = popqa(Path::new("popQA.tsv"), official).unwrap();
+        assert!(r.rejects.is_empty(), "{:?}", r.rejects);
+        assert_eq!(r.records[0].id, "popqa-4222362");
+        assert_eq!(r.records[0].answers, vec!["politician", "political leader"]);
+        assert_eq!(r.records[1].question, "What is \tA?");
+        assert!(popqa(Path::new("x.jsonl"), "{\"id\": 1}\n")
+            .unwrap_err()
+            .contains("x.jsonl:1: not a tab-separated file"));
 
         let fields = HashMap::from([
             ("question".to_string(), "q".to_string()),
