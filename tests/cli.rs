@@ -1349,6 +1349,70 @@ fn build_data_reads_every_format_with_rejects_and_clean_negatives() {
 }
 
 #[test]
+fn parquet_sources_and_records_read_like_their_jsonl() {
+    // Fixtures from scripts/reference/make_parquet_fixtures.py (pyarrow): the bundled
+    // NQ-Open dev file as snappy Parquet, and records with list and struct columns as
+    // zstd Parquet in two row groups next to their JSONL.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let fx = root.join("tests/fixtures/parquet");
+    let p = Project::new();
+    for f in ["nq_open.parquet", "generic.parquet", "generic.jsonl"] {
+        std::fs::copy(fx.join(f), p.join(f)).unwrap();
+    }
+    std::fs::copy(
+        root.join("examples/data/raw/NQ-open.dev.jsonl"),
+        p.join("nq.jsonl"),
+    )
+    .unwrap();
+    let stage = |name: &str, source: &str| {
+        format!("  {name}:\n    uses: build_data\n    with:\n      sources: [{source}]\n      max_reject_rate: 0.5\n")
+    };
+    let generic = |path: &str| {
+        format!("{{format: jsonl, name: g, path: {path}, fields: {{id: qid, question: q, answers: golds}}}}")
+    };
+    p.file(
+        "p.yaml",
+        &format!(
+            "stages:\n{}{}{}{}  split:\n    uses: split\n    inputs: {{records: data.data}}\n    with: {{ratios: {{train: 0.5, val: 0.5}}}}\n  data:\n    run: cp generic.parquet data.parquet\n    deps: [generic.parquet]\n    outs: [data.parquet]\n",
+            stage("nq_jsonl", "{format: nq_open, path: nq.jsonl}"),
+            stage("nq_parquet", "{format: nq_open, path: nq_open.parquet}"),
+            stage("g_jsonl", &generic("generic.jsonl")),
+            stage("g_parquet", &generic("generic.parquet")),
+        ),
+    );
+    p.ok(&["run", "p.yaml", "--no-progress"]);
+    let output = |stage: &str, out: &str| {
+        let show: serde_json::Value =
+            serde_json::from_str(&p.ok(&["show", stage, "--json"]).stdout).unwrap();
+        std::fs::read_to_string(p.join(show["outputs"][out]["path"].as_str().unwrap())).unwrap()
+    };
+    let nq = output("nq_jsonl", "records");
+    assert_eq!(nq.lines().count(), 2, "{nq}");
+    assert_eq!(output("nq_parquet", "records"), nq);
+    // The same record is rejected for the same reason (a null cell is a missing field).
+    let reason = |r: &str| -> Vec<String> {
+        r.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["reason"].to_string())
+            .collect()
+    };
+    assert_eq!(
+        reason(&output("nq_parquet", "rejects")),
+        reason(&output("nq_jsonl", "rejects"))
+    );
+    assert_eq!(output("g_parquet", "records"), output("g_jsonl", "records"));
+    // Stages that take records read Parquet too: struct and list columns come through.
+    let split = output("split", "train") + &output("split", "val");
+    let rows: Vec<serde_json::Value> = split
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    let g0 = rows.iter().find(|r| r["qid"] == "g0").unwrap();
+    assert_eq!(g0["meta"]["n_answers"], 3);
+    assert_eq!(g0["golds"][1], "J. S. Bach");
+}
+
+#[test]
 fn build_data_enforces_pins_and_the_reject_rate() {
     let p = Project::new();
     p.file(

@@ -132,6 +132,10 @@ fn read_text(path: &Path) -> Result<(String, String), StageError> {
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .map_err(StageError::io(format!("reading {}", path.display())))?;
     let digest = format!("{:x}", Sha256::digest(&bytes));
+    if crate::records::is_parquet(&bytes) {
+        // Parquet rows become JSON lines; the JSONL readers take them as they are.
+        return Ok((crate::records::parquet_as_jsonl(path)?, digest));
+    }
     let text = String::from_utf8(bytes)
         .map_err(|e| StageError::Failed(format!("{}: not UTF-8: {e}", path.display())))?;
     Ok((text, digest))

@@ -112,10 +112,23 @@ impl Stage for SplitStage {
         let p: SplitParams = parse_params(&ctx.params)?;
         p.validate()?;
         let path = ctx.input("records")?;
+        let mut records = Vec::new();
+        let parquet = crate::records::is_parquet_file(path)?;
+        if parquet {
+            // Parquet rows are written out as JSON lines.
+            for value in crate::records::read_parquet(path)? {
+                let line = value.to_string();
+                records.push(Record::new(&p, value, line));
+            }
+        }
         let file =
             File::open(path).map_err(StageError::io(format!("opening {}", path.display())))?;
-        let mut records = Vec::new();
-        for (i, line) in BufReader::new(file).lines().enumerate() {
+        let lines = if !parquet {
+            BufReader::new(file).lines().collect::<Vec<_>>()
+        } else {
+            Vec::new()
+        };
+        for (i, line) in lines.into_iter().enumerate() {
             let line = line.map_err(StageError::io(format!("reading {}", path.display())))?;
             if line.trim().is_empty() {
                 continue;
