@@ -194,12 +194,9 @@ impl CustomOp3 for CrossEntropyGrad {
 }
 
 #[cfg(feature = "cuda")]
-#[allow(unsafe_code)] // kernel launches are FFI calls
 mod gpu {
-    use crate::kernels::gpu::{func, rows, view};
+    use crate::kernels::gpu::{launch, rows, view};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-    use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, Layout};
 
     type In<'a> = (&'a CudaStorage, &'a Layout);
@@ -214,16 +211,8 @@ mod gpu {
         let x = view::<f32>(s, l, "cross-entropy logits")?;
         let targets = dev.clone_htod(op.targets.as_slice())?;
         let nll = dev.alloc_zeros::<f32>(n)?;
-        let f = func(&dev, "cross_entropy_fwd")?;
-        let mut b = f.builder();
         let (vv, cap) = (v as i32, op.softcap.unwrap_or(0.0));
-        b.arg(&x);
-        b.arg(&targets);
-        b.arg(&nll);
-        b.arg(&vv);
-        b.arg(&cap);
-        // SAFETY: argument types and count match the kernel's signature.
-        unsafe { b.launch(rows(n, v)?) }.w()?;
+        launch!(&dev, "cross_entropy_fwd", rows(n, v)?; &x, &targets, &nll, &vv, &cap);
         Ok(CudaStorage::wrap_cuda_slice(nll, dev))
     }
 
@@ -241,18 +230,8 @@ mod gpu {
         let g = view::<f32>(s3, l3, "cross-entropy gradient")?;
         let targets = dev.clone_htod(op.targets.as_slice())?;
         let dx = dev.alloc_zeros::<f32>(n * v)?;
-        let f = func(&dev, "cross_entropy_bwd")?;
-        let mut b = f.builder();
         let (vv, cap) = (v as i32, op.softcap.unwrap_or(0.0));
-        b.arg(&x);
-        b.arg(&targets);
-        b.arg(&nll);
-        b.arg(&g);
-        b.arg(&dx);
-        b.arg(&vv);
-        b.arg(&cap);
-        // SAFETY: argument types and count match the kernel's signature.
-        unsafe { b.launch(rows(n, v)?) }.w()?;
+        launch!(&dev, "cross_entropy_bwd", rows(n, v)?; &x, &targets, &nll, &g, &dx, &vv, &cap);
         Ok(CudaStorage::wrap_cuda_slice(dx, dev))
     }
 }

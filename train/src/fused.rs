@@ -538,13 +538,12 @@ impl CustomOp3 for GluGrad {
 }
 
 #[cfg(feature = "cuda")]
-#[allow(unsafe_code)] // kernel launches are FFI calls
 mod gpu {
     //! Launches of the RMSNorm, RoPE and gated-MLP kernels of `train/kernels/ops.cu`.
-    use crate::kernels::gpu::{elements, func, rows, typed, view};
+    use crate::kernels::gpu::{elements, launch, rows, typed, view};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg, ValidAsZeroBits};
-    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+    use candle_core::cuda_backend::CudaDType;
     use candle_core::{CudaStorage, DType, Layout};
 
     type In<'a> = (&'a CudaStorage, &'a Layout);
@@ -581,17 +580,9 @@ mod gpu {
                 view::<f32>(sw, lw, "rms norm weight")?,
             );
             let y = dev.alloc_zeros::<T>(n * d)?;
-            let f = func(&dev, &typed("rms_norm_fwd", sx.dtype())?)?;
-            let mut b = f.builder();
             let (dd, eps, round) = (d as i32, op.eps, op.round_first as i32);
-            b.arg(&x);
-            b.arg(&w);
-            b.arg(&y);
-            b.arg(&dd);
-            b.arg(&eps);
-            b.arg(&round);
-            // SAFETY: argument types and count match the kernel's signature.
-            unsafe { b.launch(rows(n, d)?) }.w()?;
+            let name = typed("rms_norm_fwd", sx.dtype())?;
+            launch!(&dev, &name, rows(n, d)?; &x, &w, &y, &dd, &eps, &round);
             Ok(CudaStorage::wrap_cuda_slice(y, dev))
         }
         by_dtype!(x.0.dtype(), go(op, x, w))
@@ -610,17 +601,9 @@ mod gpu {
             let w = view::<f32>(sw, lw, "rms norm backward weight")?;
             let g = view::<T>(sg, lg, "rms norm backward gradient")?;
             let dx = dev.alloc_zeros::<T>(n * d)?;
-            let f = func(&dev, &typed("rms_norm_bwd", sx.dtype())?)?;
-            let mut b = f.builder();
             let dd = d as i32;
-            b.arg(&x);
-            b.arg(&w);
-            b.arg(&g);
-            b.arg(&dx);
-            b.arg(&dd);
-            b.arg(&eps);
-            // SAFETY: argument types and count match the kernel's signature.
-            unsafe { b.launch(rows(n, d)?) }.w()?;
+            let name = typed("rms_norm_bwd", sx.dtype())?;
+            launch!(&dev, &name, rows(n, d)?; &x, &w, &g, &dx, &dd, &eps);
             Ok(CudaStorage::wrap_cuda_slice(dx, dev))
         }
         by_dtype!(x.0.dtype(), go(eps, x, w, dy))
@@ -647,19 +630,9 @@ mod gpu {
                 view::<f32>(ss, ls, "rope sin")?,
             );
             let y = dev.alloc_zeros::<T>(bb * h * s * d)?;
-            let f = func(&dev, &typed("rope", sx.dtype())?)?;
-            let mut b = f.builder();
-            let ints = [bb, h, s, d].map(|v| v as i32);
-            b.arg(&x);
-            b.arg(&c);
-            b.arg(&sn);
-            b.arg(&y);
-            for v in &ints {
-                b.arg(v);
-            }
-            b.arg(&sign);
-            // SAFETY: argument types and count match the kernel's signature.
-            unsafe { b.launch(elements(bb * h * s * d / 2)) }.w()?;
+            let [ib, ih, is, id] = [bb, h, s, d].map(|v| v as i32);
+            let name = typed("rope", sx.dtype())?;
+            launch!(&dev, &name, elements(bb * h * s * d / 2); &x, &c, &sn, &y, &ib, &ih, &is, &id, &sign);
             Ok(CudaStorage::wrap_cuda_slice(y, dev))
         }
         by_dtype!(x.0.dtype(), go(sign, dims, x, cos, sin))
@@ -671,15 +644,8 @@ mod gpu {
             let n = lg.shape().elem_count();
             let (g, u) = (view::<T>(sg, lg, "glu gate")?, view::<T>(su, lu, "glu up")?);
             let y = dev.alloc_zeros::<T>(n)?;
-            let f = func(&dev, &typed("glu_fwd", sg.dtype())?)?;
-            let mut b = f.builder();
-            b.arg(&g);
-            b.arg(&u);
-            b.arg(&y);
-            b.arg(&n);
-            b.arg(&act);
-            // SAFETY: argument types and count match the kernel's signature.
-            unsafe { b.launch(elements(n)) }.w()?;
+            let name = typed("glu_fwd", sg.dtype())?;
+            launch!(&dev, &name, elements(n); &g, &u, &y, &n, &act);
             Ok(CudaStorage::wrap_cuda_slice(y, dev))
         }
         by_dtype!(g.0.dtype(), go(act, g, u))
@@ -698,16 +664,8 @@ mod gpu {
             let u = view::<T>(su, lu, "glu backward up")?;
             let dy = view::<T>(sd, ld, "glu backward gradient")?;
             let out = dev.alloc_zeros::<T>(2 * n)?;
-            let f = func(&dev, &typed("glu_bwd", sg.dtype())?)?;
-            let mut b = f.builder();
-            b.arg(&g);
-            b.arg(&u);
-            b.arg(&dy);
-            b.arg(&out);
-            b.arg(&n);
-            b.arg(&act);
-            // SAFETY: argument types and count match the kernel's signature.
-            unsafe { b.launch(elements(n)) }.w()?;
+            let name = typed("glu_bwd", sg.dtype())?;
+            launch!(&dev, &name, elements(n); &g, &u, &dy, &out, &n, &act);
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
         by_dtype!(g.0.dtype(), go(act, g, u, dy))

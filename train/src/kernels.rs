@@ -48,6 +48,24 @@ pub(crate) mod gpu {
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ops.ptx"));
     const MODULE: &str = "pipe_ops";
 
+    /// Launches kernel `$name` of `ops.ptx` on `$dev` with `$cfg`, pushing each argument
+    /// (named values: the launch borrows them) in the kernel's parameter order.
+    macro_rules! launch {
+        ($dev:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
+            use candle_core::cuda_backend::cudarc::driver::PushKernelArg as _;
+            use candle_core::cuda_backend::WrapErr as _;
+            let f = $crate::kernels::gpu::func($dev, $name)?;
+            let mut b = f.builder();
+            $( b.arg($arg); )*
+            // SAFETY: the call sites pass the kernel's parameters, in order, with the
+            // types its CUDA signature declares.
+            #[allow(unsafe_code)]
+            let launched = unsafe { b.launch($cfg) };
+            launched.w()?;
+        }};
+    }
+    pub(crate) use launch;
+
     /// The kernel `name` (loaded once per device).
     pub(crate) fn func(dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunc> {
         dev.get_or_load_custom_func(name, MODULE, PTX)

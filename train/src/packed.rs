@@ -250,21 +250,33 @@ fn gemm(
     Ok((out, Shape::from((m, n))))
 }
 
+/// `(m, width)` of a packed matmul's `[m, width]` input, checked against the weight: the
+/// width is `cols` forward, `rows` for the gradient of the backward.
+fn input_dims(w: &dyn PackedWeight, l: &Layout, grad: bool) -> candle_core::Result<(usize, usize)> {
+    let (rows, cols) = (w.rows(), w.cols());
+    let (m, k) = l.shape().dims2()?;
+    let (want, what) = if grad {
+        (rows, "matmul backward: gradient")
+    } else {
+        (cols, "matmul: input")
+    };
+    if k != want {
+        candle_core::bail!(
+            "{} {what} width {k} but weight is [{rows}, {cols}]",
+            w.kind()
+        )
+    }
+    Ok((m, k))
+}
+
 impl CustomOp1 for PackedMatmul {
     fn name(&self) -> &'static str {
         "packed-matmul"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, cols) = (self.w.rows(), self.w.cols());
-        let k = l.shape().dims2()?.1;
-        if k != cols {
-            candle_core::bail!(
-                "{} matmul: input width {k} but weight is [{rows}, {cols}]",
-                self.w.kind()
-            )
-        }
-        gemm(s, l, self.w.dequantize(), rows, true)
+        input_dims(self.w.as_ref(), l, false)?;
+        gemm(s, l, self.w.dequantize(), self.w.rows(), true)
     }
 
     #[cfg(feature = "cuda")]
@@ -274,13 +286,7 @@ impl CustomOp1 for PackedMatmul {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (rows, cols) = (self.w.rows(), self.w.cols());
-        let (m, k) = l.shape().dims2()?;
-        if k != cols {
-            candle_core::bail!(
-                "{} matmul: input width {k} but weight is [{rows}, {cols}]",
-                self.w.kind()
-            )
-        }
+        let (m, k) = input_dims(self.w.as_ref(), l, false)?;
         let w = gpu::dequantize(device_parts(&self.w)?, s)?;
         let lw = Layout::contiguous((rows, cols)).transpose(0, 1)?;
         Ok((
@@ -308,15 +314,8 @@ impl CustomOp1 for PackedMatmulInputGrad {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, cols) = (self.w.rows(), self.w.cols());
-        let n = l.shape().dims2()?.1;
-        if n != rows {
-            candle_core::bail!(
-                "{} matmul backward: gradient width {n} but weight is [{rows}, {cols}]",
-                self.w.kind()
-            )
-        }
-        gemm(s, l, self.w.dequantize(), cols, false)
+        input_dims(self.w.as_ref(), l, true)?;
+        gemm(s, l, self.w.dequantize(), self.w.cols(), false)
     }
 
     #[cfg(feature = "cuda")]
@@ -326,13 +325,7 @@ impl CustomOp1 for PackedMatmulInputGrad {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (rows, cols) = (self.w.rows(), self.w.cols());
-        let (m, n) = l.shape().dims2()?;
-        if n != rows {
-            candle_core::bail!(
-                "{} matmul backward: gradient width {n} but weight is [{rows}, {cols}]",
-                self.w.kind()
-            )
-        }
+        let (m, _) = input_dims(self.w.as_ref(), l, true)?;
         let w = gpu::dequantize(device_parts(&self.w)?, s)?;
         let lw = Layout::contiguous((rows, cols));
         Ok((
@@ -353,14 +346,13 @@ fn device_parts(w: &Arc<dyn PackedWeight>) -> candle_core::Result<&DevicePacked>
 }
 
 #[cfg(feature = "cuda")]
-#[allow(unsafe_code)] // kernel launches are FFI calls
 mod gpu {
     //! Dequantization of [`DevicePacked`] weights into a temporary GPU buffer.
     use super::{DevicePacked, DeviceParts};
-    use crate::kernels::gpu::{elements, func, typed, view};
+    use crate::kernels::gpu::{elements, launch, typed, view};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
-    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+    use candle_core::cuda_backend::CudaDType;
     use candle_core::{CudaStorage, DType, Storage};
 
     /// The storage of a tensor that lives on the GPU.
@@ -376,50 +368,34 @@ mod gpu {
         w: &DevicePacked,
         like: &CudaStorage,
     ) -> candle_core::Result<CudaStorage> {
-        let dtype = like.dtype();
-        match dtype {
-            DType::F32 => run::<f32>(w, like, dtype),
-            DType::BF16 => run::<half::bf16>(w, like, dtype),
+        match like.dtype() {
+            DType::F32 => run::<f32>(w, like),
+            DType::BF16 => run::<half::bf16>(w, like),
             other => {
                 candle_core::bail!("packed matmul on the GPU takes f32 or bf16, not {other:?}")
             }
         }
     }
 
-    fn run<T>(
+    fn run<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
         w: &DevicePacked,
         like: &CudaStorage,
-        dtype: DType,
-    ) -> candle_core::Result<CudaStorage>
-    where
-        T: CudaDType
-            + candle_core::cuda_backend::cudarc::driver::DeviceRepr
-            + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits,
-    {
+    ) -> candle_core::Result<CudaStorage> {
         let dev = like.device().clone();
         let n = w.rows * w.cols;
         let out: CudaSlice<T> = dev.alloc_zeros::<T>(n)?;
         let cfg = elements(n);
+        // Absent pointer arguments (the kernel tests them for null).
         let null = 0u64;
         match &w.parts {
             DeviceParts::Nf4 { packed, absmax } => {
                 let (ps, pl) = packed.storage_and_layout();
-                let (as_, al) = absmax.storage_and_layout();
+                let (a_s, al) = absmax.storage_and_layout();
                 let p = view::<u8>(on_gpu(&ps, "codes")?, pl, "nf4 codes")?;
-                let a = view::<f32>(on_gpu(&as_, "absmax")?, al, "nf4 absmax")?;
-                let f = func(&dev, &typed("nf4_dequant", dtype)?)?;
-                let mut b = f.builder();
+                let a = view::<f32>(on_gpu(&a_s, "absmax")?, al, "nf4 absmax")?;
                 let offset = 0f32;
-                b.arg(&p);
-                b.arg(&a);
-                b.arg(&null);
-                b.arg(&null);
-                b.arg(&null);
-                b.arg(&offset);
-                b.arg(&out);
-                b.arg(&n);
-                // SAFETY: argument types and count match the kernel's signature.
-                unsafe { b.launch(cfg) }.w()?;
+                let name = typed("nf4_dequant", like.dtype())?;
+                launch!(&dev, &name, cfg; &p, &a, &null, &null, &null, &offset, &out, &n);
             }
             DeviceParts::Nf4Nested {
                 packed,
@@ -436,32 +412,16 @@ mod gpu {
                 let c = view::<u8>(on_gpu(&cs, "absmax codes")?, cl, "nf4 absmax codes")?;
                 let d = view::<f32>(on_gpu(&ds, "map")?, dl, "nf4 map")?;
                 let a2 = view::<f32>(on_gpu(&a2s, "absmax")?, a2l, "nf4 nested absmax")?;
-                let f = func(&dev, &typed("nf4_dequant", dtype)?)?;
-                let mut b = f.builder();
-                b.arg(&p);
-                b.arg(&null);
-                b.arg(&c);
-                b.arg(&d);
-                b.arg(&a2);
-                b.arg(offset);
-                b.arg(&out);
-                b.arg(&n);
-                // SAFETY: argument types and count match the kernel's signature.
-                unsafe { b.launch(cfg) }.w()?;
+                let name = typed("nf4_dequant", like.dtype())?;
+                launch!(&dev, &name, cfg; &p, &null, &c, &d, &a2, offset, &out, &n);
             }
             DeviceParts::Int8 { qs, scales } => {
                 let (qst, ql) = qs.storage_and_layout();
                 let (sst, sl) = scales.storage_and_layout();
                 let q = view::<u8>(on_gpu(&qst, "values")?, ql, "int8 values")?;
                 let sc = view::<f32>(on_gpu(&sst, "scales")?, sl, "int8 scales")?;
-                let f = func(&dev, &typed("q8_dequant", dtype)?)?;
-                let mut b = f.builder();
-                b.arg(&q);
-                b.arg(&sc);
-                b.arg(&out);
-                b.arg(&n);
-                // SAFETY: argument types and count match the kernel's signature.
-                unsafe { b.launch(cfg) }.w()?;
+                let name = typed("q8_dequant", like.dtype())?;
+                launch!(&dev, &name, cfg; &q, &sc, &out, &n);
             }
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
