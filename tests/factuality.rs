@@ -43,6 +43,8 @@ stages:
     assert_eq!(report["models"]["base"]["em"], 0.0);
     let png = std::fs::read(p.join("report/reliability.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
+    assert!(p.read("report/reliability.svg").contains("Reliability"));
+    keep_figures(&p, "report", &["reliability.png"]);
     assert!(p.read("report/report.md").contains("parse_failure_rate"));
     let out = p.ok(&["run", "pipe.yaml", "--no-progress"]);
     assert_eq!(out.status_of("evaluate").as_deref(), Some("cached"));
@@ -212,4 +214,26 @@ stages:
     let header: Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
     assert_eq!(header["score.weight"]["shape"][0], 1);
     assert!(p.read("head/reward_config.json").contains("penalties"));
+    p.ok(&["export", "reward_train.figures", "figures"]);
+    for f in ["margins.png", "loss_curve.png"] {
+        assert_eq!(
+            &std::fs::read(p.join(&format!("figures/{f}"))).unwrap()[1..4],
+            b"PNG"
+        );
+    }
+    assert!(p
+        .read("figures/margins.svg")
+        .contains("Held-out reward margins (6 pairs"));
+    keep_figures(&p, "figures", &["margins.png", "loss_curve.png"]);
+}
+
+/// `PIPE_FIGURE_DIR=DIR` copies a test's figures there, to look at them.
+fn keep_figures(p: &Project, dir: &str, files: &[&str]) {
+    if let Some(out) = std::env::var_os("PIPE_FIGURE_DIR") {
+        let out = std::path::PathBuf::from(out);
+        std::fs::create_dir_all(&out).unwrap();
+        for f in files {
+            std::fs::copy(p.join(&format!("{dir}/{f}")), out.join(f)).unwrap();
+        }
+    }
 }

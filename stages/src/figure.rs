@@ -210,12 +210,13 @@ impl Figure {
             } => {
                 let bins = (*bins).max(1);
                 let (lo, hi) = bounds(series.iter().flat_map(|s| s.1.iter().copied()));
-                let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
-                let width = if hi > lo {
-                    (hi - lo) / bins as f64
-                } else {
-                    1.0
+                let (lo, hi) = match (lo.is_finite(), hi - lo > 1e-12) {
+                    (false, _) => (0.0, 1.0),
+                    // All values equal: one unit around them, not a range of zero.
+                    (true, false) => (lo - 0.5 * lo.abs().max(1.0), hi + 0.5 * hi.abs().max(1.0)),
+                    (true, true) => (lo, hi),
                 };
+                let width = (hi - lo) / bins as f64;
                 let counts: Vec<Vec<usize>> = series
                     .iter()
                     .map(|(_, v)| {
@@ -262,6 +263,13 @@ impl Figure {
                 mesh(&mut chart, "confidence", "accuracy")?;
                 let w = 1.0 / bins as f64;
                 let k = series.len().max(1) as f64;
+                if series.iter().all(|(_, items)| items.is_empty()) {
+                    chart.draw_series(std::iter::once(Text::new(
+                        "no item has a confidence (every output failed to parse?)",
+                        (0.22, 0.55),
+                        font(16),
+                    )))?;
+                }
                 for (si, (name, items)) in series.iter().enumerate() {
                     let c = COLORS[si % COLORS.len()];
                     let mut bars = Vec::new();
@@ -334,6 +342,7 @@ impl Figure {
             let mut enc = png::Encoder::new(&mut png_bytes, w, h);
             enc.set_color(png::ColorType::Rgb);
             enc.set_depth(png::BitDepth::Eight);
+            enc.set_compression(png::Compression::Best);
             let mut wr = enc.write_header().map_err(std::io::Error::other)?;
             wr.write_image_data(&rgb).map_err(std::io::Error::other)?;
         }
@@ -350,6 +359,16 @@ impl Figure {
 
 type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
+/// A tick value: integers without decimals (optimizer steps), others with at most three.
+fn tick(v: &f64) -> String {
+    if (v - v.round()).abs() < 1e-9 {
+        format!("{v:.0}")
+    } else {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
 fn mesh<'a, DB: DrawingBackend + 'a>(
     chart: &mut Chart<'a, DB>,
     x: &str,
@@ -359,6 +378,7 @@ fn mesh<'a, DB: DrawingBackend + 'a>(
         .configure_mesh()
         .x_desc(x)
         .y_desc(y)
+        .x_label_formatter(&tick)
         .label_style(font(14))
         .axis_desc_style(font(16))
         .light_line_style(BLACK.mix(0.06))
