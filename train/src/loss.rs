@@ -250,3 +250,50 @@ pub fn loss_and_grads(
     let value = value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     Ok((value, tokens, grads))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Architecture, Config};
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn chunked_lm_head_loss_equals_the_whole_logits_loss_and_gradient() {
+        for arch in [Architecture::Llama, Architecture::Gemma2] {
+            let cfg = Config::tiny(arch, 300);
+            let w = crate::weights::Weights::random(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+            let model = Decoder::new(&cfg, w).unwrap();
+            assert!(model.plain_lm_head().is_some());
+            let mut rng = Rng::new(5);
+            let (n, h) = (11, cfg.hidden_size);
+            let v: Vec<f32> = (0..n * h).map(|_| rng.normal() as f32).collect();
+            let hidden = Var::from_vec(v, (n, h), &Device::Cpu).unwrap();
+            let want: Vec<u32> = (0..n).map(|i| (i * 37 % 300) as u32).collect();
+            let run = |budget: usize| {
+                let nll = nll_rows(&model, hidden.as_tensor(), want.clone(), budget).unwrap();
+                let loss = nll.sum_all().unwrap();
+                let g = loss.backward().unwrap();
+                (
+                    nll.to_vec1::<f32>().unwrap(),
+                    g.get(hidden.as_tensor()).unwrap().clone(),
+                )
+            };
+            // One chunk (the plain graph) against chunks of 2 rows (forward without a
+            // graph, the backward recomputing each chunk's logits).
+            let (whole, gw) = run(usize::MAX);
+            let (chunked, gc) = run(2 * 300);
+            for (a, b) in whole.iter().zip(&chunked) {
+                assert!((a - b).abs() < 1e-5, "{arch:?}: {a} vs {b}");
+            }
+            let d = (gw - gc)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-6, "{arch:?}: hidden gradient differs by {d}");
+        }
+    }
+}
