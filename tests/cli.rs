@@ -1446,6 +1446,15 @@ fn build_data_enforces_pins_and_the_reject_rate() {
         "{}",
         out.stderr
     );
+    // A TSV under a JSONL format: one clear error instead of a reject per line.
+    p.file("nq.jsonl", "id\tquestion\n1\twho?\n2\twhat?\n");
+    let out = p.pipe(&["run", "p.yaml", "--no-progress"]);
+    assert!(
+        out.stderr
+            .contains("sources[0] nq.jsonl: not a `nq_open` file: none of its 3 lines is JSON"),
+        "{}",
+        out.stderr
+    );
     p.file("p.yaml", &yaml("").replace("nq_open", "nq_opn"));
     let out = p.pipe(&["check", "p.yaml"]);
     assert!(

@@ -209,6 +209,23 @@ impl Stage for BuildDataStage {
                     &s.fields,
                 ),
             };
+            // A file in another format than `format:` says: one error, not a reject per line.
+            if read.records.is_empty()
+                && !read.rejects.is_empty()
+                && read
+                    .rejects
+                    .iter()
+                    .all(|r| r.reason.starts_with("invalid JSON"))
+            {
+                return Err(StageError::Failed(format!(
+                    "sources[{i}] {}: not a `{}` file: none of its {} lines is JSON (line {}: {}); check `format:`",
+                    s.path,
+                    s.format,
+                    read.rejects.len(),
+                    read.rejects[0].at.rsplit(':').next().unwrap_or("1"),
+                    read.rejects[0].reason
+                )));
+            }
             let name = s.name.clone().unwrap_or_else(|| s.format.clone());
             metrics.insert(format!("source.{name}.records"), json!(read.records.len()));
             metrics.insert(format!("source.{name}.rejects"), json!(read.rejects.len()));
