@@ -286,14 +286,10 @@ mod tests {
             .unwrap()
             .backward()
             .unwrap();
-        let d = (ga.get(x.as_tensor()).unwrap() - gb.get(x.as_tensor()).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::testutil::max_diff(
+            ga.get(x.as_tensor()).unwrap(),
+            gb.get(x.as_tensor()).unwrap(),
+        );
         assert!(d < 1e-5, "gradient differs by {d}");
     }
 

@@ -684,16 +684,7 @@ mod tests {
         Var::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::testutil::max_diff;
 
     #[test]
     fn masked_softmax_matches_composed_ops_with_gradient() {

@@ -97,3 +97,21 @@ pub fn dtype(spec: &str, device: &candle_core::Device) -> Result<candle_core::DT
         ))),
     }
 }
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! Helpers the unit tests share.
+    use candle_core::Tensor;
+
+    /// max |a − b| over all elements.
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+}

@@ -285,14 +285,7 @@ mod tests {
             for (a, b) in whole.iter().zip(&chunked) {
                 assert!((a - b).abs() < 1e-5, "{arch:?}: {a} vs {b}");
             }
-            let d = (gw - gc)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::testutil::max_diff(&gw, &gc);
             assert!(d < 1e-6, "{arch:?}: hidden gradient differs by {d}");
         }
     }

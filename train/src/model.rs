@@ -183,8 +183,8 @@ impl Rope {
         })
     }
 
-    /// `cos`, `sin` of shape `[b, s, head/2]` on the host, for the fused kernel.
-    fn host_tables(&self, positions: &[f32]) -> (Arc<Vec<f32>>, Arc<Vec<f32>>) {
+    /// `cos`, `sin` of shape `[b, s, head/2]` on the host, for the fused kernels.
+    fn host_tables(&self, positions: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let mut cos = Vec::with_capacity(positions.len() * self.inv_host.len());
         let mut sin = Vec::with_capacity(cos.capacity());
         for &p in positions {
@@ -194,7 +194,7 @@ impl Rope {
                 sin.push(a.sin());
             }
         }
-        (Arc::new(cos), Arc::new(sin))
+        (cos, sin)
     }
 
     /// `cos`, `sin` of shape `[b, 1, s, head]` for positions `[b, s]`.
@@ -675,7 +675,7 @@ impl Decoder {
         let tables = if fused {
             let (cos, sin) = self.rope.host_tables(&positions);
             let half = cos.len() / (b * s).max(1);
-            let t = |v: Arc<Vec<f32>>| Tensor::from_vec(v.to_vec(), (b, s, half), &self.device);
+            let t = |v: Vec<f32>| Tensor::from_vec(v, (b, s, half), &self.device);
             Tables::Fused(t(cos)?, t(sin)?)
         } else {
             let (cos, sin) = self.rope.tables(&positions, b, s, self.dtype)?;
