@@ -36,6 +36,8 @@ pub enum Command {
     Runs(RunsArgs),
     /// Compare two runs: keys, params, metrics and records of JSONL outputs.
     Diff(DiffArgs),
+    /// Write a static HTML page comparing runs: DAG, params, metrics with deltas, curves.
+    Report(ReportArgs),
     /// Copy a stage output out of the store.
     Export(ExportArgs),
     /// Rehash every object in the store and quarantine corrupt ones.
@@ -208,6 +210,17 @@ pub struct DiffArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `pipe report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Runs (ids, id prefixes or names); the first is the baseline of the deltas. None: the
+    /// latest run.
+    pub runs: Vec<String>,
+    /// Folder to write `index.html` (and copies of small outputs) into.
+    #[arg(short = 'o', long = "output", default_value = "report")]
+    pub output: PathBuf,
 }
 
 /// `pipe export`.

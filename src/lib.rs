@@ -17,6 +17,7 @@ pub mod fingerprint;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;
+pub mod redact;
 pub mod store;
 
 pub use cli::Cli;

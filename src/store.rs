@@ -113,6 +113,12 @@ pub struct RunStage {
     /// Error message for failed or skipped stages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The stage kind (`sft`, `run`…), for pages drawn without the pipeline file.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
+    /// The stages it waits for (data and `needs:`), so the DAG can be drawn from the record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
 }
 
 /// A record of one `pipe run`.

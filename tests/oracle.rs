@@ -292,6 +292,31 @@ fn a_review_gate_stops_downstream_until_accepted_and_a_fail_never_passes() {
         md.contains("REVIEW") && md.contains("Worst disagreements") && md.contains("no idea"),
         "{md}"
     );
+    // `pipe report` of that run shows the decision, why, and links the gate's report.
+    p.ok(&["report", "-o", "page"]);
+    let html = p.read("page/index.html");
+    let at = html
+        .find("<section id=\"gates\">")
+        .expect("no gates section");
+    let gates = &html[at..at + html[at..].find("</section>").unwrap()];
+    let row = gates
+        .split("<tr ")
+        .find(|r| r.contains("data-stage=\"calibrate\""))
+        .expect("no calibrate gate row");
+    assert!(row.contains("class=\"gate review\">REVIEW<"), "{row}");
+    assert!(
+        row.contains("answer_f1"),
+        "the reason names the metric: {row}"
+    );
+    let href = row
+        .split("href=\"")
+        .nth(1)
+        .map(|h| &h[..h.find('"').unwrap()]);
+    let href = href.expect("the gate's report is linked");
+    assert!(href.ends_with("report.md"), "{href}");
+    assert!(p
+        .read(&format!("page/{href}"))
+        .contains("Worst disagreements"));
 
     // Accepting the calibration lets validate run; its REVIEW (same F1 band) stops
     // labelling until it is accepted too.

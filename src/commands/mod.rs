@@ -14,6 +14,7 @@ mod dag;
 mod diff;
 mod export;
 mod gc;
+mod report;
 mod run;
 mod runs;
 mod serve;
@@ -38,6 +39,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Show(args) => show::run(args, cache),
         Command::Runs(args) => runs::run(args, cache),
         Command::Diff(args) => diff::run(args, cache),
+        Command::Report(args) => report::run(args, cache),
         Command::Export(args) => export::run(args, cache),
         Command::Verify(args) => verify::run(args, cache),
         Command::Gc(args) => gc::run(args, cache),

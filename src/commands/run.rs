@@ -68,6 +68,8 @@ pub fn run(args: &RunArgs, cache: &Path, registry: &Registry, verbose: u8) -> an
                         status: StageStatus::Pending,
                         seconds: 0.0,
                         message: None,
+                        kind: s.kind.clone(),
+                        after: s.upstream().into_iter().map(str::to_owned).collect(),
                     },
                 )
             })
@@ -107,15 +109,18 @@ pub fn run(args: &RunArgs, cache: &Path, registry: &Registry, verbose: u8) -> an
             registry.clone(),
             options,
             move |name, r| {
-                record.stages.insert(
-                    name.to_owned(),
-                    RunStage {
-                        key: r.key.clone(),
-                        status: r.status,
-                        seconds: r.seconds,
-                        message: r.message.clone(),
-                    },
-                );
+                let line = record.stages.entry(name.to_owned()).or_insert(RunStage {
+                    key: None,
+                    status: StageStatus::Pending,
+                    seconds: 0.0,
+                    message: None,
+                    kind: String::new(),
+                    after: Vec::new(),
+                });
+                line.key = r.key.clone();
+                line.status = r.status;
+                line.seconds = r.seconds;
+                line.message = r.message.clone();
                 if r.status != StageStatus::Cached {
                     // Keep the on-disk run record current when real work finished.
                     let _ = store2.write_run(record);

@@ -141,7 +141,11 @@ impl Figure {
                 let (x0, x1) = padded(x0, x1);
                 let (y0, y1) = padded(y0, y1);
                 let mut chart = builder.build_cartesian_2d(x0..x1, y0..y1)?;
-                mesh(&mut chart, x, y)?;
+                let whole = series
+                    .iter()
+                    .flat_map(|s| s.1.iter())
+                    .all(|p| p.0.fract() == 0.0);
+                mesh(&mut chart, x, y, whole)?;
                 for (i, (name, pts)) in series.iter().enumerate() {
                     let c = COLORS[i % COLORS.len()];
                     let pts: Vec<(f64, f64)> =
@@ -260,7 +264,7 @@ impl Figure {
             Figure::Reliability { series, bins, .. } => {
                 let bins = (*bins).max(1);
                 let mut chart = builder.build_cartesian_2d(0f64..1f64, 0f64..1.1f64)?;
-                mesh(&mut chart, "confidence", "accuracy")?;
+                mesh(&mut chart, "confidence", "accuracy", false)?;
                 let w = 1.0 / bins as f64;
                 let k = series.len().max(1) as f64;
                 if series.iter().all(|(_, items)| items.is_empty()) {
@@ -347,13 +351,20 @@ impl Figure {
             wr.write_image_data(&rgb).map_err(std::io::Error::other)?;
         }
         crate::fsio::write_atomic(path, &png_bytes)?;
+        crate::fsio::write_atomic(&path.with_extension("svg"), self.svg()?.as_bytes())
+    }
+
+    /// The figure as an SVG document (what [`Figure::save`] writes beside the PNG), for
+    /// pages that inline it.
+    pub fn svg(&self) -> std::io::Result<String> {
+        register_font();
         let mut svg = String::new();
         {
             let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
             self.draw(&root)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
         }
-        crate::fsio::write_atomic(&path.with_extension("svg"), svg.as_bytes())
+        Ok(svg)
     }
 }
 
@@ -369,16 +380,25 @@ fn tick(v: &f64) -> String {
     }
 }
 
+/// Axes with their labels; `whole_x` (x values are steps or counts) labels only whole ticks.
 fn mesh<'a, DB: DrawingBackend + 'a>(
     chart: &mut Chart<'a, DB>,
     x: &str,
     y: &str,
+    whole_x: bool,
 ) -> DrawResult<DB> {
+    let x_tick = move |v: &f64| {
+        if whole_x && (v - v.round()).abs() > 1e-9 {
+            String::new()
+        } else {
+            tick(v)
+        }
+    };
     chart
         .configure_mesh()
         .x_desc(x)
         .y_desc(y)
-        .x_label_formatter(&tick)
+        .x_label_formatter(&x_tick)
         .label_style(font(14))
         .axis_desc_style(font(16))
         .light_line_style(BLACK.mix(0.06))
