@@ -135,6 +135,10 @@ pub struct RunArgs {
     /// (comma-separated stage names; a FAIL is never accepted).
     #[arg(long, value_delimiter = ',', value_name = "GATE")]
     pub accept: Vec<String>,
+    /// Track the run in MLflow: `--track mlflow=http://HOST:PORT` (and optionally
+    /// `--track experiment=NAME`); over the pipeline's `tracking:`.
+    #[arg(long = "track", value_name = "BACKEND=URI")]
+    pub track: Vec<String>,
 }
 
 /// `pipe status`.

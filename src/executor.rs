@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub echo_logs: bool,
     /// Gates whose REVIEW decision the run accepts (`--accept`).
     pub accept: Vec<String>,
+    /// Where stage runs are tracked (MLflow), when tracking is on.
+    pub tracker: Option<Arc<crate::tracking::Tracker>>,
 }
 
 /// How one stage ended in this execution.
@@ -128,6 +130,7 @@ pub struct Shared {
     bars: Bars,
     cancel: CancelToken,
     echo_logs: bool,
+    tracker: Option<Arc<crate::tracking::Tracker>>,
 }
 
 /// Output digests produced so far, by (stage, output).
@@ -194,6 +197,7 @@ pub async fn execute(
         bars: Bars::new(options.progress),
         cancel: options.cancel.clone(),
         echo_logs: options.echo_logs,
+        tracker: options.tracker.clone(),
     });
     let n = pipeline.stages.len();
     let needed = plan.needed();
@@ -391,6 +395,9 @@ fn process(
             return StageResult::fail(StageStatus::Failed, Some(rec.key.clone()), started, e);
         }
         let _ = shared.store.set_ref(&pipeline.name, &spec.name, &rec.key);
+        if let Some(t) = &shared.tracker {
+            t.cached(&spec.name, &spec.params, &rec, &shared.store);
+        }
         StageResult {
             status: StageStatus::Cached,
             key: Some(rec.key),
@@ -430,7 +437,20 @@ fn process(
     if let Ok(Some(rec)) = shared.store.complete_record(&key) {
         return hit(rec);
     }
-    match compute(shared, spec, &fp, upstream, started, gpus) {
+    let track = shared
+        .tracker
+        .as_ref()
+        .and_then(|t| t.stage(&spec.name, &spec.kind, &key, &spec.params));
+    let result = compute(shared, spec, &fp, upstream, started, gpus, track.clone());
+    if let Some(track) = &track {
+        let (status, rec) = match &result {
+            Ok(_) => (StageStatus::Ran, shared.store.record(&key).ok().flatten()),
+            Err(StageError::Cancelled) => (StageStatus::Cancelled, None),
+            Err(_) => (StageStatus::Failed, None),
+        };
+        track.finish(status, rec.as_ref(), &shared.store);
+    }
+    match result {
         Ok((outputs, gate)) => StageResult {
             status: StageStatus::Ran,
             key: Some(key),
@@ -456,6 +476,7 @@ fn compute(
     upstream: &Outputs,
     started: Instant,
     gpus: &[u32],
+    track: Option<Arc<crate::tracking::StageTrack>>,
 ) -> Result<(BTreeMap<String, ArtifactInfo>, Option<pipe_stages::Gate>), StageError> {
     let store = &shared.store;
     let pipeline = &shared.pipeline;
@@ -488,7 +509,8 @@ fn compute(
             shared.bars.stage(&spec.name),
             shared.echo_logs,
         )
-        .map_err(StageError::io("creating the stage log"))?,
+        .map_err(StageError::io("creating the stage log"))?
+        .with_track(track),
     );
     shared.bars.println(&format!(
         "running `{}` ({}){}",
@@ -668,6 +690,7 @@ impl Shared {
             bars: Bars::new(false),
             cancel: CancelToken::new(),
             echo_logs: false,
+            tracker: None,
         }
     }
 

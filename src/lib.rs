@@ -19,6 +19,7 @@ pub mod plan;
 pub mod progress;
 pub mod redact;
 pub mod store;
+pub mod tracking;
 
 pub use cli::Cli;
 

@@ -5,9 +5,10 @@
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::tracking::StageTrack;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pipe_stages::Reporter;
 
@@ -63,6 +64,8 @@ impl Bars {
 /// The reporter handed to one stage attempt.
 pub struct StageReporter {
     stage: String,
+    /// The stage's MLflow run, when the run is tracked.
+    track: Option<Arc<StageTrack>>,
     log: Mutex<BufWriter<File>>,
     bar: Option<ProgressBar>,
     echo: bool,
@@ -78,10 +81,17 @@ impl StageReporter {
     ) -> std::io::Result<Self> {
         Ok(StageReporter {
             stage: stage.to_owned(),
+            track: None,
             log: Mutex::new(BufWriter::new(File::create(log_path)?)),
             bar,
             echo,
         })
+    }
+
+    /// Sends the stage's step scalars to its tracked run.
+    pub fn with_track(mut self, track: Option<Arc<StageTrack>>) -> Self {
+        self.track = track;
+        self
     }
 
     /// Flushes the log and removes the bar.
@@ -116,6 +126,12 @@ impl Reporter for StageReporter {
         }
         if let Ok(mut log) = self.log.lock() {
             let _ = writeln!(log, "{line}");
+        }
+    }
+
+    fn scalars(&self, step: u64, values: &[(&str, f64)]) {
+        if let Some(t) = &self.track {
+            t.scalars(step, values);
         }
     }
 }

@@ -178,47 +178,15 @@ fn signed(f: f64) -> String {
     }
 }
 
-/// Dotted paths to leaves (arrays are leaves, shown as JSON).
-fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
-    match v {
-        Value::Object(map) if !map.is_empty() => {
-            for (k, x) in map {
-                let p = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                flatten(&p, x, out);
-            }
-        }
-        other => {
-            out.insert(prefix.to_string(), other.clone());
-        }
-    }
-}
-
 /// One training curve file: numeric columns against `step`.
 fn curves_of(path: &Path) -> BTreeMap<String, Vec<(f64, f64)>> {
     let mut cols: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return cols;
-    };
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        let Some(step) = v.get("step").and_then(Value::as_f64) else {
-            continue;
-        };
-        let mut flat = BTreeMap::new();
-        flatten("", &v, &mut flat);
-        for (k, x) in flat {
-            if k == "step" || k == "tokens_seen" {
-                continue;
-            }
-            if let Some(y) = x.as_f64().filter(|y| y.is_finite()) {
-                cols.entry(k).or_default().push((step, y));
-            }
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    for s in pipe_stages::scalars::from_jsonl(&text) {
+        if s.tag != "tokens_seen" {
+            cols.entry(s.tag)
+                .or_default()
+                .push((s.step as f64, s.value));
         }
     }
     cols.retain(|_, pts| pts.len() >= 2);
@@ -449,7 +417,7 @@ impl Page<'_> {
             .iter()
             .map(|v| {
                 let mut m = BTreeMap::new();
-                flatten("", &redact::redacted(&v.run.params), &mut m);
+                pipe_stages::scalars::flatten("", &redact::redacted(&v.run.params), &mut m);
                 m
             })
             .collect();

@@ -81,6 +81,16 @@ pub fn run(args: &RunArgs, cache: &Path, registry: &Registry, verbose: u8) -> an
         host: hostname(),
         pid: std::process::id(),
     };
+    let tracking =
+        crate::tracking::with_flags(pipeline.tracking.clone(), &args.track).map_err(UsageError)?;
+    let tracker = crate::tracking::Tracker::start(&tracking, &record)?;
+    if let (Some(t), Some(uri)) = (&tracker, &tracking.mlflow) {
+        eprintln!(
+            "tracking in MLflow at {} (parent run {})",
+            crate::tracking::shown_uri(uri),
+            t.parent_id()
+        );
+    }
     store.write_run(&record)?;
 
     let cancel = CancelToken::new();
@@ -95,6 +105,7 @@ pub fn run(args: &RunArgs, cache: &Path, registry: &Registry, verbose: u8) -> an
         progress: !args.no_progress,
         echo_logs: verbose > 0,
         accept: args.accept.clone(),
+        tracker: tracker.clone(),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -148,6 +159,9 @@ pub fn run(args: &RunArgs, cache: &Path, registry: &Registry, verbose: u8) -> an
     .into();
     record.finished = Some(executor::now_rfc3339());
     store.write_run(&record)?;
+    if let Some(t) = &tracker {
+        t.finish(&record.status);
+    }
 
     // End-of-run table, in pipeline order.
     let width = pipeline

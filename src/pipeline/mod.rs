@@ -43,6 +43,7 @@ const TOP_KEYS: &[&str] = &[
     "params",
     "profiles",
     "stages",
+    "tracking",
 ];
 const STAGE_KEYS: &[&str] = &[
     "uses",
@@ -186,6 +187,8 @@ pub struct Pipeline {
     pub profile: Option<String>,
     /// Stages in file order (expansions in place of their base).
     pub stages: Vec<StageSpec>,
+    /// `tracking:` (MLflow); `--track` can add or replace it.
+    pub tracking: crate::tracking::TrackingConfig,
 }
 
 impl Pipeline {
@@ -270,6 +273,7 @@ impl Pipeline {
                 .into())
             }
         };
+        let tracking = tracking_config(top.get("tracking"), &map)?;
         let params = resolve_params(
             top.get("params")
                 .cloned()
@@ -300,6 +304,7 @@ impl Pipeline {
             params,
             profile: options.profile.clone(),
             stages,
+            tracking,
         })
     }
 
@@ -338,6 +343,64 @@ fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// `tracking: {mlflow: URI, experiment: NAME}`.
+fn tracking_config(
+    value: Option<&Value>,
+    map: &SourceMap,
+) -> Result<crate::tracking::TrackingConfig, SpecError> {
+    let mut config = crate::tracking::TrackingConfig::default();
+    let Some(value) = value else {
+        return Ok(config);
+    };
+    let Value::Object(obj) = value else {
+        return Err(err(
+            map,
+            &["tracking"],
+            "expected `tracking:` to be a mapping like `{mlflow: http://127.0.0.1:5000, experiment: NAME}`",
+        ));
+    };
+    for (k, v) in obj {
+        let text = |what: &str| -> Result<String, SpecError> {
+            match v {
+                Value::String(s) if !s.is_empty() => Ok(s.clone()),
+                _ => Err(err(
+                    map,
+                    &["tracking", k.as_str()],
+                    format!("expected `{k}:` to be {what}"),
+                )),
+            }
+        };
+        match k.as_str() {
+            "mlflow" => {
+                let uri = text("the tracking server's URI, http://HOST:PORT")?;
+                if !(uri.starts_with("http://") || uri.starts_with("https://")) {
+                    return Err(err(
+                        map,
+                        &["tracking", "mlflow"],
+                        format!(
+                            "`{}` is not an http(s) URI; expected http://HOST:PORT",
+                            crate::tracking::shown_uri(&uri)
+                        ),
+                    ));
+                }
+                config.mlflow = Some(uri);
+            }
+            "experiment" => config.experiment = Some(text("an experiment name")?),
+            other => {
+                let help = pipe_stages::suggest(other, ["mlflow", "experiment"]);
+                return Err(SpecError {
+                    span: map.key(&["tracking", other]),
+                    message: format!(
+                        "unknown key `{other}` in `tracking:`; expected `mlflow` or `experiment`"
+                    ),
+                    help: help.map(|h| format!("did you mean `{h}`?")),
+                });
+            }
+        }
+    }
+    Ok(config)
 }
 
 fn err<S: AsRef<str>>(map: &SourceMap, path: &[S], message: impl Into<String>) -> SpecError {

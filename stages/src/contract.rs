@@ -216,6 +216,9 @@ pub trait Reporter: Send + Sync {
     fn progress(&self, done: u64, total: Option<u64>, message: &str);
     /// One line for the stage log.
     fn log(&self, line: &str);
+    /// Scalars of one training step (`loss`, `eval_loss`, `lr`…), as they happen, for
+    /// trackers (MLflow). The stage's `metrics` output stays the record of them.
+    fn scalars(&self, _step: u64, _values: &[(&str, f64)]) {}
 }
 
 /// Everything a stage sees while it runs.
@@ -323,6 +326,11 @@ impl StageContext {
     /// Writes one line to the stage log.
     pub fn log(&self, line: &str) {
         self.reporter.log(line);
+    }
+
+    /// Reports one step's scalars to whatever tracks the run (see [`Reporter::scalars`]).
+    pub fn scalars(&self, step: u64, values: &[(&str, f64)]) {
+        self.reporter.scalars(step, values);
     }
 }
 

@@ -34,6 +34,7 @@ pub mod model;
 pub mod oracle;
 pub mod prompt;
 pub mod records;
+pub mod scalars;
 pub mod task;
 
 pub mod data;

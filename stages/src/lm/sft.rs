@@ -50,6 +50,9 @@ impl Default for Schedule {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SftParams {
+    /// Also write the step scalars as TensorBoard event files (output `tensorboard`).
+    #[serde(default)]
+    tensorboard: bool,
     /// `tiny:ARCH[:SEED]`, a .gguf file, an HF folder or an HF repo id.
     model: String,
     #[serde(default)]
@@ -230,6 +233,17 @@ impl Observer for Progress<'_> {
             m.loss, m.lr, m.tokens_per_s
         );
         self.0.progress(m.step, Some(total), &msg);
+        let mut values = vec![
+            ("loss", m.loss),
+            ("lr", m.lr),
+            ("grad_norm", m.grad_norm),
+            ("tokens_per_s", m.tokens_per_s),
+            ("tokens_seen", m.tokens_seen as f64),
+        ];
+        if let Some(e) = m.eval_loss {
+            values.push(("eval_loss", e));
+        }
+        self.0.scalars(m.step, &values);
         self.0.log(&format!(
             "step {}/{total}: {msg} grad-norm {:.3}",
             m.step, m.grad_norm
@@ -271,12 +285,18 @@ impl Stage for SftStage {
                 .into_iter()
                 .chain(p.prompt_template.clone())
                 .collect(),
-            outputs: vec![
+            outputs: [
                 OutputDecl::staged("adapter", "adapter"),
                 OutputDecl::staged("metrics", "metrics.jsonl"),
                 OutputDecl::staged("curve", "loss_curve.png"),
                 OutputDecl::staged("curve_svg", "loss_curve.svg"),
-            ],
+            ]
+            .into_iter()
+            .chain(
+                p.tensorboard
+                    .then(|| OutputDecl::staged("tensorboard", "tensorboard")),
+            )
+            .collect(),
             ..Signature::default()
         })
     }
@@ -416,11 +436,16 @@ impl Stage for SftStage {
         adapter
             .save(&dir, &loaded.name)
             .map_err(model::failed("saving the adapter"))?;
-        std::fs::write(
-            ctx.out_dir.join("metrics.jsonl"),
-            trainer::metrics_jsonl(&report.history),
-        )
-        .map_err(StageError::io("writing metrics.jsonl"))?;
+        let history = trainer::metrics_jsonl(&report.history);
+        std::fs::write(ctx.out_dir.join("metrics.jsonl"), &history)
+            .map_err(StageError::io("writing metrics.jsonl"))?;
+        if p.tensorboard {
+            crate::scalars::write_tfevents(
+                &ctx.out_dir.join("tensorboard"),
+                &crate::scalars::from_jsonl(&history),
+            )
+            .map_err(StageError::io("writing the TensorBoard event file"))?;
+        }
         let train_pts: Vec<(f64, f64)> = report
             .history
             .iter()

@@ -62,6 +62,9 @@ pub struct Penalties {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RewardParams {
+    /// Also write the step scalars as TensorBoard event files (output `tensorboard`).
+    #[serde(default)]
+    tensorboard: bool,
     model: String,
     /// Prompt template (as used to generate the candidates).
     template: String,
@@ -273,11 +276,17 @@ impl Stage for RewardTrainStage {
         Ok(Signature {
             inputs: vec![InputDecl::required("pairs")],
             deps,
-            outputs: vec![
+            outputs: [
                 OutputDecl::staged("head", "head"),
                 OutputDecl::staged("metrics", "metrics.jsonl"),
                 OutputDecl::staged("figures", "figures"),
-            ],
+            ]
+            .into_iter()
+            .chain(
+                p.tensorboard
+                    .then(|| OutputDecl::staged("tensorboard", "tensorboard")),
+            )
+            .collect(),
             ..Signature::default()
         })
     }
@@ -440,6 +449,13 @@ impl Stage for RewardTrainStage {
             let m = evaluate(w);
             history.push_str(&json!({"step": step, "eval": m}).to_string());
             history.push('\n');
+            let names: Vec<String> = m.keys().map(|k| format!("eval.{k}")).collect();
+            let values: Vec<(&str, f64)> = names
+                .iter()
+                .map(String::as_str)
+                .zip(m.values().copied())
+                .collect();
+            ctx.scalars(step, &values);
             ctx.progress(
                 step,
                 None,
@@ -484,10 +500,19 @@ impl Stage for RewardTrainStage {
         for (step, loss) in &losses {
             lines.push_str(&json!({"step": step, "loss": loss}).to_string());
             lines.push('\n');
+            // The head's loop reports its losses at the end, not per step.
+            ctx.scalars(*step, &[("loss", *loss)]);
         }
         lines.push_str(&history);
         crate::fsio::write_atomic(&ctx.out_dir.join("metrics.jsonl"), lines.as_bytes())
             .map_err(StageError::io("writing metrics.jsonl"))?;
+        if p.tensorboard {
+            crate::scalars::write_tfevents(
+                &ctx.out_dir.join("tensorboard"),
+                &crate::scalars::from_jsonl(&lines),
+            )
+            .map_err(StageError::io("writing the TensorBoard event file"))?;
+        }
         let dir = ctx.out_dir.join("head");
         std::fs::create_dir_all(&dir).map_err(StageError::io("creating the head dir"))?;
         let hidden = head.len();
