@@ -1412,6 +1412,156 @@ fn parquet_sources_and_records_read_like_their_jsonl() {
     assert_eq!(g0["golds"][1], "J. S. Bach");
 }
 
+/// Puts `file` into a fake Hugging Face hub cache as `rel` in dataset `id` at `revision`.
+fn cache_dataset(
+    hub: &std::path::Path,
+    id: &str,
+    revision: &str,
+    commit: &str,
+    rel: &str,
+    file: &std::path::Path,
+) {
+    let base = hub.join(format!("datasets--{}", id.replace('/', "--")));
+    let refs = base.join("refs").join(revision);
+    std::fs::create_dir_all(refs.parent().unwrap()).unwrap();
+    std::fs::write(refs, commit).unwrap();
+    let dest = base.join("snapshots").join(commit).join(rel);
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    std::fs::copy(file, dest).unwrap();
+}
+
+#[test]
+fn hf_dataset_sources_read_from_the_hub_cache_like_the_official_files() {
+    // The HF Parquet of HotpotQA (struct columns of lists) and of PopQA (written by
+    // scripts/reference/make_parquet_fixtures.py from the bundled official files), in a hub
+    // cache laid out as huggingface_hub lays it out; offline.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let fx = root.join("tests/fixtures/parquet");
+    let p = Project::new();
+    let hub = p.join("hub");
+    let c1 = "1111111111111111111111111111111111111111";
+    cache_dataset(
+        &hub,
+        "hotpotqa/hotpot_qa",
+        "main",
+        c1,
+        "distractor/validation-00000-of-00001.parquet",
+        &fx.join("hotpot_hf.parquet"),
+    );
+    cache_dataset(
+        &hub,
+        "akariasai/PopQA",
+        "refs/convert/parquet",
+        c1,
+        "default/test/0000.parquet",
+        &fx.join("popqa_hf.parquet"),
+    );
+    for f in ["hotpot_dev_distractor.json", "popQA.tsv"] {
+        std::fs::copy(root.join("examples/data/raw").join(f), p.join(f)).unwrap();
+    }
+    let stage = |name: &str, source: &str| {
+        format!("  {name}:\n    uses: build_data\n    with:\n      sources: [{source}]\n      max_reject_rate: 0.5\n")
+    };
+    p.file(
+        "p.yaml",
+        &format!(
+            "stages:\n{}{}{}{}",
+            stage(
+                "hot_file",
+                "{format: hotpotqa, path: hotpot_dev_distractor.json}"
+            ),
+            stage(
+                "hot_hf",
+                "{format: hotpotqa, hf: hotpotqa/hotpot_qa, config: distractor, split: validation}"
+            ),
+            stage("pop_file", "{format: popqa, path: popQA.tsv}"),
+            stage(
+                "pop_hf",
+                "{format: popqa, hf: akariasai/PopQA, split: test, revision: refs/convert/parquet}"
+            ),
+        ),
+    );
+    let run = |args: &[&str]| {
+        let out = p
+            .command(args)
+            .env("HF_HUB_CACHE", &hub)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = run(&["run", "p.yaml", "--no-progress"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let output = |stage: &str| {
+        let show: serde_json::Value =
+            serde_json::from_str(&p.ok(&["show", stage, "--json"]).stdout).unwrap();
+        std::fs::read_to_string(p.join(show["outputs"]["records"]["path"].as_str().unwrap()))
+            .unwrap()
+    };
+    let hot = output("hot_file");
+    assert_eq!(hot.lines().count(), 2, "{hot}");
+    assert_eq!(output("hot_hf"), hot);
+    let pop = output("pop_file");
+    assert_eq!(pop.lines().count(), 2, "{pop}");
+    assert_eq!(output("pop_hf"), pop);
+
+    // A new snapshot in the cache reruns the stage reading it, and only that one.
+    let c2 = "2222222222222222222222222222222222222222";
+    cache_dataset(
+        &hub,
+        "hotpotqa/hotpot_qa",
+        "main",
+        c2,
+        "distractor/validation-00000-of-00001.parquet",
+        &fx.join("hotpot_hf.parquet"),
+    );
+    let (_, status, _) = run(&["status", "p.yaml"]);
+    let line = |stage: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(stage))
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(line("hot_hf ").contains("will run"), "{status}");
+    assert!(line("pop_hf ").contains("cached"), "{status}");
+
+    // Absent offline: one error saying how to provide it.
+    p.file(
+        "absent.yaml",
+        &format!(
+            "stages:\n{}",
+            stage(
+                "gone",
+                "{format: hotpotqa, hf: someone/absent, config: distractor, split: validation}"
+            )
+        ),
+    );
+    let (code, _, stderr) = run(&["run", "absent.yaml", "--no-progress"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("dataset `someone/absent` (config distractor, split validation, revision main) is not in the Hugging Face cache")
+            && stderr.contains("HF_HUB_OFFLINE is set")
+            && stderr.contains("huggingface-cli download someone/absent --repo-type dataset"),
+        "{stderr}"
+    );
+    // A source with both or neither of path/hf, or hf without a split, is refused at check.
+    p.file(
+        "bad.yaml",
+        &format!(
+            "stages:\n{}",
+            stage("b", "{format: hotpotqa, hf: hotpotqa/hotpot_qa}")
+        ),
+    );
+    let out = p.pipe(&["check", "bad.yaml"]);
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("needs `split:`"), "{}", out.stderr);
+}
+
 #[test]
 fn build_data_enforces_pins_and_the_reject_rate() {
     let p = Project::new();

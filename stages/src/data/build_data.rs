@@ -4,8 +4,9 @@
 //! PopQA) or as extra context (FEVER), and mines hard negatives: high-BM25
 //! passages that contain no gold answer.
 //!
-//! Source files are deps of the stage, so their digests are in its key. A source
-//! may pin its sha256: a file that changed since is an error unless
+//! Source files are deps of the stage, so their digests are in its key; an `hf:` source
+//! (a Hugging Face dataset in the hub cache, [`crate::data::hub`]) puts its snapshot's
+//! commit there instead. A file source may pin its sha256: a file that changed since is an error unless
 //! `accept_changed_sources` is set. Malformed records go to `rejects.jsonl` with
 //! `file:line` and the reason; the stage fails only above `max_reject_rate`.
 
@@ -19,6 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::contract::{InputDecl, Outcome, OutputDecl, Signature, Stage, StageContext, StageError};
 use crate::data::bm25::{contains_answer, Bm25, Passage};
+use crate::data::hub::HubDataset;
 use crate::data::readers::{self, Chunk, QaRecord, Read, Reject};
 use crate::data::split::normalize;
 use crate::params::{parse_params, ParamError};
@@ -28,7 +30,21 @@ use crate::params::{parse_params, ParamError};
 struct Source {
     /// `hotpotqa`, `fever`, `nq_open`, `popqa` or `jsonl`.
     format: String,
-    path: String,
+    /// A file (JSON, JSONL, TSV or Parquet), relative to the workdir.
+    #[serde(default)]
+    path: Option<String>,
+    /// Or a Hugging Face dataset (`org/name`), read from the hub cache ([`hub`]).
+    #[serde(default)]
+    hf: Option<String>,
+    /// `hf:`: the dataset's config (subset).
+    #[serde(default)]
+    config: Option<String>,
+    /// `hf:`: the split.
+    #[serde(default)]
+    split: Option<String>,
+    /// `hf:`: branch, tag or commit (default `main`).
+    #[serde(default)]
+    revision: Option<String>,
     /// Expected sha256 of the file.
     #[serde(default)]
     sha256: Option<String>,
@@ -40,6 +56,26 @@ struct Source {
     name: Option<String>,
     #[serde(default)]
     fields: HashMap<String, String>,
+}
+
+impl Source {
+    fn hub(&self) -> Option<HubDataset> {
+        Some(HubDataset {
+            id: self.hf.clone()?,
+            config: self.config.clone(),
+            split: self.split.clone().unwrap_or_default(),
+            revision: self.revision.clone().unwrap_or_else(|| "main".into()),
+        })
+    }
+
+    /// How messages name the source.
+    fn shown(&self) -> String {
+        match (&self.path, &self.hf) {
+            (Some(p), _) => p.clone(),
+            (None, Some(id)) => format!("hf:{id}"),
+            (None, None) => "?".into(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,6 +127,44 @@ impl BuildParams {
                     ),
                 ));
             }
+            match (&s.path, &s.hf) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(ParamError::new(
+                        &["with", "sources", &at],
+                        "expected one of `path:` (a file) or `hf:` (a Hugging Face dataset, with `split:`)",
+                    ))
+                }
+                (None, Some(id)) => {
+                    if id.split('/').count() != 2 || id.split('/').any(str::is_empty) {
+                        return Err(ParamError::new(
+                            &["with", "sources", &at, "hf"],
+                            format!("`{id}`: expected a dataset id `org/name`"),
+                        ));
+                    }
+                    if s.split.is_none() {
+                        return Err(ParamError::new(
+                            &["with", "sources", &at, "split"],
+                            "an `hf:` source needs `split:` (train, validation, test...)",
+                        ));
+                    }
+                    if s.sha256.is_some() {
+                        return Err(ParamError::new(
+                            &["with", "sources", &at, "sha256"],
+                            "an `hf:` source is pinned by `revision:` (a commit), not `sha256:`",
+                        ));
+                    }
+                }
+                (Some(_), None) => {
+                    for (k, v) in [("config", &s.config), ("split", &s.split), ("revision", &s.revision)] {
+                        if v.is_some() {
+                            return Err(ParamError::new(
+                                &["with", "sources", &at, k],
+                                format!("`{k}:` belongs to `hf:` sources; this one reads `path:`"),
+                            ));
+                        }
+                    }
+                }
+            }
             if s.format == "fever" && s.wiki.is_none() {
                 return Err(ParamError::new(
                     &["with", "sources", &at, "wiki"],
@@ -118,7 +192,7 @@ impl BuildParams {
     fn files(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
         for s in &self.sources {
-            out.push(s.path.clone());
+            out.extend(s.path.clone());
             out.extend(s.wiki.clone());
         }
         out.extend(self.corpus.clone());
@@ -154,7 +228,7 @@ impl Stage for BuildDataStage {
     }
 
     fn summary(&self) -> &'static str {
-        "read HotpotQA/FEVER/NQ-Open/PopQA/JSONL into one record format, BM25 evidence and hard negatives"
+        "read HotpotQA/FEVER/NQ-Open/PopQA/JSONL (files, Parquet or `hf:` datasets) into one record format, BM25 evidence and hard negatives"
     }
 
     fn declare(&self, params: &Value) -> Result<Signature, ParamError> {
@@ -171,6 +245,31 @@ impl Stage for BuildDataStage {
         })
     }
 
+    fn key_params(&self, params: &Value) -> Value {
+        // An `hf:` source is not a workspace file: the snapshot it resolves to (its commit
+        // and files) joins the key, so a new revision in the cache reruns the stage.
+        let mut out = params.clone();
+        let Ok(p) = parse_params::<BuildParams>(params) else {
+            return out;
+        };
+        let resolved: Vec<Value> = p
+            .sources
+            .iter()
+            .filter_map(Source::hub)
+            .map(|ds| match ds.resolve() {
+                Ok(r) => json!({"hf": ds.id, "commit": r.commit,
+                    "files": r.files.iter().map(|f| f.0.clone()).collect::<Vec<_>>()}),
+                Err(_) => json!({"hf": ds.id, "unresolved": true}),
+            })
+            .collect();
+        if !resolved.is_empty() {
+            if let Some(obj) = out.as_object_mut() {
+                obj.insert("hf_snapshots".into(), Value::Array(resolved));
+            }
+        }
+        out
+    }
+
     fn run(&self, ctx: &StageContext) -> Result<Outcome, StageError> {
         let p: BuildParams = parse_params(&ctx.params)?;
         p.validate()?;
@@ -179,35 +278,50 @@ impl Stage for BuildDataStage {
         let mut records: Vec<QaRecord> = Vec::new();
         let mut rejects: Vec<Reject> = Vec::new();
         for (i, s) in p.sources.iter().enumerate() {
-            let path = at(&s.path);
-            let (text, digest) = read_text(&path)?;
-            if let Some(pin) = &s.sha256 {
-                if !pin.eq_ignore_ascii_case(&digest) && !p.accept_changed_sources {
-                    return Err(StageError::Failed(format!(
-                        "sources[{i}] {}: sha256 is {digest}, the pipeline pins {pin}; the file changed. Update `sha256`, or run with `--set {}.with.accept_changed_sources=true`",
-                        s.path, ctx.stage
-                    )));
+            let (text, digest) = match s.hub() {
+                Some(ds) => {
+                    let found = ds.resolve().map_err(|e| {
+                        StageError::Failed(format!("sources[{i}] hf:{}: {e}", ds.id))
+                    })?;
+                    let mut all = String::new();
+                    for (rel, path) in &found.files {
+                        let (t, _) = read_text(path)?;
+                        all.push_str(&t);
+                        if !all.ends_with('\n') {
+                            all.push('\n');
+                        }
+                        ctx.log(&format!("hf:{} {rel} (commit {})", ds.id, found.commit));
+                    }
+                    (all, format!("commit:{}", found.commit))
                 }
-            }
+                None => {
+                    let rel = s.path.as_deref().expect("validated");
+                    let (text, digest) = read_text(&at(rel))?;
+                    if let Some(pin) = &s.sha256 {
+                        if !pin.eq_ignore_ascii_case(&digest) && !p.accept_changed_sources {
+                            return Err(StageError::Failed(format!(
+                                "sources[{i}] {rel}: sha256 is {digest}, the pipeline pins {pin}; the file changed. Update `sha256`, or run with `--set {}.with.accept_changed_sources=true`",
+                                ctx.stage
+                            )));
+                        }
+                    }
+                    (text, digest)
+                }
+            };
+            let shown = s.shown();
+            let file = Path::new(&shown);
             let read: Read = match s.format.as_str() {
-                "hotpotqa" => {
-                    readers::hotpotqa(Path::new(&s.path), &text).map_err(StageError::Failed)?
-                }
+                "hotpotqa" => readers::hotpotqa(file, &text).map_err(StageError::Failed)?,
                 "fever" => {
                     let wiki_rel = s.wiki.as_deref().expect("validated");
                     let (wtext, _) = read_text(&at(wiki_rel))?;
                     let (wiki, bad) = readers::fever_wiki(Path::new(wiki_rel), &wtext);
                     rejects.extend(bad);
-                    readers::fever(Path::new(&s.path), &text, &wiki)
+                    readers::fever(file, &text, &wiki)
                 }
-                "nq_open" => readers::nq_open(Path::new(&s.path), &text),
-                "popqa" => readers::popqa(Path::new(&s.path), &text).map_err(StageError::Failed)?,
-                _ => readers::generic(
-                    Path::new(&s.path),
-                    &text,
-                    s.name.as_deref().unwrap_or("jsonl"),
-                    &s.fields,
-                ),
+                "nq_open" => readers::nq_open(file, &text),
+                "popqa" => readers::popqa(file, &text).map_err(StageError::Failed)?,
+                _ => readers::generic(file, &text, s.name.as_deref().unwrap_or("jsonl"), &s.fields),
             };
             // A file in another format than `format:` says: one error, not a reject per line.
             if read.records.is_empty()
@@ -219,7 +333,7 @@ impl Stage for BuildDataStage {
             {
                 return Err(StageError::Failed(format!(
                     "sources[{i}] {}: not a `{}` file: none of its {} lines is JSON (line {}: {}); check `format:`",
-                    s.path,
+                    shown,
                     s.format,
                     read.rejects.len(),
                     read.rejects[0].at.rsplit(':').next().unwrap_or("1"),
@@ -232,7 +346,7 @@ impl Stage for BuildDataStage {
             metrics.insert(format!("source.{name}.sha256"), json!(digest));
             ctx.log(&format!(
                 "{}: {} records, {} rejects, sha256 {digest}",
-                s.path,
+                shown,
                 read.records.len(),
                 read.rejects.len()
             ));

@@ -7,5 +7,6 @@
 
 pub mod bm25;
 pub mod build_data;
+pub mod hub;
 pub mod readers;
 pub mod split;

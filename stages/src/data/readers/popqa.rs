@@ -13,6 +13,9 @@ pub fn popqa(file: &Path, text: &str) -> Result<Read, String> {
     if first.trim().is_empty() {
         return Err(format!("{}: empty file", file.display()));
     }
+    if first.trim_start().starts_with('{') {
+        return Ok(popqa_rows(file, text));
+    }
     if !first.contains('\t') {
         return Err(format!(
             "{}:1: not a tab-separated file (its first line has no tab); `format: popqa` reads PopQA's TSV",
@@ -79,4 +82,53 @@ pub fn popqa(file: &Path, text: &str) -> Result<Read, String> {
         }
     }
     Ok(out)
+}
+
+/// PopQA as JSON rows (the Hugging Face dataset's Parquet, read row by row): the TSV's
+/// columns, with `possible_answers` a JSON list or the TSV's string of one.
+fn popqa_rows(file: &Path, text: &str) -> Read {
+    let mut out = Read::default();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r = (|| -> Result<QaRecord, String> {
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+            let id = match v.get("id") {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(serde_json::Value::Number(n)) => n.to_string(),
+                _ => return Err("missing `id`".into()),
+            };
+            let question = v
+                .get("question")
+                .and_then(serde_json::Value::as_str)
+                .ok_or("missing `question`")?;
+            let answers: Vec<String> = match v.get("possible_answers") {
+                Some(serde_json::Value::String(s)) => serde_json::from_str(s).map_err(|e| {
+                    format!("`possible_answers` is not a JSON list of strings: {e}")
+                })?,
+                Some(a @ serde_json::Value::Array(_)) => serde_json::from_value(a.clone())
+                    .map_err(|e| format!("`possible_answers` must hold strings: {e}"))?,
+                _ => return Err("missing `possible_answers`".into()),
+            };
+            if answers.is_empty() || question.trim().is_empty() {
+                return Err("empty question or answers".into());
+            }
+            Ok(QaRecord {
+                id: format!("popqa-{id}"),
+                source: "popqa".into(),
+                question: question.to_string(),
+                answers,
+                evidence: vec![],
+                support: vec![],
+                negatives: vec![],
+            })
+        })();
+        match r {
+            Ok(r) => out.records.push(r),
+            Err(reason) => out.reject(file, i + 1, reason),
+        }
+    }
+    out
 }
