@@ -1601,7 +1601,21 @@ fn build_data_enforces_pins_and_the_reject_rate() {
     let out = p.pipe(&["run", "p.yaml", "--no-progress"]);
     assert!(
         out.stderr
-            .contains("sources[0] nq.jsonl: not a `nq_open` file: none of its 3 lines is JSON"),
+            .contains("sources[0] nq.jsonl: not a `nq_open` file: none of its 3 rows is JSON"),
+        "{}",
+        out.stderr
+    );
+    // JSON rows of another dataset under `format: popqa`: one error with the reason.
+    p.file(
+        "nq.jsonl",
+        "{\"question\": \"q\", \"answer\": [\"a\"]}\n{\"question\": \"r\", \"answer\": [\"b\"]}\n",
+    );
+    p.file("p.yaml", &yaml("").replace("nq_open", "popqa"));
+    let out = p.pipe(&["run", "p.yaml", "--no-progress"]);
+    assert!(
+        out.stderr.contains(
+            "sources[0] nq.jsonl: not a `popqa` file: none of its 2 rows is a `popqa` record (line 1: missing `id`)"
+        ),
         "{}",
         out.stderr
     );

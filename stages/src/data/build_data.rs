@@ -324,20 +324,33 @@ impl Stage for BuildDataStage {
                 _ => readers::generic(file, &text, s.name.as_deref().unwrap_or("jsonl"), &s.fields),
             };
             // A file in another format than `format:` says: one error, not a reject per line.
+            // That is: nothing read, and every row rejected for the same kind of reason.
+            let kind = |r: &Reject| -> String {
+                if r.reason.starts_with("invalid JSON") {
+                    "invalid JSON".to_string()
+                } else {
+                    r.reason.clone()
+                }
+            };
             if read.records.is_empty()
                 && !read.rejects.is_empty()
                 && read
                     .rejects
                     .iter()
-                    .all(|r| r.reason.starts_with("invalid JSON"))
+                    .all(|r| kind(r) == kind(&read.rejects[0]))
             {
+                let first = &read.rejects[0];
+                let what = if kind(first) == "invalid JSON" {
+                    "is JSON".to_string()
+                } else {
+                    format!("is a `{}` record", s.format)
+                };
                 return Err(StageError::Failed(format!(
-                    "sources[{i}] {}: not a `{}` file: none of its {} lines is JSON (line {}: {}); check `format:`",
-                    shown,
+                    "sources[{i}] {shown}: not a `{}` file: none of its {} rows {what} (line {}: {}); check `format:`",
                     s.format,
                     read.rejects.len(),
-                    read.rejects[0].at.rsplit(':').next().unwrap_or("1"),
-                    read.rejects[0].reason
+                    first.at.rsplit(':').next().unwrap_or("1"),
+                    first.reason
                 )));
             }
             let name = s.name.clone().unwrap_or_else(|| s.format.clone());

@@ -131,7 +131,9 @@ fn fact_titles(v: &Value) -> Result<Vec<String>, String> {
 }
 
 fn hotpot_record(v: &Value) -> Result<QaRecord, String> {
-    let id = field_str(v, "_id").or_else(|_| field_str(v, "id"))?;
+    let id = field_str(v, "_id")
+        .or_else(|_| field_str(v, "id"))
+        .map_err(|_| "missing `_id` (or the HF schema's `id`)".to_string())?;
     let question = field_str(v, "question")?;
     let answer = field_str(v, "answer")?;
     let evidence: Vec<Chunk> = paragraphs(v)?

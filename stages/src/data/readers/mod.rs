@@ -171,9 +171,13 @@ mod tests {
         assert!(r.rejects[1]
             .reason
             .contains("`Missing` is not in `context`"));
-        assert!(hotpotqa(Path::new("h.json"), "{}")
+        assert!(hotpotqa(Path::new("h.json"), "[{}")
             .unwrap_err()
             .contains("not a JSON array"));
+        // Not an array: JSON rows (the HF Parquet read row by row), each checked alike.
+        let rows = hotpotqa(Path::new("h.parquet"), "{}\n").unwrap();
+        assert_eq!(rows.rejects[0].at, "h.parquet:1");
+        assert!(rows.rejects[0].reason.contains("missing `_id`"));
     }
 
     #[test]
@@ -233,9 +237,19 @@ mod tests {
         assert_eq!(r.records[0].id, "popqa-4222362");
         assert_eq!(r.records[0].answers, vec!["politician", "political leader"]);
         assert_eq!(r.records[1].question, "What is \tA?");
-        assert!(popqa(Path::new("x.jsonl"), "{\"id\": 1}\n")
+        assert!(popqa(Path::new("x.txt"), "id,question\n")
             .unwrap_err()
-            .contains("x.jsonl:1: not a tab-separated file"));
+            .contains("x.txt:1: not a tab-separated file"));
+        // JSON rows (the HF Parquet): an integer id, answers as the TSV's string or a list.
+        let rows = popqa(
+            Path::new("p.parquet"),
+            "{\"id\": 7, \"question\": \"Q?\", \"possible_answers\": \"[\\\"a\\\"]\"}\n{\"id\": \"8\", \"question\": \"R?\", \"possible_answers\": [\"b\"]}\n{\"id\": 9}\n",
+        )
+        .unwrap();
+        assert_eq!(rows.records[0].id, "popqa-7");
+        assert_eq!(rows.records[0].answers, vec!["a"]);
+        assert_eq!(rows.records[1].answers, vec!["b"]);
+        assert_eq!(rows.rejects[0].at, "p.parquet:3");
 
         let fields = HashMap::from([
             ("question".to_string(), "q".to_string()),
