@@ -18,9 +18,9 @@ params:
   lr: 0.01
 stages:
   data:
-    run: cp qa.jsonl out/train.jsonl
-    deps: [qa.jsonl]
-    outs: [out/train.jsonl]
+    run: cp qa.jsonl out/train.jsonl && cp test.jsonl out/test.jsonl
+    deps: [qa.jsonl, test.jsonl]
+    outs: [out/train.jsonl, out/test.jsonl]
   sft:
     uses: sft
     inputs: {train: data.train, val: data.train}
@@ -35,6 +35,14 @@ stages:
     uses: generate
     inputs: {prompts: data.train, adapter: sft.adapter}
     with: {model: "tiny:llama:3", max_new_tokens: 4, batch_size: 4}
+  evaluate:
+    uses: evaluate
+    inputs: {test: data.test, adapter: sft.adapter}
+    with: {model: "tiny:llama:3", template: prompt.j2, max_new_tokens: 6, batch_size: 2}
+"#;
+
+const TEST: &str = r#"{"id": "a", "question": "Which river?", "answers": ["Vistula"], "evidence": [{"id": "c1", "title": "Vistula", "text": "The Vistula flows through Kraków."}], "support": ["c1"]}
+{"id": "b", "question": "Which city?", "answers": ["Kraków"], "evidence": [{"id": "c2", "title": "Kraków", "text": "Kraków is old."}], "support": ["c2"]}
 "#;
 
 const BROKEN: &str = r#"
@@ -154,7 +162,13 @@ fn keep(p: &Project, files: &[(&str, &str)]) {
 #[test]
 fn a_report_compares_two_runs_and_shows_a_failed_one() {
     let p = Project::new();
-    p.file("p.yaml", PIPELINE).file("qa.jsonl", &qa_lines(8));
+    p.file("p.yaml", PIPELINE)
+        .file("qa.jsonl", &qa_lines(8))
+        .file("test.jsonl", TEST)
+        .file(
+            "prompt.j2",
+            "{% for c in evidence %}[{{ c.id }}] {{ c.text }}\n{% endfor %}Q: {{ question }}\n",
+        );
     p.ok(&["run", "p.yaml", "--no-progress", "--name", "base"]);
     p.ok(&[
         "run",
@@ -166,7 +180,7 @@ fn a_report_compares_two_runs_and_shows_a_failed_one() {
         "lr=0.05",
     ]);
     let out = p.ok(&["report", "base", "hotter", "-o", "rep"]);
-    assert!(out.stdout.contains("2 runs, 3 stages"), "{}", out.stdout);
+    assert!(out.stdout.contains("2 runs, 4 stages"), "{}", out.stdout);
     let html = p.read("rep/index.html");
     let runs: serde_json::Value = serde_json::from_str(&p.ok(&["runs", "--json"]).stdout).unwrap();
     let ids: Vec<String> = runs
@@ -186,15 +200,24 @@ fn a_report_compares_two_runs_and_shows_a_failed_one() {
             );
         }
         let stages = attrs(dom, "data-stage");
-        for s in ["data", "sft", "gen"] {
+        for s in ["data", "sft", "gen", "evaluate"] {
             // Two DAG nodes and one table row per stage at least.
             assert!(
                 stages.iter().filter(|x| *x == s).count() >= 3,
                 "{what}: stage {s} not in both DAGs and the table"
             );
         }
-        // sft waits for data, gen for data and sft: three edges in each run's DAG.
-        assert_eq!(dom.matches("class=\"edge\"").count(), 6, "{what}: edges");
+        // sft waits for data, gen and evaluate for data and sft: five edges per DAG.
+        assert_eq!(dom.matches("class=\"edge\"").count(), 10, "{what}: edges");
+        // evaluate's metrics are in the table with a row per metric.
+        let at = dom
+            .find("<table class=\"metrics\" data-stage=\"evaluate\"")
+            .expect("evaluate metrics");
+        let table = &dom[at..at + dom[at..].find("</table>").unwrap()];
+        assert!(
+            table.contains("data-metric=\"tuned.em\""),
+            "{what}: {table}"
+        );
         assert!(
             dom.contains("data-param=\"lr\" class=\"differs\""),
             "{what}: lr"

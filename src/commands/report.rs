@@ -918,11 +918,20 @@ fn dag_svg(run: &RunRecord) -> String {
                     let my = (ay + by) / 2.0;
                     format!("M{ax:.1},{ay:.1} C{ax:.1},{my:.1} {bx:.1},{my:.1} {bx:.1},{by:.1}")
                 } else {
-                    // Past the rows between: bend out beside them instead of through them.
-                    let side = (W / 2.0 + GAP_X * 0.6).min(width / 2.0);
-                    let (sx0, sx1) = (x0 + W / 2.0 + side, x1 + W / 2.0 + side);
+                    // Past the rows between: down beside them, on the target's side.
+                    let between: Vec<f64> = (0..names.len())
+                        .filter(|&k| pos[k].1 > pos[j].1 && pos[k].1 < pos[i].1)
+                        .map(|k| xy(k).0)
+                        .collect();
+                    let lo = between.iter().copied().fold(f64::INFINITY, f64::min);
+                    let hi = between.iter().copied().fold(f64::NEG_INFINITY, f64::max) + W;
+                    let lane = if bx <= ax {
+                        (lo - 10.0).min(bx)
+                    } else {
+                        (hi + 10.0).max(bx)
+                    };
                     format!(
-                        "M{ax:.1},{ay:.1} C{ax:.1},{c0:.1} {sx0:.1},{c0:.1} {sx0:.1},{m0:.1} L{sx1:.1},{m1:.1} C{sx1:.1},{c1:.1} {bx:.1},{c1:.1} {bx:.1},{by:.1}",
+                        "M{ax:.1},{ay:.1} C{ax:.1},{c0:.1} {lane:.1},{c0:.1} {lane:.1},{m0:.1} L{lane:.1},{m1:.1} C{lane:.1},{c1:.1} {bx:.1},{c1:.1} {bx:.1},{by:.1}",
                         c0 = ay + GAP_Y * 0.5,
                         m0 = ay + GAP_Y,
                         m1 = by - GAP_Y,
