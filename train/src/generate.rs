@@ -4,6 +4,7 @@
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use crate::constrain::Grammar;
 use crate::error::Result;
 use crate::model::{Decoder, KeyMask, KvCache};
 use crate::rng::Rng;
@@ -125,6 +126,46 @@ pub fn generate(
     eos: &[u32],
     rngs: &mut [Rng],
 ) -> Result<Vec<Generation>> {
+    generate_constrained(model, tokenizer, prompts, s, eos, rngs, None)
+}
+
+/// `logits` with every token `grammar` does not allow from `state` at −∞; EOS stays
+/// allowed only where the reply is complete. `None` when nothing may follow (the reply is
+/// complete and closed: the sequence ends here).
+fn masked(logits: &[f32], grammar: &Grammar, state: u32, eos: &[u32]) -> Option<Vec<f32>> {
+    let allowed = grammar.allowed(state);
+    let accepting = grammar.accepting(state);
+    if allowed.is_empty() {
+        return None;
+    }
+    let mut out = vec![f32::NEG_INFINITY; logits.len()];
+    for &t in allowed.iter() {
+        if let Some(x) = logits.get(t as usize) {
+            out[t as usize] = *x;
+        }
+    }
+    if accepting {
+        for &e in eos {
+            if let Some(x) = logits.get(e as usize) {
+                out[e as usize] = *x;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// [`generate`], with every sequence kept inside `grammar`'s language when one is given:
+/// each step samples only tokens that keep the text a prefix of a valid reply, and a
+/// sequence ends (as EOS) once its reply is complete and nothing more may follow.
+pub fn generate_constrained(
+    model: &Decoder,
+    tokenizer: &TextTokenizer,
+    prompts: &[Vec<u32>],
+    s: &Sampling,
+    eos: &[u32],
+    rngs: &mut [Rng],
+    grammar: Option<&Grammar>,
+) -> Result<Vec<Generation>> {
     let b = prompts.len();
     let device = model.device();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
@@ -150,6 +191,7 @@ pub fn generate(
     // Prompt index of each row still decoding; finished rows leave the batch (and the
     // cache), so one long answer does not make the others pay for its steps.
     let mut alive: Vec<usize> = (0..b).collect();
+    let mut states: Vec<u32> = vec![grammar.map_or(0, Grammar::start); b];
     for _ in 0..s.max_new_tokens {
         let h = model.hidden(&input, &keys, Some(&mut cache), None)?;
         let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
@@ -157,12 +199,40 @@ pub fn generate(
         let mut next = Vec::with_capacity(alive.len());
         let mut keep = Vec::with_capacity(alive.len());
         for (row, &r) in alive.iter().enumerate() {
-            let t = pick(&logits[row], s, &mut rngs[r]);
+            let t = match grammar {
+                None => pick(&logits[row], s, &mut rngs[r]),
+                Some(g) => match masked(&logits[row], g, states[r], eos) {
+                    Some(m) => pick(&m, s, &mut rngs[r]),
+                    None => {
+                        finish[r] = Some(if g.accepting(states[r]) {
+                            Finish::Eos
+                        } else {
+                            Finish::Length
+                        });
+                        continue;
+                    }
+                },
+            };
             if eos.contains(&t) {
                 finish[r] = Some(Finish::Eos);
                 continue;
             }
+            if let Some(g) = grammar {
+                match g.advance(states[r], t) {
+                    Some(next) => states[r] = next,
+                    None => {
+                        // Only reachable if a masked-out token was picked; end it.
+                        finish[r] = Some(Finish::Length);
+                        continue;
+                    }
+                }
+            }
             out[r].push(t);
+            if grammar.is_some_and(|g| g.allowed(states[r]).is_empty()) {
+                // The reply is complete and closed: nothing may follow, not even a step.
+                finish[r] = Some(Finish::Eos);
+                continue;
+            }
             if !s.stop.is_empty() {
                 let text = tokenizer.decode(&out[r], false)?;
                 if let Some(pos) = s.stop.iter().filter_map(|st| text.find(st.as_str())).min() {

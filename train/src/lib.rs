@@ -11,6 +11,7 @@
 pub mod allocator;
 pub mod attention;
 pub mod config;
+pub mod constrain;
 pub mod cross_entropy;
 pub mod data;
 pub mod error;

@@ -271,6 +271,53 @@ impl TextTokenizer {
             .expect("a loaded tokenizer serialises")
     }
 
+    /// The bytes each token id stands for in generated text, `None` for special tokens
+    /// (EOS, chat markers) and ids without a token. Byte-level BPE tokens are mapped back
+    /// through GPT-2's byte alphabet; SentencePiece tokens turn `▁` into a space and
+    /// `<0xNN>` into the byte. Constrained decoding walks these.
+    pub fn token_bytes(&self) -> Vec<Option<Vec<u8>>> {
+        let doc: Value = serde_json::from_str(&self.to_json()).unwrap_or(Value::Null);
+        let byte_level = doc["decoder"].to_string().contains("\"ByteLevel\"");
+        let special: std::collections::HashSet<u32> = doc["added_tokens"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|t| t["special"].as_bool().unwrap_or(false))
+                    .filter_map(|t| t["id"].as_u64().map(|i| i as u32))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let inverse: std::collections::HashMap<char, u8> = byte_alphabet()
+            .into_iter()
+            .enumerate()
+            .map(|(b, c)| (c, b as u8))
+            .collect();
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                if special.contains(&id) {
+                    return None;
+                }
+                let tok = self.inner.id_to_token(id)?;
+                if byte_level {
+                    let mut out = Vec::with_capacity(tok.len());
+                    for c in tok.chars() {
+                        match inverse.get(&c) {
+                            Some(b) => out.push(*b),
+                            None => out.extend(c.to_string().as_bytes()),
+                        }
+                    }
+                    return Some(out);
+                }
+                if tok.len() == 6 && tok.starts_with("<0x") && tok.ends_with('>') {
+                    if let Ok(b) = u8::from_str_radix(&tok[3..5], 16) {
+                        return Some(vec![b]);
+                    }
+                }
+                Some(tok.replace('\u{2581}', " ").into_bytes())
+            })
+            .collect()
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
