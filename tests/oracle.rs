@@ -640,3 +640,70 @@ stages:
     assert_eq!(jsonl(&p, "prefs_judge", "pairs").len(), 0);
     assert_eq!(server.total(), 10);
 }
+
+/// A pipeline labelling `n` records with an oracle replying `{ok, score, verdict}`.
+fn shaped(n: usize, oracle: &str) -> Project {
+    let p = Project::new();
+    p.file("src.jsonl", &corpus(n));
+    p.file("prompts/judge.j2", "Judge: {{ question }}\n");
+    p.file(
+        "pipe.yaml",
+        &format!(
+            r#"
+name: shaped
+params:
+  oracle: {{template: prompts/judge.j2, returns: {{verdict: "enum[yes,no,unsure]", score: number, ok: bool}}, {oracle}}}
+stages:
+  make:
+    run: cp src.jsonl data/corpus.jsonl
+    deps: [src.jsonl]
+    outs: [data/corpus.jsonl]
+{LABEL}
+"#
+        ),
+    );
+    p
+}
+
+fn check_shaped(labels: &[Value]) {
+    for l in labels {
+        let label = &l["label"];
+        assert!(["yes", "no", "unsure"].contains(&label["verdict"].as_str().unwrap()), "{l}");
+        assert!(label["score"].is_number(), "{l}");
+        assert!(label["ok"].is_boolean(), "{l}");
+    }
+}
+
+#[test]
+fn constrained_decoding_makes_every_local_reply_parse_and_serve_enforces_json_schema() {
+    // A random tiny model never writes JSON by itself; under the reply's schema (the
+    // default for local oracles) every reply parses, first attempt.
+    let free = shaped(12, "backend: local, model: \"tiny:llama:2\", max_new_tokens: 48, retries: 0, batch_size: 6, constrained: false");
+    free.ok(&["run", "pipe.yaml", "--no-progress"]);
+    assert_eq!(jsonl(&free, "label", "failures").len(), 12);
+    let p = shaped(12, "backend: local, model: \"tiny:llama:2\", max_new_tokens: 48, retries: 0, batch_size: 6");
+    p.ok(&["run", "pipe.yaml", "--no-progress"]);
+    assert!(jsonl(&p, "label", "failures").is_empty());
+    let labels = jsonl(&p, "label", "labels");
+    assert_eq!(labels.len(), 12);
+    check_shaped(&labels);
+
+    // A prefix no reply of the shape starts with is refused before any request.
+    let bad = shaped(2, "backend: local, model: \"tiny:llama:2\", reply_prefix: '{\"answer\": \"', retries: 0");
+    let out = bad.pipe(&["run", "pipe.yaml", "--no-progress"]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("cannot begin a reply of the declared shape"), "{}", out.stderr);
+
+    // The openai backend with `constrained: true` sends response_format json_schema, and
+    // pipe serve enforces it.
+    let server = Project::new();
+    let (mut serve, url) = serve(&server, &["tiny:llama:2", "--max-batch", "4"]);
+    let remote = shaped(6, &format!("backend: openai, model: tiny, base_url: \"{url}\", max_new_tokens: 48, retries: 0, concurrency: 3, constrained: true"));
+    remote.ok(&["run", "pipe.yaml", "--no-progress"]);
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert!(jsonl(&remote, "label", "failures").is_empty());
+    let labels = jsonl(&remote, "label", "labels");
+    assert_eq!(labels.len(), 6);
+    check_shaped(&labels);
+}

@@ -122,7 +122,7 @@ fn worker(model: ChatModel, rx: mpsc::Receiver<Job>, max_batch: usize) {
 fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
     (
         status,
-        Json(json!({"error": {"message": message.into(), "type": kind}})),
+        Json(json!({"error": {"message": message.into(), "type": kind, "param": null, "code": null}})),
     )
         .into_response()
 }
@@ -164,6 +164,35 @@ fn parse_request(body: &[u8]) -> Result<ChatRequest, String> {
             content,
         });
     }
+    if messages.is_empty() {
+        return Err("`messages` must hold at least one message".into());
+    }
+    for (i, m) in messages.iter().enumerate() {
+        if !["system", "developer", "user", "assistant", "tool"].contains(&m.role.as_str()) {
+            return Err(format!(
+                "messages[{i}].role `{}` is not one of system, developer, user, assistant, tool",
+                m.role
+            ));
+        }
+    }
+    let schema = match v.get("response_format") {
+        None | Some(Value::Null) => None,
+        Some(rf) => match rf.get("type").and_then(Value::as_str) {
+            Some("text") => None,
+            Some("json_object") => Some(json!({"type": "object"})),
+            Some("json_schema") => {
+                let schema = rf
+                    .pointer("/json_schema/schema")
+                    .ok_or("response_format.json_schema.schema is missing")?;
+                pipe_stages::model::chat::check_schema(schema)
+                    .map_err(|e| format!("response_format.json_schema.schema: {e}"))?;
+                Some(schema.clone())
+            }
+            _ => {
+                return Err("response_format.type must be text, json_object or json_schema".into())
+            }
+        },
+    };
     if v.get("stream").and_then(Value::as_bool) == Some(true) {
         return Err("`stream: true` is not supported".into());
     }
@@ -199,6 +228,7 @@ fn parse_request(body: &[u8]) -> Result<ChatRequest, String> {
             stop,
         },
         seed: v.get("seed").and_then(Value::as_u64).unwrap_or(0),
+        schema: schema.map(Arc::new),
     })
 }
 

@@ -62,6 +62,11 @@ pub enum Schema {
     Boolean,
     /// `null`.
     Null,
+    /// Any JSON value nested at most this deep (`response_format: json_object` is
+    /// `Object` of these).
+    Any(usize),
+    /// Any JSON object whose values nest at most this deep.
+    AnyObject(usize),
 }
 
 /// One property of an object.
@@ -74,6 +79,9 @@ pub struct Property {
     /// Always written.
     pub required: bool,
 }
+
+/// How deep the values of a free-form object (`{"type": "object"}`) may nest.
+pub const ANY_DEPTH: usize = 3;
 
 /// Integers beyond ±10^18 are not offered (they would not fit an i64 anyway).
 const INT_LIMIT: i64 = 1_000_000_000_000_000_000;
@@ -131,7 +139,8 @@ impl Schema {
         match ty {
             "object" => {
                 let props = match obj.get("properties") {
-                    None => serde_json::Map::new(),
+                    // An object of anything (JSON schema's meaning), nested a few deep.
+                    None => return Ok(Schema::AnyObject(ANY_DEPTH)),
                     Some(Value::Object(p)) => p.clone(),
                     Some(_) => return Err(format!("{at}.properties: expected an object")),
                 };
@@ -506,6 +515,34 @@ impl Nfa {
     fn schema(&mut self, from: u32, s: &Schema) -> u32 {
         match s {
             Schema::Null => self.bytes(from, b"null"),
+            Schema::Any(depth) => {
+                let kinds = if *depth > 0 { 6 } else { 4 };
+                self.any_of(from, kinds, |n, f, i| match i {
+                    0 => n.schema(f, &Schema::String { min: 0, max: None }),
+                    1 => n.number(f),
+                    2 => n.schema(f, &Schema::Boolean),
+                    3 => n.bytes(f, b"null"),
+                    4 => n.schema(f, &Schema::AnyObject(depth - 1)),
+                    _ => n.schema(
+                        f,
+                        &Schema::Array {
+                            items: Box::new(Schema::Any(depth - 1)),
+                            min: 0,
+                            max: None,
+                        },
+                    ),
+                })
+            }
+            Schema::AnyObject(depth) => {
+                let open = self.bytes(from, b"{");
+                let body = self.repeat(open, 0, None, b",", |n, s| {
+                    let k = n.schema(s, &Schema::String { min: 0, max: None });
+                    let c = n.bytes(k, b":");
+                    let c = n.space(c);
+                    n.schema(c, &Schema::Any(*depth))
+                });
+                self.bytes(body, b"}")
+            }
             Schema::Boolean => self.any_of(from, 2, |n, f, i| {
                 n.bytes(f, if i == 0 { b"true" } else { b"false" })
             }),
@@ -820,6 +857,17 @@ impl Grammar {
         Some(s)
     }
 
+    /// The state after the bytes `prefix` (a prefilled start of the reply), or `None`
+    /// when no valid reply starts that way.
+    pub fn start_after(&self, prefix: &[u8]) -> Option<u32> {
+        let mut g = self.lock();
+        let mut s = g.auto.start();
+        for &b in prefix {
+            s = g.auto.step(s, b)?;
+        }
+        Some(s)
+    }
+
     /// Whether the reply is complete in `state` (EOS may follow).
     pub fn accepting(&self, state: u32) -> bool {
         self.lock().auto.accepting(state)
@@ -873,7 +921,7 @@ mod tests {
                 .collect()
         };
         match s {
-            Schema::Null => Value::Null,
+            Schema::Null | Schema::Any(_) | Schema::AnyObject(_) => Value::Null,
             Schema::Boolean => json!(coin(rng, 0.5)),
             Schema::Enum(v) => v[(rng.uniform() * v.len() as f64) as usize].clone(),
             Schema::Integer { min, max } => {
@@ -922,10 +970,21 @@ mod tests {
         }
     }
 
+    /// Nesting depth of a value (scalars 0).
+    fn depth(v: &Value) -> usize {
+        match v {
+            Value::Object(m) => 1 + m.values().map(depth).max().unwrap_or(0),
+            Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
     /// Validates `v` against `s` independently of the automaton.
     fn valid(v: &Value, s: &Schema) -> bool {
         match (s, v) {
             (Schema::Null, Value::Null) | (Schema::Boolean, Value::Bool(_)) => true,
+            (Schema::Any(d), v) => depth(v) <= *d,
+            (Schema::AnyObject(d), Value::Object(m)) => m.values().all(|x| depth(x) <= *d),
             (Schema::Enum(e), v) => e.contains(v),
             (Schema::Integer { min, max }, Value::Number(n)) => {
                 n.as_i64().is_some_and(|x| *min <= x && x <= *max)
@@ -1061,6 +1120,28 @@ mod tests {
     }
 
     #[test]
+    fn any_object_takes_nested_json_up_to_its_depth() {
+        let mut a = Automaton::new(&Schema::AnyObject(2));
+        for ok in [
+            "{}",
+            "{\"a\": 1}",
+            "{\"a\":[1, \"x\", null],\"b\":{\"c\":true}}",
+            "{\"k\": {\"l\": [1]}}",
+        ] {
+            assert!(a.accepts(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "[]",
+            "{\"a\"}",
+            "{\"a\": {\"b\": {\"c\": [1]}}}",
+            "{\"a\": 1,}",
+            "{a: 1}",
+        ] {
+            assert!(!a.accepts(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
     fn unsupported_keywords_are_named() {
         let e = Schema::from_json_schema(
             &json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "x+"}}}),
@@ -1127,7 +1208,7 @@ mod tests {
                 &s,
                 &eos,
                 &mut rngs,
-                Some(&grammar),
+                Some((&grammar, grammar.start())),
             )
             .unwrap()
             {

@@ -154,9 +154,10 @@ fn masked(logits: &[f32], grammar: &Grammar, state: u32, eos: &[u32]) -> Option<
     Some(out)
 }
 
-/// [`generate`], with every sequence kept inside `grammar`'s language when one is given:
-/// each step samples only tokens that keep the text a prefix of a valid reply, and a
-/// sequence ends (as EOS) once its reply is complete and nothing more may follow.
+/// [`generate`], with every sequence kept inside a grammar's language when one is given
+/// (with the state the prompts' prefilled reply start left it in): each step samples only
+/// tokens that keep the text a prefix of a valid reply, and a sequence ends (as EOS) once
+/// its reply is complete and nothing more may follow.
 pub fn generate_constrained(
     model: &Decoder,
     tokenizer: &TextTokenizer,
@@ -164,8 +165,9 @@ pub fn generate_constrained(
     s: &Sampling,
     eos: &[u32],
     rngs: &mut [Rng],
-    grammar: Option<&Grammar>,
+    constraint: Option<(&Grammar, u32)>,
 ) -> Result<Vec<Generation>> {
+    let grammar = constraint.map(|c| c.0);
     let b = prompts.len();
     let device = model.device();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
@@ -191,7 +193,7 @@ pub fn generate_constrained(
     // Prompt index of each row still decoding; finished rows leave the batch (and the
     // cache), so one long answer does not make the others pay for its steps.
     let mut alive: Vec<usize> = (0..b).collect();
-    let mut states: Vec<u32> = vec![grammar.map_or(0, Grammar::start); b];
+    let mut states: Vec<u32> = vec![constraint.map_or(0, |c| c.1); b];
     for _ in 0..s.max_new_tokens {
         let h = model.hidden(&input, &keys, Some(&mut cache), None)?;
         let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;

@@ -275,6 +275,7 @@ fn answer_all(
                     messages,
                     sampling: sampling.clone(),
                     seed: 0,
+                    schema: None,
                 }
             })
             .collect();

@@ -1,15 +1,26 @@
 //! A loaded model answering chat requests: what the `local` oracle backend and
 //! `pipe serve` run on. Requests are rendered with the model's chat template,
 //! batched with left padding (requests with different decoding settings go in
-//! separate batches) and decoded with the Q8_0 copies of the weights on CPU.
+//! separate batches) and decoded with the Q8_0 copies of the weights on CPU. A request
+//! with a JSON schema is decoded under it ([`pipe_train::constrain`]); the compiled
+//! grammars are kept per model.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
 
-use pipe_train::generate::generate;
+use pipe_train::constrain::{Grammar, Schema, Vocab};
+use pipe_train::generate::generate_constrained;
 pub use pipe_train::generate::{Finish, Sampling};
 use pipe_train::loader::Loaded;
 pub use pipe_train::tokenizer::Message;
 use pipe_train::Rng;
+use serde_json::Value;
+
+/// Whether constrained decoding takes `schema` (the error says what it cannot).
+pub fn check_schema(schema: &Value) -> Result<(), String> {
+    Schema::from_json_schema(schema).map(|_| ())
+}
 
 /// One chat completion request.
 #[derive(Debug, Clone)]
@@ -20,6 +31,8 @@ pub struct ChatRequest {
     pub sampling: Sampling,
     /// Seed of this request's sampler (ignored when greedy).
     pub seed: u64,
+    /// Keep the reply inside this JSON schema (constrained decoding), when given.
+    pub schema: Option<Arc<Value>>,
 }
 
 /// One completion.
@@ -39,6 +52,10 @@ pub struct Completion {
 pub struct ChatModel {
     loaded: Loaded,
     eos: Vec<u32>,
+    /// The vocabulary's token bytes, built on the first constrained request.
+    vocab: OnceLock<Arc<Vocab>>,
+    /// Compiled schemas (canonical JSON text → grammar), kept for the model's life.
+    grammars: Mutex<HashMap<String, Arc<Grammar>>>,
     /// The name it was loaded by (`gguf:models/x.gguf`).
     pub name: String,
 }
@@ -85,6 +102,8 @@ impl ChatModel {
         Ok(ChatModel {
             loaded,
             eos,
+            vocab: OnceLock::new(),
+            grammars: Mutex::new(HashMap::new()),
             name: spec.to_string(),
         })
     }
@@ -118,6 +137,35 @@ impl ChatModel {
             .map_err(|e| format!("tokenizing: {e}"))
     }
 
+    /// The grammar of `schema` over this model's vocabulary (compiled once).
+    pub fn grammar(&self, schema: &Value) -> Result<Arc<Grammar>, String> {
+        let key = schema.to_string();
+        let mut cache = self.grammars.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(g) = cache.get(&key) {
+            return Ok(g.clone());
+        }
+        let parsed = Schema::from_json_schema(schema)?;
+        let vocab = self
+            .vocab
+            .get_or_init(|| Arc::new(Vocab::new(self.loaded.tokenizer.token_bytes())))
+            .clone();
+        let g = Arc::new(Grammar::new(&parsed, vocab));
+        cache.insert(key, g.clone());
+        Ok(g)
+    }
+
+    /// Where the grammar stands after the prefilled start of the reply (a final assistant
+    /// message), or an error when that start cannot begin a valid reply.
+    fn grammar_start(&self, g: &Grammar, messages: &[Message]) -> Result<u32, String> {
+        let prefill = match messages.last() {
+            Some(m) if m.role == "assistant" => m.content.as_str(),
+            _ => "",
+        };
+        g.start_after(prefill.as_bytes()).ok_or_else(|| {
+            format!("the reply's prefilled start `{prefill}` cannot begin a reply of the required JSON shape")
+        })
+    }
+
     /// Answers a batch of requests, in order.
     pub fn complete(&self, requests: &[ChatRequest]) -> Result<Vec<Completion>, String> {
         let prompts = requests
@@ -125,23 +173,42 @@ impl ChatModel {
             .map(|r| self.encode(&r.messages))
             .collect::<Result<Vec<_>, _>>()?;
         let mut out: Vec<Option<Completion>> = vec![None; requests.len()];
-        let mut groups: Vec<(&Sampling, Vec<usize>)> = Vec::new();
+        // Requests decode together when they share sampling, schema and prefilled start.
+        type Group<'r> = (&'r Sampling, Option<(Arc<Grammar>, u32)>, Vec<usize>);
+        let mut groups: Vec<Group> = Vec::new();
         for (i, r) in requests.iter().enumerate() {
-            match groups.iter_mut().find(|(s, _)| **s == r.sampling) {
-                Some((_, v)) => v.push(i),
-                None => groups.push((&r.sampling, vec![i])),
+            let constraint = match &r.schema {
+                None => None,
+                Some(schema) => {
+                    let g = self.grammar(schema)?;
+                    let start = self.grammar_start(&g, &r.messages)?;
+                    Some((g, start))
+                }
+            };
+            let same = |c: &Option<(Arc<Grammar>, u32)>| match (c, &constraint) {
+                (None, None) => true,
+                (Some((a, x)), Some((b, y))) => Arc::ptr_eq(a, b) && x == y,
+                _ => false,
+            };
+            match groups
+                .iter_mut()
+                .find(|(s, c, _)| **s == r.sampling && same(c))
+            {
+                Some((_, _, v)) => v.push(i),
+                None => groups.push((&r.sampling, constraint, vec![i])),
             }
         }
-        for (sampling, idx) in groups {
+        for (sampling, constraint, idx) in groups {
             let batch: Vec<Vec<u32>> = idx.iter().map(|&i| prompts[i].clone()).collect();
             let mut rngs: Vec<Rng> = idx.iter().map(|&i| Rng::new(requests[i].seed)).collect();
-            let gens = generate(
+            let gens = generate_constrained(
                 &self.loaded.model,
                 &self.loaded.tokenizer,
                 &batch,
                 sampling,
                 &self.eos,
                 &mut rngs,
+                constraint.as_ref().map(|(g, s)| (g.as_ref(), *s)),
             )
             .map_err(|e| format!("generating: {e}"))?;
             for (g, &i) in gens.into_iter().zip(&idx) {

@@ -68,6 +68,7 @@ impl Backend for LocalBackend {
                     messages: asks[i].messages.clone(),
                     sampling: asks[i].sampling.clone(),
                     seed: asks[i].seed,
+                    schema: asks[i].schema.clone(),
                 })
                 .collect();
             match self.model.complete(&reqs) {

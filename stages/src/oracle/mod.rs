@@ -50,6 +50,8 @@ pub struct Ask {
     /// `Idempotency-Key` header, so a server that honours it (`pipe serve` does) answers a
     /// request repeated after a crash from its cache instead of generating again.
     pub key: String,
+    /// The reply's JSON schema when decoding is constrained (`constrained:`).
+    pub schema: Option<std::sync::Arc<Value>>,
 }
 
 /// Why a backend gave no reply.
@@ -93,6 +95,8 @@ pub struct Oracle {
     backend: Box<dyn Backend>,
     memo: memo::Memo,
     identity: String,
+    /// The reply's JSON schema when decoding is constrained.
+    schema: Option<std::sync::Arc<Value>>,
 }
 
 /// How one item ended.
@@ -148,6 +152,18 @@ impl Oracle {
     ) -> Result<Oracle, StageError> {
         let task = OracleTask::new(template, &spec.returns)
             .map_err(|e| StageError::Failed(format!("oracle template {}: {e}", spec.template)))?;
+        let schema = spec
+            .constrained()
+            .then(|| std::sync::Arc::new(task.json_schema()));
+        if let (Some(schema), Some(prefix)) = (&schema, &spec.reply_prefix) {
+            let parsed = pipe_train::constrain::Schema::from_json_schema(schema)
+                .map_err(|e| StageError::Failed(format!("the reply schema: {e}")))?;
+            if !pipe_train::constrain::Automaton::new(&parsed).viable_prefix(prefix.as_bytes()) {
+                return Err(StageError::Failed(format!(
+                    "oracle reply_prefix `{prefix}` cannot begin a reply of the declared shape {schema} (constrained decoding writes keys in alphabetical order); fix the prefix or set `constrained: false`"
+                )));
+            }
+        }
         let backend: Box<dyn Backend> = match spec.backend {
             BackendKind::Local => {
                 ctx.progress(0, None, "loading the oracle model");
@@ -170,6 +186,7 @@ impl Oracle {
             backend,
             memo: memo::Memo::new(ctx.memo_dir("oracle")),
             identity,
+            schema,
         })
     }
 
@@ -217,6 +234,11 @@ impl Oracle {
             "attempt": attempt,
             "messages": messages.iter().map(|m| [&m.role, &m.content]).collect::<Vec<_>>(),
         });
+        let mut doc = doc;
+        if let Some(schema) = &self.schema {
+            // A constrained reply is another reply than a free one.
+            doc["constrained"] = (**schema).clone();
+        }
         h.update(doc.to_string().as_bytes());
         format!("{:x}", h.finalize())
     }
@@ -291,6 +313,7 @@ impl Oracle {
                         messages,
                         sampling,
                         seed,
+                        schema: self.schema.clone(),
                     }
                 })
                 .collect();

@@ -74,6 +74,10 @@ impl OpenAiBackend {
         if !ask.sampling.stop.is_empty() {
             b["stop"] = json!(ask.sampling.stop);
         }
+        if let Some(schema) = &ask.schema {
+            b["response_format"] = json!({"type": "json_schema",
+                "json_schema": {"name": "reply", "schema": **schema, "strict": true}});
+        }
         b.to_string()
     }
 

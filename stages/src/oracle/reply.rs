@@ -96,6 +96,29 @@ impl OracleTask {
         render_template(&self.template, record)
     }
 
+    /// The reply as a JSON schema (every declared field required), for constrained
+    /// decoding and `response_format: json_schema`.
+    pub fn json_schema(&self) -> Value {
+        let props: serde_json::Map<String, Value> = self
+            .returns
+            .iter()
+            .map(|(name, ty)| {
+                let s = match ty {
+                    FieldType::String => serde_json::json!({"type": "string"}),
+                    FieldType::Number => serde_json::json!({"type": "number"}),
+                    FieldType::Bool => serde_json::json!({"type": "boolean"}),
+                    FieldType::StringList => {
+                        serde_json::json!({"type": "array", "items": {"type": "string"}})
+                    }
+                    FieldType::Enum(values) => serde_json::json!({"enum": values}),
+                };
+                (name.clone(), s)
+            })
+            .collect();
+        let required: Vec<&String> = self.returns.keys().collect();
+        serde_json::json!({"type": "object", "properties": props, "required": required, "additionalProperties": false})
+    }
+
     /// Extracts and checks the reply's JSON object; returns only the declared fields.
     pub fn parse(&self, reply: &str) -> Result<Value, ParseFailure> {
         let obj = first_object(reply)

@@ -68,6 +68,11 @@ pub struct OracleSpec {
     pub reply_suffix: Option<String>,
     /// Declared reply fields: `name: string | number | bool | list[string] | enum[A,B]`.
     pub returns: BTreeMap<String, String>,
+    /// Decode under the reply's JSON schema (built from `returns`), so every reply parses:
+    /// on by default for local models; for `openai`, `true` sends `response_format:
+    /// json_schema` (for endpoints that support it, `pipe serve` and vLLM do).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constrained: Option<bool>,
     /// Tokens the oracle may generate per reply.
     #[serde(default = "default_max_new")]
     pub max_new_tokens: usize,
@@ -239,10 +244,18 @@ impl OracleSpec {
         d
     }
 
+    /// Whether replies are decoded under their schema (see `constrained`).
+    pub fn constrained(&self) -> bool {
+        self.constrained
+            .unwrap_or(self.backend == BackendKind::Local)
+    }
+
     /// The part of the spec that determines the replies (for stage fingerprints).
     pub fn key_value(&self) -> Value {
         let mut v = serde_json::to_value(self).expect("serialisable");
         if let Some(o) = v.as_object_mut() {
+            // The effective setting: a local oracle's default changed its replies.
+            o.insert("constrained".into(), Value::Bool(self.constrained()));
             for k in EXECUTION_ONLY {
                 o.remove(*k);
             }

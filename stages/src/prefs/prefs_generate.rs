@@ -263,6 +263,7 @@ impl Stage for PrefsGenerateStage {
                         messages: messages[*i].clone(),
                         sampling: sampling.clone(),
                         seed: *seed,
+                        schema: None,
                     })
                     .collect();
                 let outs = model.complete(&reqs).map_err(StageError::Failed)?;
