@@ -668,7 +668,10 @@ stages:
 fn check_shaped(labels: &[Value]) {
     for l in labels {
         let label = &l["label"];
-        assert!(["yes", "no", "unsure"].contains(&label["verdict"].as_str().unwrap()), "{l}");
+        assert!(
+            ["yes", "no", "unsure"].contains(&label["verdict"].as_str().unwrap()),
+            "{l}"
+        );
         assert!(label["score"].is_number(), "{l}");
         assert!(label["ok"].is_boolean(), "{l}");
     }
@@ -681,7 +684,10 @@ fn constrained_decoding_makes_every_local_reply_parse_and_serve_enforces_json_sc
     let free = shaped(12, "backend: local, model: \"tiny:llama:2\", max_new_tokens: 48, retries: 0, batch_size: 6, constrained: false");
     free.ok(&["run", "pipe.yaml", "--no-progress"]);
     assert_eq!(jsonl(&free, "label", "failures").len(), 12);
-    let p = shaped(12, "backend: local, model: \"tiny:llama:2\", max_new_tokens: 48, retries: 0, batch_size: 6");
+    let p = shaped(
+        12,
+        "backend: local, model: \"tiny:llama:2\", max_new_tokens: 48, retries: 0, batch_size: 6",
+    );
     p.ok(&["run", "pipe.yaml", "--no-progress"]);
     assert!(jsonl(&p, "label", "failures").is_empty());
     let labels = jsonl(&p, "label", "labels");
@@ -689,10 +695,18 @@ fn constrained_decoding_makes_every_local_reply_parse_and_serve_enforces_json_sc
     check_shaped(&labels);
 
     // A prefix no reply of the shape starts with is refused before any request.
-    let bad = shaped(2, "backend: local, model: \"tiny:llama:2\", reply_prefix: '{\"answer\": \"', retries: 0");
+    let bad = shaped(
+        2,
+        "backend: local, model: \"tiny:llama:2\", reply_prefix: '{\"answer\": \"', retries: 0",
+    );
     let out = bad.pipe(&["run", "pipe.yaml", "--no-progress"]);
     assert_eq!(out.code, 1);
-    assert!(out.stderr.contains("cannot begin a reply of the declared shape"), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("cannot begin a reply of the declared shape"),
+        "{}",
+        out.stderr
+    );
 
     // The openai backend with `constrained: true` sends response_format json_schema, and
     // pipe serve enforces it.

@@ -4,7 +4,7 @@
 //!
 //! `PIPE_MLFLOW` names the `mlflow` executable (else PATH), `PIPE_PYTHON` a Python with
 //! `tensorboard` (else the `python` beside `mlflow`). `.ci/run` installs both and sets
-//! `PIPE_REQUIRE_MLFLOW=1`, so there their absence fails the test instead of skipping it.
+//! `PIPE_REQUIRE_INTEROP=1`, so there their absence fails the test instead of skipping it.
 
 mod support;
 
@@ -54,7 +54,7 @@ fn on_path(name: &str) -> Option<PathBuf> {
 }
 
 fn required() -> bool {
-    std::env::var_os("PIPE_REQUIRE_MLFLOW").is_some()
+    std::env::var_os("PIPE_REQUIRE_INTEROP").is_some()
 }
 
 /// An `mlflow server` in its own process group, stopped (group and all) on drop.
@@ -192,7 +192,7 @@ fn mlflow_lists_every_stage_run_with_params_and_step_metrics_and_tensorboard_rea
     let Some(mlflow) = mlflow else {
         assert!(
             !required(),
-            "PIPE_REQUIRE_MLFLOW is set but no mlflow (PIPE_MLFLOW or PATH)"
+            "PIPE_REQUIRE_INTEROP is set but no mlflow (PIPE_MLFLOW or PATH)"
         );
         eprintln!("no mlflow on PATH: this test did not run (pip install mlflow tensorboard)");
         return;

@@ -38,6 +38,8 @@ type Shared = tokio::sync::watch::Receiver<Option<Result<Completion, String>>>;
 
 struct AppState {
     name: String,
+    /// Each token id's text and bytes, for `logprobs`.
+    tokens: Vec<(String, Vec<u8>)>,
     queue: mpsc::Sender<Job>,
     served: AtomicU64,
     /// Idempotency key → its completion (pending or done), oldest keys first out.
@@ -57,6 +59,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<u8> {
     };
     let model = ChatModel::load(&args.model, &workdir, args.adapter.as_deref(), &opts)
         .map_err(super::UsageError)?;
+    let tokens: Vec<(String, Vec<u8>)> = (0..model.vocab_size() as u32)
+        .map(|id| model.token_text(id))
+        .collect();
     let (tx, rx) = mpsc::channel::<Job>();
     let max_batch = args.max_batch.max(1);
     std::thread::Builder::new()
@@ -64,13 +69,16 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<u8> {
         .spawn(move || worker(model, rx, max_batch))?;
     let state = Arc::new(AppState {
         name: args.name.clone().unwrap_or_else(|| args.model.clone()),
+        tokens,
         queue: tx,
         served: AtomicU64::new(0),
         idempotent: Default::default(),
     });
     let app = Router::new()
         .route("/v1/models", get(models))
+        .route("/health", get(health))
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
         .with_state(state);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -135,10 +143,26 @@ async fn models(State(s): State<Arc<AppState>>) -> Response {
     .into_response()
 }
 
+/// A parsed request: what to generate, how many choices, which log-probabilities.
+struct Parsed {
+    request: ChatRequest,
+    n: usize,
+    /// `Some(k)`: each token's logprob and its `k` most likely alternatives.
+    logprobs: Option<usize>,
+}
+
+/// Most choices one request may ask for (`n`).
+const MAX_N: u64 = 8;
+/// Most alternatives per token (`top_logprobs`), as OpenAI allows.
+const MAX_TOP_LOGPROBS: u64 = 20;
+
 /// Reads an OpenAI chat request.
-fn parse_request(body: &[u8]) -> Result<ChatRequest, String> {
+fn parse_request(body: &[u8]) -> Result<Parsed, String> {
     let v: Value =
         serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    if !v.is_object() {
+        return Err("the body must be a JSON object".into());
+    }
     let msgs = v
         .get("messages")
         .and_then(Value::as_array)
@@ -193,11 +217,56 @@ fn parse_request(body: &[u8]) -> Result<ChatRequest, String> {
             }
         },
     };
+    let mut parsed = sampling_of(&v)?;
+    parsed.request.messages = messages;
+    parsed.request.schema = schema.map(Arc::new);
+    Ok(parsed)
+}
+
+/// The decoding fields shared by chat and legacy completions.
+fn sampling_of(v: &Value) -> Result<Parsed, String> {
     if v.get("stream").and_then(Value::as_bool) == Some(true) {
-        return Err("`stream: true` is not supported".into());
+        return Err("`stream: true` is not supported yet; ask without streaming".into());
     }
-    if v.get("n").and_then(Value::as_u64).is_some_and(|n| n != 1) {
-        return Err("only `n: 1` is supported".into());
+    let n = match v.get("n") {
+        None | Some(Value::Null) => 1,
+        Some(x) => match x.as_u64() {
+            Some(n) if (1..=MAX_N).contains(&n) => n as usize,
+            _ => return Err(format!("`n` must be an integer from 1 to {MAX_N}")),
+        },
+    };
+    let logprobs = match v.get("logprobs") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => None,
+        Some(Value::Bool(true)) => Some(match v.get("top_logprobs") {
+            None | Some(Value::Null) => 0,
+            Some(x) => match x.as_u64() {
+                Some(k) if k <= MAX_TOP_LOGPROBS => k as usize,
+                _ => {
+                    return Err(format!(
+                        "`top_logprobs` must be an integer from 0 to {MAX_TOP_LOGPROBS}"
+                    ))
+                }
+            },
+        }),
+        // The legacy completions API: `logprobs: k`.
+        Some(Value::Number(k)) if k.as_u64().is_some_and(|k| k <= 5) => {
+            Some(k.as_u64().unwrap_or(0) as usize)
+        }
+        Some(_) => return Err("`logprobs` must be a boolean".into()),
+    };
+    for k in ["max_tokens", "max_completion_tokens", "seed"] {
+        if v.get(k)
+            .is_some_and(|x| !x.is_null() && x.as_u64().is_none())
+        {
+            return Err(format!("`{k}` must be a non-negative integer"));
+        }
+    }
+    for k in ["temperature", "top_p"] {
+        if v.get(k)
+            .is_some_and(|x| !x.is_null() && x.as_f64().is_none())
+        {
+            return Err(format!("`{k}` must be a number"));
+        }
     }
     let num = |k: &str| v.get(k).and_then(Value::as_f64);
     let max_new_tokens = v
@@ -219,17 +288,44 @@ fn parse_request(body: &[u8]) -> Result<ChatRequest, String> {
             .collect(),
         Some(_) => return Err("`stop` must be a string or a list of strings".into()),
     };
-    Ok(ChatRequest {
-        messages,
-        sampling: Sampling {
-            max_new_tokens,
-            temperature,
-            top_p,
-            stop,
+    Ok(Parsed {
+        request: ChatRequest {
+            sampling: Sampling {
+                max_new_tokens,
+                temperature,
+                top_p,
+                stop,
+                logprobs,
+            },
+            seed: v.get("seed").and_then(Value::as_u64).unwrap_or(0),
+            ..ChatRequest::default()
         },
-        seed: v.get("seed").and_then(Value::as_u64).unwrap_or(0),
-        schema: schema.map(Arc::new),
+        n,
+        logprobs,
     })
+}
+
+/// Reads a legacy completions request (`prompt` instead of `messages`).
+fn parse_completion(body: &[u8]) -> Result<Parsed, String> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    if !v.is_object() {
+        return Err("the body must be a JSON object".into());
+    }
+    let prompt = match v.get("prompt") {
+        Some(Value::String(p)) => p.clone(),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
+        _ => return Err("`prompt` must be a string (one prompt per request)".into()),
+    };
+    let mut parsed = sampling_of(&v)?;
+    parsed.request.prompt = Some(prompt);
+    Ok(parsed)
+}
+
+async fn health() -> Response {
+    Json(json!({"status": "ok"})).into_response()
 }
 
 /// Queues a request; the completion lands in the returned channel even if nobody waits.
@@ -251,76 +347,170 @@ async fn chat(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    let request = match parse_request(&body) {
-        Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", e),
-    };
+    match parse_request(&body) {
+        Ok(p) => respond(&s, &headers, p, true).await,
+        Err(e) => error(StatusCode::BAD_REQUEST, "invalid_request_error", e),
+    }
+}
+
+async fn completions(
+    State(s): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    match parse_completion(&body) {
+        Ok(p) => respond(&s, &headers, p, false).await,
+        Err(e) => error(StatusCode::BAD_REQUEST, "invalid_request_error", e),
+    }
+}
+
+/// Waits for one queued completion.
+async fn wait(mut rx: Shared) -> Result<Completion, String> {
+    match rx.wait_for(Option::is_some).await {
+        Ok(v) => v.clone().expect("waited for Some"),
+        Err(_) => Err("the completion was lost".into()),
+    }
+}
+
+/// Queues a request, through the idempotency cache when it has a key.
+fn submit_keyed(s: &AppState, request: ChatRequest, key: Option<&String>) -> Option<Shared> {
+    let mut map = s.idempotent.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(rx) = key.and_then(|k| map.0.get(k).cloned()) {
+        return Some(rx);
+    }
+    let rx = submit(s, request)?;
+    if let Some(k) = key {
+        map.0.insert(k.clone(), rx.clone());
+        map.1.push_back(k.clone());
+        while map.1.len() > IDEMPOTENT_KEYS {
+            if let Some(old) = map.1.pop_front() {
+                map.0.remove(&old);
+            }
+        }
+    }
+    Some(rx)
+}
+
+/// `logprobs` of one choice, in the chat format (`content: [...]`) or the legacy one.
+fn logprobs_json(s: &AppState, c: &Completion, chat: bool) -> Value {
+    let tok = |id: u32| s.tokens.get(id as usize).cloned().unwrap_or_default();
+    if chat {
+        let content: Vec<Value> = c
+            .logprobs
+            .iter()
+            .map(|l| {
+                let (text, bytes) = tok(l.token);
+                let top: Vec<Value> = l
+                    .top
+                    .iter()
+                    .map(|(t, lp)| {
+                        let (tt, tb) = tok(*t);
+                        json!({"token": tt, "logprob": lp, "bytes": tb})
+                    })
+                    .collect();
+                json!({"token": text, "logprob": l.logprob, "bytes": bytes, "top_logprobs": top})
+            })
+            .collect();
+        json!({"content": content})
+    } else {
+        let tokens: Vec<String> = c.logprobs.iter().map(|l| tok(l.token).0).collect();
+        let lps: Vec<f32> = c.logprobs.iter().map(|l| l.logprob).collect();
+        let top: Vec<Value> = c
+            .logprobs
+            .iter()
+            .map(|l| {
+                let m: serde_json::Map<String, Value> =
+                    l.top.iter().map(|(t, lp)| (tok(*t).0, json!(lp))).collect();
+                Value::Object(m)
+            })
+            .collect();
+        json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": top})
+    }
+}
+
+async fn respond(s: &AppState, headers: &axum::http::HeaderMap, p: Parsed, chat: bool) -> Response {
     let key = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let mut rx = {
-        let mut map = s.idempotent.lock().unwrap_or_else(|e| e.into_inner());
-        match key.as_ref().and_then(|k| map.0.get(k).cloned()) {
-            Some(rx) => rx,
+    // Choice i samples with seed + i; one Idempotency-Key names the whole request.
+    let mut waits = Vec::with_capacity(p.n);
+    for i in 0..p.n {
+        let mut r = p.request.clone();
+        r.seed = r.seed.wrapping_add(i as u64);
+        let k = key.as_ref().map(|k| {
+            if i == 0 {
+                k.clone()
+            } else {
+                format!("{k}#{i}")
+            }
+        });
+        match submit_keyed(s, r, k.as_ref()) {
+            Some(rx) => waits.push(wait(rx)),
             None => {
-                let Some(rx) = submit(&s, request) else {
-                    return error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "server_error",
-                        "the model worker stopped",
-                    );
-                };
-                if let Some(k) = key.clone() {
-                    map.0.insert(k.clone(), rx.clone());
-                    map.1.push_back(k);
-                    while map.1.len() > IDEMPOTENT_KEYS {
-                        if let Some(old) = map.1.pop_front() {
-                            map.0.remove(&old);
-                        }
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "the model worker stopped",
+                )
+            }
+        }
+    }
+    let mut done = Vec::with_capacity(p.n);
+    for w in waits {
+        match w.await {
+            Ok(c) => done.push(c),
+            Err(e) => {
+                // Failures are not remembered: asking again tries again.
+                if let Some(k) = &key {
+                    let mut map = s.idempotent.lock().unwrap_or_else(|e| e.into_inner());
+                    map.0.remove(k);
+                    for i in 1..p.n {
+                        map.0.remove(&format!("{k}#{i}"));
                     }
                 }
-                rx
+                return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e);
             }
         }
-    };
-    let done = match rx.wait_for(Option::is_some).await {
-        Ok(v) => v.clone().expect("waited for Some"),
-        Err(_) => Err("the completion was lost".into()),
-    };
-    let c = match done {
-        Ok(c) => c,
-        Err(e) => {
-            // Failures are not remembered: asking again tries again.
-            if let Some(k) = &key {
-                s.idempotent
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0
-                    .remove(k);
-            }
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e);
-        }
-    };
+    }
     let n = s.served.fetch_add(1, Ordering::SeqCst) + 1;
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    let choices: Vec<Value> = done
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let finish = if c.finish == Finish::Length {
+                "length"
+            } else {
+                "stop"
+            };
+            let lp = p
+                .logprobs
+                .map(|_| logprobs_json(s, c, chat))
+                .unwrap_or(Value::Null);
+            if chat {
+                json!({"index": i, "message": {"role": "assistant", "content": c.text},
+                       "logprobs": lp, "finish_reason": finish})
+            } else {
+                json!({"index": i, "text": c.text, "logprobs": lp, "finish_reason": finish})
+            }
+        })
+        .collect();
+    let prompt_tokens = done.first().map_or(0, |c| c.prompt_tokens);
+    let completion_tokens: usize = done.iter().map(|c| c.completion_tokens).sum();
     Json(json!({
-        "id": format!("chatcmpl-pipe-{n}"),
-        "object": "chat.completion",
+        "id": format!("{}-pipe-{n}", if chat { "chatcmpl" } else { "cmpl" }),
+        "object": if chat { "chat.completion" } else { "text_completion" },
         "created": created,
         "model": s.name,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": c.text},
-            "finish_reason": if c.finish == Finish::Length { "length" } else { "stop" },
-        }],
+        "choices": choices,
         "usage": {
-            "prompt_tokens": c.prompt_tokens,
-            "completion_tokens": c.completion_tokens,
-            "total_tokens": c.prompt_tokens + c.completion_tokens,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
         },
     }))
     .into_response()

@@ -26,6 +26,10 @@ pub struct Sampling {
     /// Generation ends when the text contains one of these (it is cut before it).
     #[serde(default)]
     pub stop: Vec<String>,
+    /// Record each generated token's log-probability and this many most likely
+    /// alternatives (under the model's full distribution, before any constraint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<usize>,
 }
 
 fn default_max_new() -> usize {
@@ -42,6 +46,7 @@ impl Default for Sampling {
             temperature: 0.0,
             top_p: 1.0,
             stop: vec![],
+            logprobs: None,
         }
     }
 }
@@ -67,6 +72,54 @@ pub struct Generation {
     pub text: String,
     /// Why it ended.
     pub finish: Finish,
+    /// Per generated token (when [`Sampling::logprobs`] asks), aligned with `ids`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// A generated token's log-probability and the most likely alternatives at its step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// The token.
+    pub token: u32,
+    /// Its natural-log probability under the model.
+    pub logprob: f32,
+    /// `(token, logprob)` of the most likely tokens, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// `log_softmax(logits)[token]` and the `k` largest entries, in f64 for the sum.
+pub fn logprob_of(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&x| ((x as f64) - max).exp())
+            .sum::<f64>()
+            .ln();
+    let lp = |t: usize| (logits[t] as f64 - lse) as f32;
+    let mut top: Vec<u32> = Vec::new();
+    if k > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let k = k.min(idx.len());
+        idx.select_nth_unstable_by(k - 1, |a, b| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        });
+        idx.truncate(k);
+        idx.sort_by(|a, b| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        });
+        top = idx;
+    }
+    TokenLogprob {
+        token,
+        logprob: lp(token as usize),
+        top: top.into_iter().map(|t| (t, lp(t as usize))).collect(),
+    }
 }
 
 /// Picks the next token from `logits` (f32, one row).
@@ -194,6 +247,7 @@ pub fn generate_constrained(
     // cache), so one long answer does not make the others pay for its steps.
     let mut alive: Vec<usize> = (0..b).collect();
     let mut states: Vec<u32> = vec![constraint.map_or(0, |c| c.1); b];
+    let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); b];
     for _ in 0..s.max_new_tokens {
         let h = model.hidden(&input, &keys, Some(&mut cache), None)?;
         let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
@@ -230,6 +284,9 @@ pub fn generate_constrained(
                 }
             }
             out[r].push(t);
+            if let Some(k) = s.logprobs {
+                lps[r].push(logprob_of(&logits[row], t, k));
+            }
             if grammar.is_some_and(|g| g.allowed(states[r]).is_empty()) {
                 // The reply is complete and closed: nothing may follow, not even a step.
                 finish[r] = Some(Finish::Eos);
@@ -278,6 +335,7 @@ pub fn generate_constrained(
             ids: std::mem::take(&mut out[r]),
             text,
             finish: f,
+            logprobs: std::mem::take(&mut lps[r]),
         });
     }
     Ok(result)

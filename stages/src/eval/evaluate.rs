@@ -276,6 +276,7 @@ fn answer_all(
                     sampling: sampling.clone(),
                     seed: 0,
                     schema: None,
+                    prompt: None,
                 }
             })
             .collect();

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use pipe_train::constrain::{Grammar, Schema, Vocab};
 use pipe_train::generate::generate_constrained;
-pub use pipe_train::generate::{Finish, Sampling};
+pub use pipe_train::generate::{Finish, Sampling, TokenLogprob};
 use pipe_train::loader::Loaded;
 pub use pipe_train::tokenizer::Message;
 use pipe_train::Rng;
@@ -23,7 +23,7 @@ pub fn check_schema(schema: &Value) -> Result<(), String> {
 }
 
 /// One chat completion request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ChatRequest {
     /// The conversation so far.
     pub messages: Vec<Message>,
@@ -33,6 +33,9 @@ pub struct ChatRequest {
     pub seed: u64,
     /// Keep the reply inside this JSON schema (constrained decoding), when given.
     pub schema: Option<Arc<Value>>,
+    /// A raw prompt continued as it is, without the chat template (the legacy
+    /// completions API); `messages` is then ignored.
+    pub prompt: Option<String>,
 }
 
 /// One completion.
@@ -46,6 +49,8 @@ pub struct Completion {
     pub prompt_tokens: usize,
     /// Tokens generated.
     pub completion_tokens: usize,
+    /// Per generated token, when the sampling asked for log-probabilities.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// A model ready to answer chats.
@@ -106,6 +111,35 @@ impl ChatModel {
             grammars: Mutex::new(HashMap::new()),
             name: spec.to_string(),
         })
+    }
+
+    /// Token ids the model knows.
+    pub fn vocab_size(&self) -> usize {
+        self.loaded.tokenizer.vocab_size()
+    }
+
+    /// The text and exact bytes of one token (special tokens by their name).
+    pub fn token_text(&self, id: u32) -> (String, Vec<u8>) {
+        let text = self
+            .loaded
+            .tokenizer
+            .decode(&[id], false)
+            .unwrap_or_default();
+        let bytes = self
+            .vocab
+            .get_or_init(|| Arc::new(Vocab::new(self.loaded.tokenizer.token_bytes())))
+            .token(id)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_else(|| text.as_bytes().to_vec());
+        (text, bytes)
+    }
+
+    /// Log-probabilities of every token after `messages` rendered for generation (the
+    /// first reply token's distribution), for checks against a server's `logprobs`.
+    pub fn next_logprobs(&self, messages: &[Message]) -> Result<Vec<f32>, String> {
+        let ids = self.encode(messages)?;
+        pipe_train::generate::next_token_logprobs(&self.loaded.model, &ids)
+            .map_err(|e| e.to_string())
     }
 
     /// sha256 of the model's config, weights and tokenizer.
@@ -170,7 +204,14 @@ impl ChatModel {
     pub fn complete(&self, requests: &[ChatRequest]) -> Result<Vec<Completion>, String> {
         let prompts = requests
             .iter()
-            .map(|r| self.encode(&r.messages))
+            .map(|r| match &r.prompt {
+                Some(p) => self
+                    .loaded
+                    .tokenizer
+                    .encode(p)
+                    .map_err(|e| format!("tokenizing: {e}")),
+                None => self.encode(&r.messages),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let mut out: Vec<Option<Completion>> = vec![None; requests.len()];
         // Requests decode together when they share sampling, schema and prefilled start.
@@ -217,6 +258,7 @@ impl ChatModel {
                     prompt_tokens: prompts[i].len(),
                     text: g.text,
                     finish: g.finish,
+                    logprobs: g.logprobs,
                 });
             }
         }

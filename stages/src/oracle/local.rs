@@ -69,6 +69,7 @@ impl Backend for LocalBackend {
                     sampling: asks[i].sampling.clone(),
                     seed: asks[i].seed,
                     schema: asks[i].schema.clone(),
+                    prompt: None,
                 })
                 .collect();
             match self.model.complete(&reqs) {

@@ -199,6 +199,7 @@ fn parse_completion(text: &str, ask: &Ask) -> Result<Completion, String> {
         completion_tokens: usage("completion_tokens")
             .map(|n| n as usize)
             .unwrap_or(content.len().div_ceil(4)),
+        logprobs: Vec::new(),
     })
 }
 

@@ -285,6 +285,7 @@ impl OracleSpec {
                 temperature,
                 top_p: self.top_p,
                 stop: self.stop.clone(),
+                logprobs: None,
             },
             self.seed.wrapping_add(attempt as u64),
         )

@@ -179,6 +179,7 @@ impl Stage for PrefsGenerateStage {
             temperature: p.temperature,
             top_p: p.top_p,
             stop: vec![],
+            logprobs: None,
         };
         let memo = Memo::new(ctx.memo_dir("generations"));
         let base_identity =
@@ -264,6 +265,7 @@ impl Stage for PrefsGenerateStage {
                         sampling: sampling.clone(),
                         seed: *seed,
                         schema: None,
+                        prompt: None,
                     })
                     .collect();
                 let outs = model.complete(&reqs).map_err(StageError::Failed)?;

@@ -1,0 +1,168 @@
+//! `pipe serve` driven by the official `openai` Python client
+//! (`scripts/reference/openai_client_check.py`): chat, `n`, logprobs (compared with pipe's
+//! own log-softmax of the same prompt), `response_format` json_schema and json_object,
+//! legacy completions, and the 400s of invalid requests in OpenAI's error shape.
+//!
+//! `PIPE_PYTHON` names a Python with `openai` installed; `.ci/run` installs it and sets
+//! `PIPE_REQUIRE_INTEROP=1`, so there a missing client fails the test instead of skipping.
+
+mod support;
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+use support::Project;
+
+fn python_with_openai() -> Option<PathBuf> {
+    let python = std::env::var_os("PIPE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    let ok = Command::new(&python)
+        .args(["-c", "import openai"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then_some(python)
+}
+
+#[test]
+fn the_official_openai_client_gets_what_it_asks_for() {
+    let Some(python) = python_with_openai() else {
+        assert!(
+            std::env::var_os("PIPE_REQUIRE_INTEROP").is_none(),
+            "PIPE_REQUIRE_INTEROP is set but PIPE_PYTHON has no `openai` package"
+        );
+        eprintln!("no Python with `openai`: this test did not run (pip install openai)");
+        return;
+    };
+    let p = Project::new();
+    let mut child = p
+        .command(&["serve", "tiny:llama:3", "--port", "0", "--max-batch", "4"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/reference/openai_client_check.py");
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg(&url)
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        out.status.success(),
+        "openai_client_check.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    assert_eq!(r["model"], "tiny:llama:3");
+    let usage = r["chat"]["usage"].as_array().unwrap();
+    assert!(usage[0].as_u64().unwrap() > 0);
+    assert_eq!(
+        usage[0].as_u64().unwrap() + usage[1].as_u64().unwrap(),
+        usage[2].as_u64().unwrap()
+    );
+    assert_eq!(r["n2_index"], serde_json::json!([0, 1]));
+    assert_eq!(r["n2"].as_array().unwrap().len(), 2);
+
+    // Logprobs: three tokens, two alternatives each, the first token's values equal to
+    // the log-softmax pipe computes itself for the same prompt.
+    let lp = r["logprobs"].as_array().unwrap();
+    assert_eq!(lp.len(), 3);
+    let opts = pipe_stages::model::LoadOptions {
+        device: "auto".into(),
+        dtype: "auto".into(),
+        decode_int8: true,
+        ..Default::default()
+    };
+    let model =
+        pipe_stages::model::chat::ChatModel::load("tiny:llama:3", p.path(), None, &opts).unwrap();
+    let messages = [pipe_stages::model::chat::Message {
+        role: "user".into(),
+        content: "Say something.".into(),
+    }];
+    let own = model.next_logprobs(&messages).unwrap();
+    let first = &lp[0];
+    let (best, best_lp) =
+        own.iter().enumerate().fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+        );
+    let (_, bytes) = model.token_text(best as u32);
+    let served_bytes: Vec<u8> = first["bytes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_u64().unwrap() as u8)
+        .collect();
+    assert_eq!(served_bytes, bytes, "greedy picks pipe's argmax");
+    let served = first["logprob"].as_f64().unwrap();
+    assert!(
+        (served - best_lp as f64).abs() < 1e-4,
+        "{served} vs {best_lp}"
+    );
+    for alt in first["top"].as_array().unwrap() {
+        let alt_bytes: Vec<u8> = alt[2]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        let id = (0..model.vocab_size() as u32)
+            .find(|&t| model.token_text(t).1 == alt_bytes)
+            .unwrap();
+        let v = alt[1].as_f64().unwrap();
+        assert!(
+            (v - own[id as usize] as f64).abs() < 1e-4,
+            "{v} vs {}",
+            own[id as usize]
+        );
+    }
+    assert_eq!(first["top"].as_array().unwrap().len(), 2);
+
+    // Structured output.
+    let v: Value = serde_json::from_str(r["json_schema"].as_str().unwrap()).unwrap();
+    assert!(
+        ["yes", "no"].contains(&v["verdict"].as_str().unwrap()),
+        "{v}"
+    );
+    assert!((1..=5).contains(&v["score"].as_i64().unwrap()), "{v}");
+    if r["json_object"]["finish"] == "stop" {
+        let o: Value = serde_json::from_str(r["json_object"]["text"].as_str().unwrap()).unwrap();
+        assert!(o.is_object());
+    } else {
+        // Cut by max_tokens: still the start of an object.
+        assert!(r["json_object"]["text"].as_str().unwrap().starts_with('{'));
+    }
+
+    assert_eq!(r["legacy"]["object"], "text_completion");
+    assert_eq!(r["legacy"]["usage"], 5);
+
+    // Each invalid request: 400 with {"error": {"message", "type", "param", "code"}}.
+    for (name, e) in r["errors"].as_object().unwrap() {
+        assert_eq!(e["status"], 400, "{name}: {e}");
+        let body = if e["body"].get("error").is_some() {
+            &e["body"]["error"]
+        } else {
+            &e["body"]
+        };
+        for k in ["message", "type", "param", "code"] {
+            assert!(body.get(k).is_some(), "{name}: no `{k}` in {body}");
+        }
+        assert_eq!(body["type"], "invalid_request_error", "{name}");
+    }
+}
