@@ -149,6 +149,20 @@ fn the_official_openai_client_gets_what_it_asks_for() {
         assert!(r["json_object"]["text"].as_str().unwrap().starts_with('{'));
     }
 
+    // Streaming.
+    let st = &r["stream"];
+    assert_eq!(st["joined"], st["plain"], "{st}");
+    assert!(st["pieces"].as_u64().unwrap() >= 2, "{st}");
+    assert_eq!(st["finish"].as_array().unwrap().len(), 1, "{st}");
+    assert_eq!(st["usage"], serde_json::json!([12]), "{st}");
+    assert_eq!(st["last_has_no_choices"], true);
+    // The abandoned 2000-token stream did not hold the next request behind it.
+    let after = &r["after_disconnect"];
+    assert!(
+        after["seconds"].as_f64().unwrap() < after["full_seconds"].as_f64().unwrap() / 3.0,
+        "{after}"
+    );
+
     assert_eq!(r["legacy"]["object"], "text_completion");
     assert_eq!(r["legacy"]["usage"], 5);
 

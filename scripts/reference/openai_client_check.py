@@ -39,6 +39,38 @@ r = client.chat.completions.create(model=model, messages=messages, max_tokens=60
                                    response_format={"type": "json_object"})
 out["json_object"] = {"text": r.choices[0].message.content, "finish": r.choices[0].finish_reason}
 
+# Streaming: the deltas add up to the text of the same request unstreamed; the usage
+# comes in a last chunk without choices.
+plain = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
+                                             stream=True, stream_options={"include_usage": True}))
+out["stream"] = {
+    "plain": plain.choices[0].message.content,
+    "joined": "".join(c.choices[0].delta.content or "" for c in chunks if c.choices),
+    "pieces": sum(1 for c in chunks if c.choices and c.choices[0].delta.content),
+    "finish": [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason],
+    "usage": [c.usage.completion_tokens for c in chunks if c.usage is not None],
+    "last_has_no_choices": chunks[-1].choices == [],
+}
+# A client that leaves mid-stream ends its sequence: the next request does not wait for a
+# long generation nobody reads. (A 1500-character string keeps EOS away for 2000 tokens.)
+import time
+long = dict(model=model, messages=messages, max_tokens=2000, temperature=1.0, response_format={
+    "type": "json_schema", "json_schema": {"name": "t", "schema": {
+        "type": "object", "properties": {"t": {"type": "string", "minLength": 1500}}, "required": ["t"]}}})
+t0 = time.time()
+client.chat.completions.create(**long)
+full = time.time() - t0
+s = client.chat.completions.create(stream=True, **long)
+for i, _ in enumerate(s):
+    if i == 3:
+        break
+s.close()
+t0 = time.time()
+after = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0)
+out["after_disconnect"] = {"text": after.choices[0].message.content, "seconds": time.time() - t0,
+                           "full_seconds": full}
+
 r = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0)
 out["legacy"] = {"text": r.choices[0].text, "object": r.object, "usage": r.usage.completion_tokens}
 

@@ -32,6 +32,9 @@ use crate::cli::ServeArgs;
 struct Job {
     request: ChatRequest,
     reply: tokio::sync::oneshot::Sender<Result<Completion, String>>,
+    /// Streamed requests: the reply's text as it is generated; closed by the client
+    /// going away, which ends the sequence.
+    stream: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 type Shared = tokio::sync::watch::Receiver<Option<Result<Completion, String>>>;
@@ -112,7 +115,23 @@ fn worker(model: ChatModel, rx: mpsc::Receiver<Job>, max_batch: usize) {
             }
         }
         let requests: Vec<ChatRequest> = jobs.iter().map(|j| j.request.clone()).collect();
-        match model.complete(&requests) {
+        let streams: Vec<Option<tokio::sync::mpsc::UnboundedSender<String>>> =
+            jobs.iter_mut().map(|j| j.stream.take()).collect();
+        let result = if streams.iter().any(Option::is_some) {
+            let mut on_text = |i: usize, delta: &str| -> bool {
+                match &streams[i] {
+                    Some(tx) => {
+                        !tx.is_closed() && (delta.is_empty() || tx.send(delta.to_string()).is_ok())
+                    }
+                    None => true,
+                }
+            };
+            model.complete_streaming(&requests, Some(&mut on_text))
+        } else {
+            model.complete(&requests)
+        };
+        drop(streams);
+        match result {
             Ok(done) => {
                 for (j, c) in jobs.into_iter().zip(done) {
                     let _ = j.reply.send(Ok(c));
@@ -147,6 +166,9 @@ async fn models(State(s): State<Arc<AppState>>) -> Response {
 struct Parsed {
     request: ChatRequest,
     n: usize,
+    /// `stream: true`: server-sent events, and whether the last one carries the usage.
+    stream: bool,
+    include_usage: bool,
     /// `Some(k)`: each token's logprob and its `k` most likely alternatives.
     logprobs: Option<usize>,
 }
@@ -225,9 +247,15 @@ fn parse_request(body: &[u8]) -> Result<Parsed, String> {
 
 /// The decoding fields shared by chat and legacy completions.
 fn sampling_of(v: &Value) -> Result<Parsed, String> {
-    if v.get("stream").and_then(Value::as_bool) == Some(true) {
-        return Err("`stream: true` is not supported yet; ask without streaming".into());
-    }
+    let stream = match v.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err("`stream` must be a boolean".into()),
+    };
+    let include_usage = v
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let n = match v.get("n") {
         None | Some(Value::Null) => 1,
         Some(x) => match x.as_u64() {
@@ -301,6 +329,8 @@ fn sampling_of(v: &Value) -> Result<Parsed, String> {
             ..ChatRequest::default()
         },
         n,
+        stream,
+        include_usage,
         logprobs,
     })
 }
@@ -331,7 +361,13 @@ async fn health() -> Response {
 /// Queues a request; the completion lands in the returned channel even if nobody waits.
 fn submit(s: &AppState, request: ChatRequest) -> Option<Shared> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    s.queue.send(Job { request, reply: tx }).ok()?;
+    s.queue
+        .send(Job {
+            request,
+            reply: tx,
+            stream: None,
+        })
+        .ok()?;
     let (wtx, wrx) = tokio::sync::watch::channel(None);
     tokio::spawn(async move {
         let r = rx
@@ -428,7 +464,127 @@ fn logprobs_json(s: &AppState, c: &Completion, chat: bool) -> Value {
     }
 }
 
-async fn respond(s: &AppState, headers: &axum::http::HeaderMap, p: Parsed, chat: bool) -> Response {
+/// A streamed answer: server-sent events of `chat.completion.chunk` (or `text_completion`)
+/// objects as the text is generated, a last chunk per choice with its finish reason, the
+/// usage when `stream_options.include_usage` asks, then `[DONE]`. A client that goes
+/// away ends its sequences at the next token.
+fn stream_response(s: &Arc<AppState>, p: Parsed, chat: bool) -> Response {
+    use axum::response::sse::{Event, Sse};
+    let n_served = s.served.fetch_add(1, Ordering::SeqCst) + 1;
+    let id = format!("{}-pipe-{n_served}", if chat { "chatcmpl" } else { "cmpl" });
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let object = if chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    let (events, rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let chunk = {
+        let (id, model, include_usage) = (id.clone(), s.name.clone(), p.include_usage);
+        move |choices: Value| {
+            let mut c = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
+            if include_usage {
+                c["usage"] = Value::Null;
+            }
+            c
+        }
+    };
+    let mut finals = Vec::new();
+    for i in 0..p.n {
+        let mut r = p.request.clone();
+        r.seed = r.seed.wrapping_add(i as u64);
+        let (text_tx, mut text_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+        if s.queue
+            .send(Job {
+                request: r,
+                reply: reply_tx,
+                stream: Some(text_tx),
+            })
+            .is_err()
+        {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the model worker stopped",
+            );
+        }
+        let (events, chunk) = (events.clone(), chunk.clone());
+        finals.push(tokio::spawn(async move {
+            let first = if chat {
+                json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}])
+            } else {
+                json!([{"index": i, "text": "", "logprobs": null, "finish_reason": null}])
+            };
+            if events.send(chunk(first)).is_err() {
+                return None;
+            }
+            while let Some(piece) = text_rx.recv().await {
+                let c = if chat {
+                    json!([{"index": i, "delta": {"content": piece}, "logprobs": null, "finish_reason": null}])
+                } else {
+                    json!([{"index": i, "text": piece, "logprobs": null, "finish_reason": null}])
+                };
+                if events.send(chunk(c)).is_err() {
+                    // The client went away: dropping `text_rx` ends the sequence.
+                    return None;
+                }
+            }
+            let done = reply_rx.await.ok()?.ok()?;
+            let finish = if done.finish == Finish::Length { "length" } else { "stop" };
+            let last = if chat {
+                json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": finish}])
+            } else {
+                json!([{"index": i, "text": "", "logprobs": null, "finish_reason": finish}])
+            };
+            let _ = events.send(chunk(last));
+            Some(done)
+        }));
+    }
+    let include_usage = p.include_usage;
+    let (id2, model2) = (id, s.name.clone());
+    tokio::spawn(async move {
+        let mut prompt_tokens = 0;
+        let mut completion_tokens = 0;
+        for f in finals {
+            if let Ok(Some(c)) = f.await {
+                prompt_tokens = c.prompt_tokens;
+                completion_tokens += c.completion_tokens;
+            }
+        }
+        if include_usage {
+            let _ = events.send(json!({"id": id2, "object": object, "created": created, "model": model2,
+                "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}}));
+        }
+        let _ = events.send(Value::String("[DONE]".into()));
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let v = rx.recv().await?;
+        let data = match &v {
+            Value::String(s) if s == "[DONE]" => s.clone(),
+            other => other.to_string(),
+        };
+        Some((
+            Ok::<_, std::convert::Infallible>(Event::default().data(data)),
+            rx,
+        ))
+    });
+    Sse::new(stream).into_response()
+}
+
+async fn respond(
+    s: &Arc<AppState>,
+    headers: &axum::http::HeaderMap,
+    p: Parsed,
+    chat: bool,
+) -> Response {
+    if p.stream {
+        return stream_response(s, p, chat);
+    }
     let key = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())

@@ -220,6 +220,26 @@ pub fn generate_constrained(
     rngs: &mut [Rng],
     constraint: Option<(&Grammar, u32)>,
 ) -> Result<Vec<Generation>> {
+    generate_observed(model, tokenizer, prompts, s, eos, rngs, constraint, None)
+}
+
+/// Called with (prompt index, token id) after each generated token; `false` ends that
+/// sequence there (a client that went away), as if by `max_new_tokens`.
+pub type OnToken<'a> = &'a mut dyn FnMut(usize, u32) -> bool;
+
+/// [`generate_constrained`], telling `on_token` of each token as it is generated (for
+/// streaming) and letting it end sequences early.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_observed(
+    model: &Decoder,
+    tokenizer: &TextTokenizer,
+    prompts: &[Vec<u32>],
+    s: &Sampling,
+    eos: &[u32],
+    rngs: &mut [Rng],
+    constraint: Option<(&Grammar, u32)>,
+    mut on_token: Option<OnToken>,
+) -> Result<Vec<Generation>> {
     let grammar = constraint.map(|c| c.0);
     let b = prompts.len();
     let device = model.device();
@@ -286,6 +306,12 @@ pub fn generate_constrained(
             out[r].push(t);
             if let Some(k) = s.logprobs {
                 lps[r].push(logprob_of(&logits[row], t, k));
+            }
+            if let Some(f) = on_token.as_mut() {
+                if !f(r, t) {
+                    finish[r] = Some(Finish::Length);
+                    continue;
+                }
             }
             if grammar.is_some_and(|g| g.allowed(states[r]).is_empty()) {
                 // The reply is complete and closed: nothing may follow, not even a step.

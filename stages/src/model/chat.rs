@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use pipe_train::constrain::{Grammar, Schema, Vocab};
-use pipe_train::generate::generate_constrained;
+use pipe_train::generate::generate_observed;
 pub use pipe_train::generate::{Finish, Sampling, TokenLogprob};
 use pipe_train::loader::Loaded;
 pub use pipe_train::tokenizer::Message;
@@ -202,6 +202,18 @@ impl ChatModel {
 
     /// Answers a batch of requests, in order.
     pub fn complete(&self, requests: &[ChatRequest]) -> Result<Vec<Completion>, String> {
+        self.complete_streaming(requests, None)
+    }
+
+    /// [`ChatModel::complete`], calling `on_text(request, delta)` with each new piece of a
+    /// reply's text as it is generated (whole characters only, and held back while it
+    /// could still turn out to be the start of a stop string); `false` ends that request
+    /// there (its client went away). The deltas of a request add up to its final text.
+    pub fn complete_streaming(
+        &self,
+        requests: &[ChatRequest],
+        mut on_text: Option<&mut dyn FnMut(usize, &str) -> bool>,
+    ) -> Result<Vec<Completion>, String> {
         let prompts = requests
             .iter()
             .map(|r| match &r.prompt {
@@ -242,16 +254,52 @@ impl ChatModel {
         for (sampling, constraint, idx) in groups {
             let batch: Vec<Vec<u32>> = idx.iter().map(|&i| prompts[i].clone()).collect();
             let mut rngs: Vec<Rng> = idx.iter().map(|&i| Rng::new(requests[i].seed)).collect();
-            let gens = generate_constrained(
+            let tokenizer = &self.loaded.tokenizer;
+            let hold = sampling
+                .stop
+                .iter()
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(1)
+                .saturating_sub(1);
+            let mut ids: Vec<Vec<u32>> = vec![Vec::new(); idx.len()];
+            let mut sent: Vec<usize> = vec![0; idx.len()];
+            let mut observe = |row: usize, t: u32| -> bool {
+                let Some(cb) = on_text.as_mut() else {
+                    return true;
+                };
+                ids[row].push(t);
+                let text = tokenizer.decode(&ids[row], true).unwrap_or_default();
+                // Whole characters only, minus what a stop string could still claim.
+                let text = text.trim_end_matches('\u{FFFD}');
+                let keep = text.chars().count().saturating_sub(hold);
+                let end = text.char_indices().nth(keep).map_or(text.len(), |(b, _)| b);
+                if end > sent[row] && text.is_char_boundary(sent[row]) {
+                    let delta = &text[sent[row]..end];
+                    sent[row] = end;
+                    return cb(idx[row], delta);
+                }
+                cb(idx[row], "")
+            };
+            let gens = generate_observed(
                 &self.loaded.model,
-                &self.loaded.tokenizer,
+                tokenizer,
                 &batch,
                 sampling,
                 &self.eos,
                 &mut rngs,
                 constraint.as_ref().map(|(g, s)| (g.as_ref(), *s)),
+                Some(&mut observe),
             )
             .map_err(|e| format!("generating: {e}"))?;
+            if let Some(cb) = on_text.as_mut() {
+                for (row, g) in gens.iter().enumerate() {
+                    // The rest: what was held back, cut at a stop string.
+                    if g.text.len() > sent[row] && g.text.is_char_boundary(sent[row]) {
+                        cb(idx[row], &g.text[sent[row]..]);
+                    }
+                }
+            }
             for (g, &i) in gens.into_iter().zip(&idx) {
                 out[i] = Some(Completion {
                     completion_tokens: g.ids.len(),
