@@ -17,6 +17,9 @@ pub use pipe_train::tokenizer::Message;
 use pipe_train::Rng;
 use serde_json::Value;
 
+/// Called with (request index, new text) while replies stream; `false` ends the request.
+pub type OnText<'a> = &'a mut dyn FnMut(usize, &str) -> bool;
+
 /// Whether constrained decoding takes `schema` (the error says what it cannot).
 pub fn check_schema(schema: &Value) -> Result<(), String> {
     Schema::from_json_schema(schema).map(|_| ())
@@ -212,7 +215,7 @@ impl ChatModel {
     pub fn complete_streaming(
         &self,
         requests: &[ChatRequest],
-        mut on_text: Option<&mut dyn FnMut(usize, &str) -> bool>,
+        mut on_text: Option<OnText>,
     ) -> Result<Vec<Completion>, String> {
         let prompts = requests
             .iter()
