@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// Decode with the float weights instead of Q8_0 copies.
     #[arg(long)]
     pub no_quantize: bool,
+    /// Require `Authorization: Bearer KEY` on every request (read from the environment
+    /// variable `PIPE_SERVE_API_KEY` rather than the command line, which others can see).
+    #[arg(long, env = "PIPE_SERVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// A pipeline file and how to load it.

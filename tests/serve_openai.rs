@@ -180,3 +180,50 @@ fn the_official_openai_client_gets_what_it_asks_for() {
         assert_eq!(body["type"], "invalid_request_error", "{name}");
     }
 }
+
+#[test]
+fn an_api_key_is_required_when_set_and_never_printed() {
+    let p = Project::new();
+    let mut child = p
+        .command(&["serve", "tiny:llama:3", "--port", "0"])
+        .env("PIPE_SERVE_API_KEY", "sk-serve-SECRET")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let body = r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}"#;
+    let call = |key: Option<&str>| {
+        let mut r =
+            ureq::post(&format!("{url}/chat/completions")).set("Content-Type", "application/json");
+        if let Some(k) = key {
+            r = r.set("Authorization", &format!("Bearer {k}"));
+        }
+        match r.send_string(body) {
+            Ok(resp) => (resp.status(), resp.into_string().unwrap()),
+            Err(ureq::Error::Status(code, resp)) => (code, resp.into_string().unwrap()),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let (code, text) = call(None);
+    assert_eq!(code, 401, "{text}");
+    assert!(
+        text.contains("\"type\":\"invalid_request_error\""),
+        "{text}"
+    );
+    assert_eq!(call(Some("sk-serve-WRONG")).0, 401);
+    assert_eq!(call(Some("sk-serve-SECRET")).0, 200);
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let printed = line + &String::from_utf8_lossy(&out.stderr);
+    assert!(!printed.contains("SECRET"), "{printed}");
+    let help = p.ok(&["serve", "--help"]).stdout;
+    assert!(!help.contains("SECRET"));
+}

@@ -41,6 +41,8 @@ type Shared = tokio::sync::watch::Receiver<Option<Result<Completion, String>>>;
 
 struct AppState {
     name: String,
+    /// Required bearer token, when `--api-key` is set.
+    api_key: Option<String>,
     /// Each token id's text and bytes, for `logprobs`.
     tokens: Vec<(String, Vec<u8>)>,
     queue: mpsc::Sender<Job>,
@@ -72,6 +74,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<u8> {
         .spawn(move || worker(model, rx, max_batch))?;
     let state = Arc::new(AppState {
         name: args.name.clone().unwrap_or_else(|| args.model.clone()),
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         tokens,
         queue: tx,
         served: AtomicU64::new(0),
@@ -154,7 +157,34 @@ fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response
         .into_response()
 }
 
-async fn models(State(s): State<Arc<AppState>>) -> Response {
+/// `None` when the request may go on; else the 401 to send.
+fn unauthorized(s: &AppState, headers: &axum::http::HeaderMap) -> Option<Response> {
+    let want = s.api_key.as_ref()?;
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Same length first, then every byte: the comparison does not stop at the first mismatch.
+    let ok = given.is_some_and(|g| {
+        g.len() == want.len()
+            && g.bytes()
+                .zip(want.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    (!ok).then(|| {
+        error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "missing or wrong API key (Authorization: Bearer ...)",
+        )
+    })
+}
+
+async fn models(State(s): State<Arc<AppState>>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(r) = unauthorized(&s, &headers) {
+        return r;
+    }
     Json(json!({
         "object": "list",
         "data": [{"id": s.name, "object": "model", "created": 0, "owned_by": "pipe"}],
@@ -383,6 +413,9 @@ async fn chat(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(r) = unauthorized(&s, &headers) {
+        return r;
+    }
     match parse_request(&body) {
         Ok(p) => respond(&s, &headers, p, true).await,
         Err(e) => error(StatusCode::BAD_REQUEST, "invalid_request_error", e),
@@ -394,6 +427,9 @@ async fn completions(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(r) = unauthorized(&s, &headers) {
+        return r;
+    }
     match parse_completion(&body) {
         Ok(p) => respond(&s, &headers, p, false).await,
         Err(e) => error(StatusCode::BAD_REQUEST, "invalid_request_error", e),
