@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use support::{Lcg, Project};
+use support::{qa_lines, Lcg, Project};
 
 /// A four-stage pipeline: `make` → `split` → `count@train|val|test`, plus an independent `other`.
 const CHAIN: &str = r#"
@@ -1034,12 +1034,6 @@ stages:
     inputs: {adapter: sft.adapter}
     with: {model: "tiny:llama:3"}
 "#;
-
-fn qa_lines(n: usize) -> String {
-    (0..n)
-        .map(|i| format!("{{\"prompt\": \"{i}+1=\", \"response\": \"{}\"}}\n", i + 1))
-        .collect()
-}
 
 #[test]
 fn sft_writes_a_peft_adapter_and_generate_uses_it() {

@@ -5,8 +5,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -433,31 +431,11 @@ fn batch_label_killed_with_sigkill_labels_every_item_exactly_once() {
 }
 
 /// Starts `pipe serve ARGS --port 0` and returns it with its `/v1` URL.
-fn serve(p: &Project, args: &[&str]) -> (std::process::Child, String) {
-    let mut cmd = vec!["serve", "--port", "0"];
-    cmd.extend(args);
-    let mut child = p
-        .command(&cmd)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("pipe serve said {line:?}"))
-        .to_string();
-    (child, url)
-}
 
 #[test]
 fn openai_backend_against_pipe_serve_on_loopback() {
     let p = Project::new();
-    let (mut serve, url) = serve(&p, &["tiny:llama:3", "--max-batch", "4"]);
+    let (mut serve, url) = p.serve(&["tiny:llama:3", "--max-batch", "4"]);
     let p2 = project(6, &format!("backend: openai, model: tiny, base_url: \"{url}\", max_new_tokens: 12, retries: 1, concurrency: 3"), LABEL);
     let out = p2.ok(&["run", "pipe.yaml", "--no-progress", "-v"]);
     let _ = serve.kill();
@@ -513,7 +491,7 @@ fn post(url: &str, path: &str, body: &str, key: Option<&str>) -> String {
 #[test]
 fn pipe_serve_answers_a_repeated_idempotency_key_from_its_cache() {
     let p = Project::new();
-    let (mut serve, url) = serve(&p, &["tiny:llama:5"]);
+    let (mut serve, url) = p.serve(&["tiny:llama:5"]);
     let req = |seed: u64| {
         format!(
             r#"{{"model": "m", "messages": [{{"role": "user", "content": "hello"}}], "max_tokens": 16, "temperature": 1.0, "seed": {seed}}}"#
@@ -711,7 +689,7 @@ fn constrained_decoding_makes_every_local_reply_parse_and_serve_enforces_json_sc
     // The openai backend with `constrained: true` sends response_format json_schema, and
     // pipe serve enforces it.
     let server = Project::new();
-    let (mut serve, url) = serve(&server, &["tiny:llama:2", "--max-batch", "4"]);
+    let (mut serve, url) = server.serve(&["tiny:llama:2", "--max-batch", "4"]);
     let remote = shaped(6, &format!("backend: openai, model: tiny, base_url: \"{url}\", max_new_tokens: 48, retries: 0, concurrency: 3, constrained: true"));
     remote.ok(&["run", "pipe.yaml", "--no-progress"]);
     let _ = serve.kill();

@@ -10,7 +10,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::Project;
+use support::{qa_lines, Project};
 
 const PIPELINE: &str = r#"
 name: tiny-fact
@@ -58,12 +58,6 @@ stages:
     run: "true"
     needs: [explode]
 "#;
-
-fn qa_lines(n: usize) -> String {
-    (0..n)
-        .map(|i| format!("{{\"prompt\": \"{i}+1=\", \"response\": \"{}\"}}\n", i + 1))
-        .collect()
-}
 
 /// The attribute values of `attr` on elements of the page.
 fn attrs(html: &str, attr: &str) -> Vec<String> {

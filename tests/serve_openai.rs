@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -38,21 +37,7 @@ fn the_official_openai_client_gets_what_it_asks_for() {
         return;
     };
     let p = Project::new();
-    let mut child = p
-        .command(&["serve", "tiny:llama:3", "--port", "0", "--max-batch", "4"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
+    let (mut child, url) = p.serve(&["tiny:llama:3", "--max-batch", "4"]);
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/reference/openai_client_check.py");
     let out = Command::new(&python)
@@ -184,21 +169,10 @@ fn the_official_openai_client_gets_what_it_asks_for() {
 #[test]
 fn an_api_key_is_required_when_set_and_never_printed() {
     let p = Project::new();
-    let mut child = p
-        .command(&["serve", "tiny:llama:3", "--port", "0"])
-        .env("PIPE_SERVE_API_KEY", "sk-serve-SECRET")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
+    let mut cmd = p.command(&["serve", "tiny:llama:3", "--port", "0"]);
+    cmd.env("PIPE_SERVE_API_KEY", "sk-serve-SECRET")
+        .stderr(Stdio::piped());
+    let (mut child, url) = support::start_serve(cmd);
     let body = r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}"#;
     let call = |key: Option<&str>| {
         let mut r =
@@ -222,7 +196,7 @@ fn an_api_key_is_required_when_set_and_never_printed() {
     assert_eq!(call(Some("sk-serve-SECRET")).0, 200);
     let _ = child.kill();
     let out = child.wait_with_output().unwrap();
-    let printed = line + &String::from_utf8_lossy(&out.stderr);
+    let printed = url + &String::from_utf8_lossy(&out.stderr);
     assert!(!printed.contains("SECRET"), "{printed}");
     let help = p.ok(&["serve", "--help"]).stdout;
     assert!(!help.contains("SECRET"));

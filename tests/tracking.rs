@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::Project;
+use support::{qa_lines, Project};
 
 const PIPELINE: &str = r#"
 name: tracked
@@ -39,12 +39,6 @@ stages:
       eval_every: 2
       tensorboard: true
 "#;
-
-fn qa_lines(n: usize) -> String {
-    (0..n)
-        .map(|i| format!("{{\"prompt\": \"{i}+1=\", \"response\": \"{}\"}}\n", i + 1))
-        .collect()
-}
 
 fn on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;

@@ -413,13 +413,7 @@ async fn chat(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(r) = unauthorized(&s, &headers) {
-        return r;
-    }
-    match parse_request(&body) {
-        Ok(p) => respond(&s, &headers, p, true).await,
-        Err(e) => error(StatusCode::BAD_REQUEST, "invalid_request_error", e),
-    }
+    answer(&s, &headers, &body, true).await
 }
 
 async fn completions(
@@ -427,11 +421,26 @@ async fn completions(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(r) = unauthorized(&s, &headers) {
+    answer(&s, &headers, &body, false).await
+}
+
+/// A chat (`chat`) or legacy completions request, from the key check to the response.
+async fn answer(
+    s: &Arc<AppState>,
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+    chat: bool,
+) -> Response {
+    if let Some(r) = unauthorized(s, headers) {
         return r;
     }
-    match parse_completion(&body) {
-        Ok(p) => respond(&s, &headers, p, false).await,
+    let parsed = if chat {
+        parse_request(body)
+    } else {
+        parse_completion(body)
+    };
+    match parsed {
+        Ok(p) => respond(s, headers, p, chat).await,
         Err(e) => error(StatusCode::BAD_REQUEST, "invalid_request_error", e),
     }
 }

@@ -104,3 +104,41 @@ impl Lcg {
         (self.0 >> 11) as f64 / (1u64 << 53) as f64
     }
 }
+
+/// `n` SFT examples `{"prompt": "i+1=", "response": "i+1"}`, one per line.
+pub fn qa_lines(n: usize) -> String {
+    (0..n)
+        .map(|i| format!("{{\"prompt\": \"{i}+1=\", \"response\": \"{}\"}}\n", i + 1))
+        .collect()
+}
+
+/// Starts `cmd` (a `pipe serve ... --port 0`) with stdout piped and returns it with the
+/// base URL it printed (`http://127.0.0.1:PORT/v1`).
+pub fn start_serve(mut cmd: Command) -> (Child, String) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start pipe serve");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("pipe serve said {line:?}"))
+        .to_string();
+    (child, url)
+}
+
+impl Project {
+    /// `pipe serve --port 0 ARGS` in this project, stderr discarded.
+    pub fn serve(&self, args: &[&str]) -> (Child, String) {
+        let mut all = vec!["serve", "--port", "0"];
+        all.extend(args);
+        let mut cmd = self.command(&all);
+        cmd.stderr(Stdio::null());
+        start_serve(cmd)
+    }
+}

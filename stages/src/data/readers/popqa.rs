@@ -63,18 +63,7 @@ pub fn popqa(file: &Path, text: &str) -> Result<Read, String> {
             }
             let answers: Vec<String> = serde_json::from_str(&rec[c_a])
                 .map_err(|e| format!("`possible_answers` is not a JSON list of strings: {e}"))?;
-            if answers.is_empty() || rec[c_q].trim().is_empty() {
-                return Err("empty question or answers".into());
-            }
-            Ok(QaRecord {
-                id: format!("popqa-{}", &rec[c_id]),
-                source: "popqa".into(),
-                question: rec[c_q].to_string(),
-                answers,
-                evidence: vec![],
-                support: vec![],
-                negatives: vec![],
-            })
+            record(&rec[c_id], &rec[c_q], answers)
         })();
         match r {
             Ok(r) => out.records.push(r),
@@ -82,6 +71,22 @@ pub fn popqa(file: &Path, text: &str) -> Result<Read, String> {
         }
     }
     Ok(out)
+}
+
+/// One PopQA question: no evidence of its own (build_data retrieves it).
+fn record(id: &str, question: &str, answers: Vec<String>) -> Result<QaRecord, String> {
+    if answers.is_empty() || question.trim().is_empty() {
+        return Err("empty question or answers".into());
+    }
+    Ok(QaRecord {
+        id: format!("popqa-{id}"),
+        source: "popqa".into(),
+        question: question.to_string(),
+        answers,
+        evidence: vec![],
+        support: vec![],
+        negatives: vec![],
+    })
 }
 
 /// PopQA as JSON rows (the Hugging Face dataset's Parquet, read row by row): the TSV's
@@ -112,18 +117,7 @@ fn popqa_rows(file: &Path, text: &str) -> Read {
                     .map_err(|e| format!("`possible_answers` must hold strings: {e}"))?,
                 _ => return Err("missing `possible_answers`".into()),
             };
-            if answers.is_empty() || question.trim().is_empty() {
-                return Err("empty question or answers".into());
-            }
-            Ok(QaRecord {
-                id: format!("popqa-{id}"),
-                source: "popqa".into(),
-                question: question.to_string(),
-                answers,
-                evidence: vec![],
-                support: vec![],
-                negatives: vec![],
-            })
+            record(&id, question, answers)
         })();
         match r {
             Ok(r) => out.records.push(r),
