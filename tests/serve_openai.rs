@@ -201,3 +201,66 @@ fn an_api_key_is_required_when_set_and_never_printed() {
     let help = p.ok(&["serve", "--help"]).stdout;
     assert!(!help.contains("SECRET"));
 }
+
+/// Peak resident memory of a process, in KiB (`VmHWM`).
+fn peak_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_huge_prompt_is_refused_and_64_concurrent_clients_are_all_answered() {
+    let p = Project::new();
+    let (mut child, url) = p.serve(&["tiny:llama:3", "--max-batch", "16"]);
+    let post = |body: String| -> (u16, String) {
+        match ureq::post(&format!("{url}/chat/completions"))
+            .set("Content-Type", "application/json")
+            .send_string(&body)
+        {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let warm = post(r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}"#.into());
+    assert_eq!(warm.0, 200, "{}", warm.1);
+    let before = peak_kib(child.id());
+    // 100,000 byte tokens (the tiny model's context is 512) with 64 small requests.
+    let huge = serde_json::json!({"messages": [{"role": "user", "content": "x".repeat(100_000)}], "max_tokens": 4});
+    std::thread::scope(|scope| {
+        let big = scope.spawn(|| post(huge.to_string()));
+        let small: Vec<_> = (0..64)
+            .map(|i| {
+                let post = &post;
+                scope.spawn(move || {
+                    post(format!(r#"{{"messages": [{{"role": "user", "content": "client {i}"}}], "max_tokens": 8, "temperature": 0.5, "seed": {i}}}"#))
+                })
+            })
+            .collect();
+        let (code, text) = big.join().unwrap();
+        assert_eq!(code, 400, "{text}");
+        assert!(
+            text.contains("context_length_exceeded") && text.contains("context is 512 tokens"),
+            "{text}"
+        );
+        for h in small {
+            let (code, text) = h.join().unwrap();
+            assert_eq!(code, 200, "{text}");
+        }
+    });
+    let after = peak_kib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    // The refused prompt never reached the model: the peak grew by less than 64 MiB.
+    assert!(
+        after < before + 64 * 1024,
+        "peak RSS {before} KiB -> {after} KiB"
+    );
+    eprintln!(
+        "serve peak RSS: {before} KiB before, {after} KiB after 64 clients and a 100k-token prompt"
+    );
+}

@@ -117,6 +117,23 @@ fn worker(model: ChatModel, rx: mpsc::Receiver<Job>, max_batch: usize) {
                 Err(_) => break,
             }
         }
+        // A request that cannot fit the context is answered alone, before the batch.
+        let (fit, refused): (Vec<Job>, Vec<(Job, String)>) =
+            jobs.into_iter()
+                .fold((Vec::new(), Vec::new()), |(mut ok, mut bad), j| {
+                    match model.check_fits(&j.request) {
+                        Ok(_) => ok.push(j),
+                        Err(e) => bad.push((j, e)),
+                    }
+                    (ok, bad)
+                });
+        for (j, e) in refused {
+            let _ = j.reply.send(Err(format!("{TOO_LONG}{e}")));
+        }
+        let mut jobs = fit;
+        if jobs.is_empty() {
+            continue;
+        }
         let requests: Vec<ChatRequest> = jobs.iter().map(|j| j.request.clone()).collect();
         let streams: Vec<Option<tokio::sync::mpsc::UnboundedSender<String>>> =
             jobs.iter_mut().map(|j| j.stream.take()).collect();
@@ -146,6 +163,24 @@ fn worker(model: ChatModel, rx: mpsc::Receiver<Job>, max_batch: usize) {
                 }
             }
         }
+    }
+}
+
+/// Marks a worker error that is the request's fault (its prompt does not fit).
+const TOO_LONG: &str = "context_length_exceeded: ";
+
+/// The response for a worker's error: 400 for a request that cannot fit, else 500.
+fn worker_error(e: &str) -> Response {
+    match e.strip_prefix(TOO_LONG) {
+        Some(msg) => (
+            StatusCode::BAD_REQUEST,
+            Json(
+                json!({"error": {"message": msg, "type": "invalid_request_error",
+                                   "param": "messages", "code": "context_length_exceeded"}}),
+            ),
+        )
+            .into_response(),
+        None => error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e),
     }
 }
 
@@ -578,7 +613,15 @@ fn stream_response(s: &Arc<AppState>, p: Parsed, chat: bool) -> Response {
                     return None;
                 }
             }
-            let done = reply_rx.await.ok()?.ok()?;
+            let done = match reply_rx.await.ok()? {
+                Ok(c) => c,
+                Err(e) => {
+                    // Mid-stream errors travel as an `error` event, as OpenAI sends them.
+                    let msg = e.strip_prefix(TOO_LONG).unwrap_or(&e).to_string();
+                    let _ = events.send(json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": null}}));
+                    return None;
+                }
+            };
             let finish = if done.finish == Finish::Length { "length" } else { "stop" };
             let last = if chat {
                 json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": finish}])
@@ -670,7 +713,7 @@ async fn respond(
                         map.0.remove(&format!("{k}#{i}"));
                     }
                 }
-                return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e);
+                return worker_error(&e);
             }
         }
     }

@@ -116,6 +116,28 @@ impl ChatModel {
         })
     }
 
+    /// Tokens of `r`'s prompt, or why it cannot be answered: the prompt plus the tokens
+    /// it may generate must fit the model's context (`max_position_embeddings`).
+    pub fn check_fits(&self, r: &ChatRequest) -> Result<usize, String> {
+        let tokens = match &r.prompt {
+            Some(p) => self
+                .loaded
+                .tokenizer
+                .encode(p)
+                .map_err(|e| format!("tokenizing: {e}"))?
+                .len(),
+            None => self.encode(&r.messages)?.len(),
+        };
+        let ctx = self.loaded.config.max_position_embeddings;
+        if tokens + r.sampling.max_new_tokens > ctx {
+            return Err(format!(
+                "this model's context is {ctx} tokens; the prompt has {tokens} and up to {} may be generated",
+                r.sampling.max_new_tokens
+            ));
+        }
+        Ok(tokens)
+    }
+
     /// Token ids the model knows.
     pub fn vocab_size(&self) -> usize {
         self.loaded.tokenizer.vocab_size()
