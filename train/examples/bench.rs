@@ -6,7 +6,7 @@
 //! ```text
 //! bench train MODEL --steps N --batch 4 --seq 256 --r 16 [--targets attn|all]
 //!       [--warmup 1] [--save-init DIR]
-//! bench generate MODEL --batch B --new 128 [--prompt-len 32]
+//! bench generate MODEL --batch B --new 128 [--prompt-len 32] [--schema FILE.json]
 //! ```
 //! Prints one JSON object. `train` reports the loss of every timed step and its
 //! throughput from the second timed step on (the first one loads kernels). With
@@ -15,9 +15,12 @@
 //! PyTorch and PEFT): `DIR/model.safetensors` and `DIR/config.json` (the base, HF names,
 //! model dtype), `DIR/adapter/` (the initial LoRA in PEFT's format), `DIR/data.json`
 //! (token ids in the order the steps take them) and `DIR/train.json` (optimizer settings).
+//! With `--schema`, `generate` decodes under that JSON schema (constrained decoding); the
+//! grammar is compiled and its masks cached in the warm-up, as a server's are after its
+//! first request.
 
 use pipe_train::data::Example;
-use pipe_train::generate::{generate, Sampling};
+use pipe_train::generate::{generate_constrained, Sampling};
 use pipe_train::lora::{LoraConfig, Targets};
 use pipe_train::optim::{AdamWConfig, Decay};
 use pipe_train::trainer::{train, TrainSettings};
@@ -214,25 +217,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ..Default::default()
             };
             let mut rngs = vec![Rng::new(0); batch];
-            // Warm-up on a short run.
-            generate(
-                &m.model,
-                &m.tokenizer,
-                &prompts[..1],
-                &Sampling {
-                    max_new_tokens: 2,
-                    ..s.clone()
-                },
-                &[],
-                &mut rngs[..1].to_vec(),
-            )?;
+            let grammar = match opt_arg(&args, "--schema") {
+                None => None,
+                Some(path) => {
+                    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+                    let schema = pipe_train::constrain::Schema::from_json_schema(&v)?;
+                    let vocab = std::sync::Arc::new(pipe_train::constrain::Vocab::new(m.tokenizer.token_bytes()));
+                    Some(pipe_train::constrain::Grammar::new(&schema, vocab))
+                }
+            };
+            let constraint = grammar.as_ref().map(|g| (g, g.start()));
+            // Warm-up: the same run once (kernels, and the grammar's masks).
+            generate_constrained(&m.model, &m.tokenizer, &prompts, &s, &[], &mut rngs.clone(), constraint)?;
             let t = Instant::now();
-            let out = generate(&m.model, &m.tokenizer, &prompts, &s, &[], &mut rngs)?;
+            let out = generate_constrained(&m.model, &m.tokenizer, &prompts, &s, &[], &mut rngs, constraint)?;
             let secs = t.elapsed().as_secs_f64();
             let n: usize = out.iter().map(|g| g.ids.len()).sum();
             println!(
                 "{}",
                 serde_json::json!({"impl": "pipe", "what": "generate", "batch": batch, "new_tokens": n,
+                    "constrained": grammar.is_some(),
                     "tokens_per_s": n as f64 / secs, "seconds": secs, "peak_rss_mb": peak_rss_mb(),
                     "dtype": format!("{dtype:?}"), "device": format!("{device:?}")})
             );
