@@ -297,7 +297,13 @@ impl Figure {
                         .draw_series(bars.iter().map(|&(x0, x1, acc, _)| {
                             Rectangle::new([(x0, 0.0), (x1 - w * 0.02, acc)], c.mix(0.85).filled())
                         }))?
-                        .label(name.as_str())
+                        // A series without items (no reply parsed) says so instead of
+                        // leaving a reader to look for its bars.
+                        .label(if items.is_empty() {
+                            format!("{name} (no items)")
+                        } else {
+                            format!("{name} ({} items)", items.len())
+                        })
                         .legend(move |(x, y)| {
                             Rectangle::new([(x, y - 6), (x + 14, y + 6)], c.filled())
                         });
