@@ -239,7 +239,14 @@ impl Figure {
                     .configure_mesh()
                     .x_desc(x.as_str())
                     .y_desc("count")
-                    .y_label_formatter(&|v| format!("{v:.0}"))
+                    // Counts are whole: no label at the fractional ticks of a small range.
+                    .y_label_formatter(&|v| {
+                        if (v - v.round()).abs() < 1e-9 {
+                            format!("{v:.0}")
+                        } else {
+                            String::new()
+                        }
+                    })
                     .label_style(font(14))
                     .axis_desc_style(font(16))
                     .light_line_style(BLACK.mix(0.06))
@@ -523,6 +530,15 @@ mod tests {
                         ("base".into(), vec![0.4, 0.6, 0.1]),
                         ("sft".into(), vec![0.5, 0.7, 0.05]),
                     ],
+                },
+            ),
+            (
+                "histogram_two",
+                Figure::Histogram {
+                    title: "Two held-out margins".into(),
+                    x: "r(chosen) - r(rejected)".into(),
+                    series: vec![("held-out pairs".into(), vec![0.22, 0.53])],
+                    bins: 20,
                 },
             ),
             (
