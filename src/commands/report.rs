@@ -37,8 +37,11 @@ const COLORS: [&str; 6] = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
 ];
 
-struct RunView<'a> {
-    run: &'a RunRecord,
+struct RunView {
+    /// The run, with the DAG edges of records written before runs kept them filled in.
+    run: RunRecord,
+    /// Stages whose edges are unknown (an older run record, and no stage record).
+    unknown: BTreeSet<String>,
     /// Short label used in column heads and legends.
     label: String,
     color: &'static str,
@@ -82,7 +85,7 @@ pub fn run(args: &ReportArgs, cache: &Path) -> anyhow::Result<u8> {
     Ok(crate::exit::OK)
 }
 
-fn views<'a>(store: &Store, runs: &[&'a RunRecord]) -> Vec<RunView<'a>> {
+fn views(store: &Store, runs: &[&RunRecord]) -> Vec<RunView> {
     let mut names: HashMap<&str, usize> = HashMap::new();
     for r in runs {
         if let Some(n) = &r.name {
@@ -96,7 +99,7 @@ fn views<'a>(store: &Store, runs: &[&'a RunRecord]) -> Vec<RunView<'a>> {
                 Some(n) if names[n.as_str()] == 1 => n.clone(),
                 _ => r.id.clone(),
             };
-            let records = r
+            let records: BTreeMap<String, StageRecord> = r
                 .stages
                 .iter()
                 .filter_map(|(name, st)| {
@@ -104,14 +107,51 @@ fn views<'a>(store: &Store, runs: &[&'a RunRecord]) -> Vec<RunView<'a>> {
                     Some((name.clone(), rec))
                 })
                 .collect();
+            let mut run = (*r).clone();
+            let mut unknown = BTreeSet::new();
+            if run.stages.values().all(|s| s.after.is_empty()) {
+                // An older run record: edges from the stage records' inputs where there
+                // are records (ordering-only `needs:` were not recorded).
+                for (name, st) in run.stages.iter_mut() {
+                    if !records.contains_key(name) {
+                        unknown.insert(name.clone());
+                    }
+                    if let Some(rec) = records.get(name) {
+                        let mut after: Vec<String> = rec
+                            .upstream
+                            .values()
+                            .filter_map(|r| r.rsplit_once('.').map(|(s, _)| s.to_string()))
+                            .collect();
+                        after.sort();
+                        after.dedup();
+                        st.after = after;
+                    }
+                    if st.kind.is_empty() {
+                        st.kind = records
+                            .get(name)
+                            .map(|r| r.kind.clone())
+                            .unwrap_or_default();
+                    }
+                }
+            }
+            if run.status == "running" && !alive(&run) {
+                run.status = "died".into();
+            }
             RunView {
-                run: r,
+                run,
+                unknown,
                 label,
                 color: COLORS[i % COLORS.len()],
                 records,
             }
         })
         .collect()
+}
+
+/// Whether the process of a run recorded as running still exists (unknowable for another
+/// host: taken as alive).
+fn alive(run: &RunRecord) -> bool {
+    run.host != crate::store::hostname() || Path::new(&format!("/proc/{}", run.pid)).exists()
 }
 
 /// Every stage of every run, in the first run's order, then stages only later runs have.
@@ -262,7 +302,7 @@ impl Page<'_> {
         let h = &mut self.html;
         h.push_str("<section id=\"runs\"><h2>Runs</h2><table><thead><tr><th></th><th>run</th><th>id</th><th>pipeline</th><th>profile</th><th>status</th><th>started</th><th>finished</th><th>stages</th><th>commit</th><th>overrides</th></tr></thead><tbody>\n");
         for (i, v) in views.iter().enumerate() {
-            let r = v.run;
+            let r = &v.run;
             let count = |s: StageStatus| r.stages.values().filter(|x| x.status == s).count();
             let role = if i == 0 && views.len() > 1 {
                 " (baseline)"
@@ -352,11 +392,16 @@ impl Page<'_> {
         for v in views {
             let _ = writeln!(
                 h,
-                "<figure class=\"dag\" data-run=\"{}\"><figcaption><span class=\"swatch\" style=\"background:{}\"></span>{}</figcaption>{}</figure>",
+                "<figure class=\"dag\" data-run=\"{}\"><figcaption><span class=\"swatch\" style=\"background:{}\"></span>{}{}</figcaption>{}</figure>",
                 esc(&v.run.id),
                 v.color,
                 esc(&v.label),
-                dag_svg(v.run)
+                if v.unknown.is_empty() {
+                    String::new()
+                } else {
+                    " <span class=\"note\">(an older run record: the edges of stages that never ran are not in it)</span>".to_string()
+                },
+                dag_svg(&v.run, &v.unknown)
             );
         }
         h.push_str("</div>\n<table class=\"stages\"><thead><tr><th>stage</th><th>kind</th>");
@@ -502,11 +547,19 @@ impl Page<'_> {
                     .map(|v| v.records.get(stage).and_then(|r| r.metrics.get(m)))
                     .collect();
                 for (v, x) in views.iter().zip(&vals) {
+                    let full = x.map(show_value).unwrap_or_else(|| "—".into());
+                    // Digests and other long strings: the start, the whole on hover.
+                    let shown = if full.chars().count() > 24 {
+                        full.chars().take(12).collect::<String>() + "…"
+                    } else {
+                        full.clone()
+                    };
                     let _ = write!(
                         h,
-                        "<td class=\"num\" data-run=\"{}\">{}</td>",
+                        "<td class=\"num\" data-run=\"{}\" title=\"{}\">{}</td>",
                         esc(&v.run.id),
-                        esc(&x.map(show_value).unwrap_or_else(|| "—".into()))
+                        esc(&full),
+                        esc(&shown)
                     );
                 }
                 let base = vals[0].and_then(Value::as_f64);
@@ -834,7 +887,7 @@ fn strip_xml_prolog(svg: &str) -> &str {
 }
 
 /// The DAG of one run, top to bottom, each node coloured by its status.
-fn dag_svg(run: &RunRecord) -> String {
+fn dag_svg(run: &RunRecord, unknown: &BTreeSet<String>) -> String {
     const W: f64 = 172.0;
     const H: f64 = 44.0;
     const GAP_X: f64 = 20.0;
@@ -872,23 +925,36 @@ fn dag_svg(run: &RunRecord) -> String {
     for i in 0..names.len() {
         depth_of(i, run, &names, &index, &mut depth, 0);
     }
-    let depth: Vec<usize> = depth.into_iter().map(|d| d.unwrap_or(0)).collect();
-    let rows = depth.iter().max().map_or(0, |d| d + 1);
-    let mut pos = vec![(0usize, 0usize); names.len()];
-    let mut widest = 1;
-    for r in 0..rows {
-        let members: Vec<usize> = (0..names.len()).filter(|i| depth[*i] == r).collect();
-        widest = widest.max(members.len());
-        for (k, &i) in members.iter().enumerate() {
-            pos[i] = (k, r);
+    let mut depth: Vec<usize> = depth.into_iter().map(|d| d.unwrap_or(0)).collect();
+    // Stages without known edges go below the others, in run order.
+    let known_max = (0..names.len())
+        .filter(|i| !unknown.contains(names[*i].as_str()))
+        .map(|i| depth[i])
+        .max();
+    for (i, n) in names.iter().enumerate() {
+        if unknown.contains(n.as_str()) {
+            depth[i] = known_max.map_or(0, |d| d + 1);
         }
     }
+    // Rows by depth; a depth with more than MAX_ROW stages wraps onto further rows.
+    const MAX_ROW: usize = 5;
+    let depths = depth.iter().max().map_or(0, |d| d + 1);
+    let mut pos = vec![(0usize, 0usize); names.len()];
+    let mut row_len: Vec<usize> = Vec::new();
+    for d in 0..depths {
+        let members: Vec<usize> = (0..names.len()).filter(|i| depth[*i] == d).collect();
+        for chunk in members.chunks(MAX_ROW) {
+            let r = row_len.len();
+            for (k, &i) in chunk.iter().enumerate() {
+                pos[i] = (k, r);
+            }
+            row_len.push(chunk.len());
+        }
+    }
+    let rows = row_len.len();
+    let widest = row_len.iter().copied().max().unwrap_or(1).max(1);
     let width = widest as f64 * (W + GAP_X) + GAP_X;
     let height = rows as f64 * (H + GAP_Y) + GAP_Y - 10.0;
-    // Centre each row.
-    let row_len: Vec<usize> = (0..rows)
-        .map(|r| depth.iter().filter(|d| **d == r).count())
-        .collect();
     let xy = |i: usize| -> (f64, f64) {
         let (k, r) = pos[i];
         let offset = (width - row_len[r] as f64 * (W + GAP_X) - GAP_X) / 2.0;
@@ -987,7 +1053,7 @@ table{border-collapse:collapse;font-size:13px;margin:6px 0 12px}th,td{border:1px
 th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}code{font-family:"DejaVu Sans Mono",monospace;font-size:12px}
 .swatch{display:inline-block;width:11px;height:11px;border-radius:2px;margin-right:6px;vertical-align:-1px}
 .status.ran{background:#e3f4e3}.status.cached{background:#e6eef9}.status.failed,.status.interrupted{background:#fbe1e1;font-weight:600}
-.status.skipped,.status.pending{background:#f1f1f1;color:#777}.status.cancelled{background:#fdf0d8}.status.ok{background:#e3f4e3}.status.running{background:#fdf0d8}
+.status.skipped,.status.pending{background:#f1f1f1;color:#777}.status.died{background:#fbe1e1}.status.cancelled{background:#fdf0d8}.status.ok{background:#e3f4e3}.status.running{background:#fdf0d8}
 tr.differs td{background:#fff7d6}.delta.up{color:#1a6d1a}.delta.down{color:#a31515}.note{color:#777;font-size:11px}.absent{color:#999}
 .dags{display:flex;flex-wrap:wrap;gap:18px}figure{margin:0}figcaption{font-size:13px;font-weight:600;margin-bottom:4px}
 svg .node rect{stroke:#555;stroke-width:1;fill:#fff}svg .node.ran rect{fill:#e3f4e3}svg .node.cached rect{fill:#e6eef9}
@@ -1067,7 +1133,7 @@ mod tests {
             host: String::new(),
             pid: 0,
         };
-        let svg = dag_svg(&run);
+        let svg = dag_svg(&run, &BTreeSet::new());
         let y_of = |stage: &str| -> f64 {
             let at = svg.find(&format!("data-stage=\"{stage}\"")).unwrap();
             let rect = &svg[at..];

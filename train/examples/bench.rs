@@ -220,17 +220,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let grammar = match opt_arg(&args, "--schema") {
                 None => None,
                 Some(path) => {
-                    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+                    let v: serde_json::Value =
+                        serde_json::from_str(&std::fs::read_to_string(path)?)?;
                     let schema = pipe_train::constrain::Schema::from_json_schema(&v)?;
-                    let vocab = std::sync::Arc::new(pipe_train::constrain::Vocab::new(m.tokenizer.token_bytes()));
+                    let vocab = std::sync::Arc::new(pipe_train::constrain::Vocab::new(
+                        m.tokenizer.token_bytes(),
+                    ));
                     Some(pipe_train::constrain::Grammar::new(&schema, vocab))
                 }
             };
             let constraint = grammar.as_ref().map(|g| (g, g.start()));
             // Warm-up: the same run once (kernels, and the grammar's masks).
-            generate_constrained(&m.model, &m.tokenizer, &prompts, &s, &[], &mut rngs.clone(), constraint)?;
+            generate_constrained(
+                &m.model,
+                &m.tokenizer,
+                &prompts,
+                &s,
+                &[],
+                &mut rngs.clone(),
+                constraint,
+            )?;
             let t = Instant::now();
-            let out = generate_constrained(&m.model, &m.tokenizer, &prompts, &s, &[], &mut rngs, constraint)?;
+            let out = generate_constrained(
+                &m.model,
+                &m.tokenizer,
+                &prompts,
+                &s,
+                &[],
+                &mut rngs,
+                constraint,
+            )?;
             let secs = t.elapsed().as_secs_f64();
             let n: usize = out.iter().map(|g| g.ids.len()).sum();
             println!(
