@@ -800,6 +800,9 @@ pub struct Grammar {
 struct GrammarState {
     auto: Automaton,
     allowed: HashMap<u32, Arc<Vec<u32>>>,
+    /// The complement of `allowed`, for states that allow most of the vocabulary
+    /// (inside a string): masking then touches only these.
+    refused: HashMap<u32, Arc<Vec<u32>>>,
 }
 
 impl Grammar {
@@ -810,6 +813,7 @@ impl Grammar {
             inner: Mutex::new(GrammarState {
                 auto: Automaton::new(schema),
                 allowed: HashMap::new(),
+                refused: HashMap::new(),
             }),
         }
     }
@@ -817,6 +821,11 @@ impl Grammar {
     /// The state before any token.
     pub fn start(&self) -> u32 {
         0
+    }
+
+    /// Token ids the vocabulary has.
+    pub fn vocab_len(&self) -> usize {
+        self.vocab.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, GrammarState> {
@@ -843,6 +852,27 @@ impl Grammar {
         out.sort_unstable();
         let out = Arc::new(out);
         g.allowed.insert(state, out.clone());
+        out
+    }
+
+    /// Token ids (of the whole vocabulary, specials included) that `allowed` leaves out,
+    /// sorted.
+    pub fn refused(&self, state: u32) -> Arc<Vec<u32>> {
+        if let Some(r) = self.lock().refused.get(&state) {
+            return r.clone();
+        }
+        let allowed = self.allowed(state);
+        let mut out = Vec::with_capacity(self.vocab.len().saturating_sub(allowed.len()));
+        let mut a = allowed.iter().peekable();
+        for id in 0..self.vocab.len() as u32 {
+            if a.peek() == Some(&&id) {
+                a.next();
+            } else {
+                out.push(id);
+            }
+        }
+        let out = Arc::new(out);
+        self.lock().refused.insert(state, out.clone());
         out
     }
 

@@ -191,10 +191,25 @@ fn masked(logits: &[f32], grammar: &Grammar, state: u32, eos: &[u32]) -> Option<
     if allowed.is_empty() {
         return None;
     }
-    let mut out = vec![f32::NEG_INFINITY; logits.len()];
-    for &t in allowed.iter() {
-        if let Some(x) = logits.get(t as usize) {
-            out[t as usize] = *x;
+    let mut out;
+    if allowed.len() * 2 > logits.len() {
+        // Most tokens allowed (inside a string): blank the few that are not.
+        out = logits.to_vec();
+        for &t in grammar.refused(state).iter() {
+            if let Some(x) = out.get_mut(t as usize) {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        // Ids past the tokenizer's vocabulary (padded embedding rows) are never allowed.
+        for x in out.iter_mut().skip(grammar.vocab_len()) {
+            *x = f32::NEG_INFINITY;
+        }
+    } else {
+        out = vec![f32::NEG_INFINITY; logits.len()];
+        for &t in allowed.iter() {
+            if let Some(x) = logits.get(t as usize) {
+                out[t as usize] = *x;
+            }
         }
     }
     if accepting {
