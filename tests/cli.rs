@@ -758,7 +758,7 @@ const SPLIT_OK: &str = "stages:\n  make:\n    run: echo '{}' > a.jsonl\n    outs
 fn error_unknown_top_level_key() {
     assert_eq!(
         check_error("name: x\nstagez: {}\n", &[]),
-        "error: p.yaml:2:1: unknown key `stagez` at the top level; expected one of `name`, `description`, `workdir`, `params`, `profiles`, `stages`\n  help: did you mean `stages`?\nerror: p.yaml:1:1: missing `stages:`; a pipeline needs at least one stage\n"
+        "error: p.yaml:2:1: unknown key `stagez` at the top level; expected one of `name`, `description`, `workdir`, `params`, `profiles`, `stages`, `tracking`\n  help: did you mean `stages`?\nerror: p.yaml:1:1: missing `stages:`; a pipeline needs at least one stage\n"
     );
 }
 

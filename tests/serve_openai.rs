@@ -141,7 +141,7 @@ fn the_official_openai_client_gets_what_it_asks_for() {
     assert_eq!(st["finish"].as_array().unwrap().len(), 1, "{st}");
     assert_eq!(st["usage"], serde_json::json!([12]), "{st}");
     assert_eq!(st["last_has_no_choices"], true);
-    // The abandoned 2000-token stream did not hold the next request behind it.
+    // The abandoned 470-token stream did not hold the next request behind it.
     let after = &r["after_disconnect"];
     assert!(
         after["seconds"].as_f64().unwrap() < after["full_seconds"].as_f64().unwrap() / 3.0,

@@ -14,7 +14,8 @@
 //! - **Shared parts**, which hold no stage kind: [`records`] (JSONL record files),
 //!   [`prompt`] (templates rendered per record), [`model`] (loading a model, chat),
 //!   [`oracle`] (the oracle layer: spec, backends, memo, budget), [`metrics`] (pure
-//!   scores), [`task`] (output formats and their checkers) and [`figure`] (charts).
+//!   scores), [`task`] (output formats and their checkers), [`figure`] (charts) and
+//!   [`scalars`] (step scalars of training stages, TensorBoard event files).
 //! - **Families** of stage kinds, each depending on the contract and the shared parts,
 //!   never on another family: [`data`] (readers, `build_data`, `split`), [`label`]
 //!   (`calibrate`, `validate`, `batch_label`), [`lm`] (`sft`, `generate`, `merge`),

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 const FAMILIES: &[&str] = &["data", "label", "lm", "eval", "prefs"];
 const SHARED: &[&str] = &[
-    "records", "prompt", "model", "oracle", "metrics", "task", "figure",
+    "records", "prompt", "model", "oracle", "metrics", "task", "figure", "scalars",
 ];
 
 fn src() -> PathBuf {
