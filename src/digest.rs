@@ -237,6 +237,50 @@ impl StatCache {
     }
 }
 
+/// The type of a file by its first bytes (`png`, `svg`, `parquet`, `json`), for outputs
+/// whose store objects carry no extension; `None` for anything else.
+pub fn sniff_extension(path: &Path) -> Option<&'static str> {
+    let mut head = [0u8; 8];
+    let n = File::open(path)
+        .and_then(|mut f| io::Read::read(&mut f, &mut head))
+        .ok()?;
+    let head = &head[..n];
+    if head.starts_with(b"\x89PNG") {
+        Some("png")
+    } else if head.starts_with(b"<svg") || head.starts_with(b"<?xml") {
+        Some("svg")
+    } else if head.starts_with(b"PAR1") {
+        Some("parquet")
+    } else if matches!(head.first(), Some(b'{') | Some(b'[')) {
+        Some("json")
+    } else {
+        None
+    }
+}
+
+/// Every file below `dir` with its path relative to `dir` (`/`-separated), sorted.
+pub fn files_under(dir: &Path) -> io::Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d)? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p
+                    .strip_prefix(dir)
+                    .unwrap_or(&p)
+                    .to_string_lossy()
+                    .replace('\\', "/");
+                out.push((rel, p));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use crate::digest::ArtifactKind;
+use crate::digest::{self, ArtifactKind};
 use crate::redact;
 use crate::store::{RunRecord, StageRecord, StageStatus, Store};
 
@@ -525,28 +525,18 @@ impl StageTrack {
             let root = store.object_path(&art.digest);
             match art.kind {
                 ArtifactKind::File => {
-                    // A file output keeps the extension its stage gave it in the
-                    // declaration only; sniff the figures.
-                    let ext = sniff(&root);
-                    if let Some(ext) = ext {
+                    // A file output's object has no extension: sniff the figures.
+                    if let Some(ext) =
+                        digest::sniff_extension(&root).filter(|e| ["png", "svg"].contains(e))
+                    {
                         files.push((format!("{name}.{ext}"), root));
                     }
                 }
                 ArtifactKind::Dir => {
-                    let mut stack = vec![root.clone()];
-                    while let Some(d) = stack.pop() {
-                        for e in std::fs::read_dir(&d)?.flatten() {
-                            let p = e.path();
-                            if p.is_dir() {
-                                stack.push(p);
-                            } else if p
-                                .extension()
-                                .and_then(|x| x.to_str())
-                                .is_some_and(|x| ARTIFACT_EXTENSIONS.contains(&x))
-                            {
-                                let rel = p.strip_prefix(&root).unwrap_or(&p);
-                                files.push((format!("{name}/{}", rel.to_string_lossy()), p));
-                            }
+                    for (rel, p) in digest::files_under(&root)? {
+                        let ext = rel.rsplit_once('.').map_or("", |(_, e)| e);
+                        if ARTIFACT_EXTENSIONS.contains(&ext) {
+                            files.push((format!("{name}/{rel}"), p));
                         }
                     }
                 }
@@ -561,22 +551,6 @@ impl StageTrack {
             self.client.upload(&uri, &rel, &path)?;
         }
         Ok(())
-    }
-}
-
-/// The figure or report type of a file output, by its first bytes.
-fn sniff(path: &Path) -> Option<&'static str> {
-    let mut head = [0u8; 5];
-    let n = std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
-        .ok()?;
-    let head = &head[..n];
-    if head.starts_with(b"\x89PNG") {
-        Some("png")
-    } else if head.starts_with(b"<svg") || head.starts_with(b"<?xml") {
-        Some("svg")
-    } else {
-        None
     }
 }
 

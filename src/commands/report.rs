@@ -21,7 +21,7 @@ use pipe_stages::figure::Figure;
 use serde_json::Value;
 
 use crate::cli::ReportArgs;
-use crate::digest::{ArtifactInfo, ArtifactKind};
+use crate::digest::{self, ArtifactInfo, ArtifactKind};
 use crate::redact;
 use crate::store::{RunRecord, RunStage, StageRecord, StageStatus, Store};
 
@@ -249,10 +249,6 @@ fn curve_rank(name: &str) -> (u8, String) {
 /// `(run index, points)` of one curve.
 type RunCurves = Vec<(usize, Vec<(f64, f64)>)>;
 
-fn status_class(s: StageStatus) -> &'static str {
-    s.as_str()
-}
-
 struct Page<'s> {
     store: &'s Store,
     out: PathBuf,
@@ -441,7 +437,7 @@ impl Page<'_> {
                         let _ = write!(
                             h,
                             "<td class=\"status {st}\" data-run=\"{id}\">{st}</td><td class=\"num\">{t}</td><td><code title=\"{key}\">{k}</code>{same}</td>",
-                            st = status_class(s.status),
+                            st = s.status.as_str(),
                             id = esc(&v.run.id),
                             t = secs(s.seconds),
                             key = esc(key),
@@ -795,8 +791,9 @@ impl Page<'_> {
             let file_name = match art.kind {
                 ArtifactKind::Dir => name.to_string(),
                 ArtifactKind::File => {
-                    // Keep the extension the stage gave the file, so browsers show it.
-                    format!("{name}{}", extension_hint(self.store, art))
+                    // Give the copy the extension of its type, so browsers show it.
+                    let ext = digest::sniff_extension(&self.store.object_path(&art.digest));
+                    format!("{name}.{}", ext.unwrap_or("txt"))
                 }
             };
             let rel = format!("artifacts/{}/{}", short(&art.digest), file_name);
@@ -820,48 +817,13 @@ impl Page<'_> {
                     Vec::new()
                 }
             }
-            ArtifactKind::Dir => {
-                let mut found = Vec::new();
-                let mut stack = vec![path.clone()];
-                while let Some(d) = stack.pop() {
-                    let Ok(entries) = std::fs::read_dir(&d) else {
-                        continue;
-                    };
-                    for e in entries.flatten() {
-                        let p = e.path();
-                        if p.is_dir() {
-                            stack.push(p);
-                        } else if p.extension().is_some_and(|x| x == "png") {
-                            if let Ok(rest) = p.strip_prefix(&path) {
-                                found.push(format!("{href}/{}", rest.to_string_lossy()));
-                            }
-                        }
-                    }
-                }
-                found.sort();
-                found
-            }
+            ArtifactKind::Dir => digest::files_under(&path)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(rel, _)| rel.ends_with(".png"))
+                .map(|(rel, _)| format!("{href}/{rel}"))
+                .collect(),
         }
-    }
-}
-
-/// The extension a file output should have when copied: sniffed from its first bytes.
-fn extension_hint(store: &Store, art: &ArtifactInfo) -> &'static str {
-    let mut head = [0u8; 8];
-    let n = std::fs::File::open(store.object_path(&art.digest))
-        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
-        .unwrap_or(0);
-    let head = &head[..n];
-    if head.starts_with(b"\x89PNG") {
-        ".png"
-    } else if head.starts_with(b"<svg") || head.starts_with(b"<?xml") {
-        ".svg"
-    } else if head.starts_with(b"PAR1") {
-        ".parquet"
-    } else if head.first() == Some(&b'{') || head.first() == Some(&b'[') {
-        ".json"
-    } else {
-        ".txt"
     }
 }
 

@@ -166,6 +166,14 @@ fn worker(model: ChatModel, rx: mpsc::Receiver<Job>, max_batch: usize) {
     }
 }
 
+/// Seconds since the epoch, for `created`.
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Marks a worker error that is the request's fault (its prompt does not fit).
 const TOO_LONG: &str = "context_length_exceeded: ";
 
@@ -552,10 +560,7 @@ fn stream_response(s: &Arc<AppState>, p: Parsed, chat: bool) -> Response {
     use axum::response::sse::{Event, Sse};
     let n_served = s.served.fetch_add(1, Ordering::SeqCst) + 1;
     let id = format!("{}-pipe-{n_served}", if chat { "chatcmpl" } else { "cmpl" });
-    let created = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let created = unix_seconds();
     let object = if chat {
         "chat.completion.chunk"
     } else {
@@ -718,10 +723,7 @@ async fn respond(
         }
     }
     let n = s.served.fetch_add(1, Ordering::SeqCst) + 1;
-    let created = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let created = unix_seconds();
     let choices: Vec<Value> = done
         .iter()
         .enumerate()

@@ -707,28 +707,23 @@ impl Automaton {
                 .is_ok()
     }
 
+    /// The state after `bytes` from `state`, or `None` when no valid reply continues so.
+    pub fn walk(&mut self, mut state: u32, bytes: &[u8]) -> Option<u32> {
+        for &b in bytes {
+            state = self.step(state, b)?;
+        }
+        Some(state)
+    }
+
     /// Whether `bytes` is a complete reply.
     pub fn accepts(&mut self, bytes: &[u8]) -> bool {
-        let mut s = self.start();
-        for &b in bytes {
-            match self.step(s, b) {
-                Some(n) => s = n,
-                None => return false,
-            }
-        }
-        self.accepting(s)
+        self.walk(self.start(), bytes)
+            .is_some_and(|s| self.accepting(s))
     }
 
     /// Whether `bytes` can still be completed into a reply.
     pub fn viable_prefix(&mut self, bytes: &[u8]) -> bool {
-        let mut s = self.start();
-        for &b in bytes {
-            match self.step(s, b) {
-                Some(n) => s = n,
-                None => return false,
-            }
-        }
-        true
+        self.walk(self.start(), bytes).is_some()
     }
 }
 
@@ -879,23 +874,15 @@ impl Grammar {
     /// The state after `token` (which must be allowed).
     pub fn advance(&self, state: u32, token: u32) -> Option<u32> {
         let bytes = self.vocab.token(token)?;
-        let mut g = self.lock();
-        let mut s = state;
-        for &b in bytes {
-            s = g.auto.step(s, b)?;
-        }
-        Some(s)
+        self.lock().auto.walk(state, bytes)
     }
 
     /// The state after the bytes `prefix` (a prefilled start of the reply), or `None`
     /// when no valid reply starts that way.
     pub fn start_after(&self, prefix: &[u8]) -> Option<u32> {
         let mut g = self.lock();
-        let mut s = g.auto.start();
-        for &b in prefix {
-            s = g.auto.step(s, b)?;
-        }
-        Some(s)
+        let start = g.auto.start();
+        g.auto.walk(start, prefix)
     }
 
     /// Whether the reply is complete in `state` (EOS may follow).
