@@ -226,10 +226,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     let vocab = std::sync::Arc::new(pipe_train::constrain::Vocab::new(
                         m.tokenizer.token_bytes(),
                     ));
-                    Some(pipe_train::constrain::Grammar::new(&schema, vocab))
+                    Some(std::sync::Arc::new(pipe_train::constrain::Grammar::new(
+                        &schema, vocab,
+                    )))
                 }
             };
-            let constraint = grammar.as_ref().map(|g| (g, g.start()));
+            let constraint = grammar.as_ref().map(|g| (g.clone(), g.start()));
             // Warm-up: the same run once (kernels, and the grammar's masks).
             generate_constrained(
                 &m.model,
@@ -238,7 +240,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 &s,
                 &[],
                 &mut rngs.clone(),
-                constraint,
+                constraint.clone(),
             )?;
             let t = Instant::now();
             let out = generate_constrained(

@@ -1206,7 +1206,10 @@ mod tests {
             "citations": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 2}
         }, "required": ["answer", "kind", "score", "confidence", "ok"]}))
         .unwrap();
-        let grammar = Grammar::new(&schema, Arc::new(Vocab::new(tok.token_bytes())));
+        let grammar = Arc::new(Grammar::new(
+            &schema,
+            Arc::new(Vocab::new(tok.token_bytes())),
+        ));
         let eos = vec![tok.eos_id().unwrap()];
         let prompt = tok.encode("Reply in JSON: ").unwrap();
         let s = Sampling {
@@ -1225,7 +1228,7 @@ mod tests {
                 &s,
                 &eos,
                 &mut rngs,
-                Some((&grammar, grammar.start())),
+                Some((grammar.clone(), grammar.start())),
             )
             .unwrap()
             {

@@ -1,12 +1,16 @@
-//! Generation with an external KV cache: batched prompts with left padding,
-//! greedy or seeded temperature/top-p sampling, EOS and stop strings.
+//! Generation: continuous batching ([`Decoding`]: sequences join after a packed prefill,
+//! without padding, that reuses cached prompt starts, and leave as they finish), greedy or
+//! seeded temperature/top-p sampling, EOS, stop strings, log-probabilities and
+//! grammar-constrained replies.
 
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::constrain::Grammar;
 use crate::error::Result;
-use crate::model::{Decoder, KeyMask, KvCache};
+use std::sync::Arc;
+
+use crate::model::{Decoder, KeyMask, KvCache, Prefill};
 use crate::rng::Rng;
 use crate::tokenizer::TextTokenizer;
 
@@ -233,17 +237,17 @@ pub fn generate_constrained(
     s: &Sampling,
     eos: &[u32],
     rngs: &mut [Rng],
-    constraint: Option<(&Grammar, u32)>,
+    constraint: Option<(Arc<Grammar>, u32)>,
 ) -> Result<Vec<Generation>> {
     generate_observed(model, tokenizer, prompts, s, eos, rngs, constraint, None)
 }
 
-/// Called with (prompt index, token id) after each generated token; `false` ends that
+/// Called with (sequence id, token id) after each generated token; `false` ends that
 /// sequence there (a client that went away), as if by `max_new_tokens`.
 pub type OnToken<'a> = &'a mut dyn FnMut(usize, u32) -> bool;
 
 /// [`generate_constrained`], telling `on_token` of each token as it is generated (for
-/// streaming) and letting it end sequences early.
+/// streaming) and letting it end sequences early. Sequence ids are prompt indices.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_observed(
     model: &Decoder,
@@ -252,134 +256,507 @@ pub fn generate_observed(
     s: &Sampling,
     eos: &[u32],
     rngs: &mut [Rng],
-    constraint: Option<(&Grammar, u32)>,
+    constraint: Option<(Arc<Grammar>, u32)>,
     mut on_token: Option<OnToken>,
 ) -> Result<Vec<Generation>> {
-    let grammar = constraint.map(|c| c.0);
-    let b = prompts.len();
-    let device = model.device();
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
-    let pad = eos.first().copied().unwrap_or(0);
-    let mut ids = Vec::with_capacity(b * longest);
-    let mut valid = Vec::with_capacity(b * longest);
-    for p in prompts {
-        ids.extend(std::iter::repeat_n(pad, longest - p.len()));
-        ids.extend(p);
-        valid.extend(std::iter::repeat_n(false, longest - p.len()));
-        valid.extend(std::iter::repeat_n(true, p.len()));
-    }
-    let mut keys = KeyMask {
-        batch: b,
-        keys: longest,
-        valid,
+    let mut run = Decoding::new(model, tokenizer, eos.to_vec(), PrefixCache::default());
+    let seqs = prompts
+        .iter()
+        .zip(rngs.iter())
+        .map(|(p, rng)| Sequence {
+            prompt: p.clone(),
+            sampling: s.clone(),
+            rng: *rng,
+            constraint: constraint.clone(),
+        })
+        .collect();
+    let mut noop = |_: usize, _: u32| true;
+    let cb: OnToken = match on_token.as_mut() {
+        Some(f) => *f,
+        None => &mut noop,
     };
-    let mut cache = KvCache::new(model.config().num_hidden_layers);
-    let mut input = Tensor::from_vec(ids, (b, longest), device)?;
-    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
-    let mut finish: Vec<Option<Finish>> = vec![None; b];
-    let mut texts: Vec<String> = vec![String::new(); b];
-    // Prompt index of each row still decoding; finished rows leave the batch (and the
-    // cache), so one long answer does not make the others pay for its steps.
-    let mut alive: Vec<usize> = (0..b).collect();
-    let mut states: Vec<u32> = vec![constraint.map_or(0, |c| c.1); b];
-    let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); b];
-    for _ in 0..s.max_new_tokens {
-        let h = model.hidden(&input, &keys, Some(&mut cache), None)?;
-        let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
-        let logits: Vec<Vec<f32>> = model.logits(&last)?.to_dtype(DType::F32)?.to_vec2()?;
-        let mut next = Vec::with_capacity(alive.len());
-        let mut keep = Vec::with_capacity(alive.len());
-        for (row, &r) in alive.iter().enumerate() {
-            let t = match grammar {
-                None => pick(&logits[row], s, &mut rngs[r]),
-                Some(g) => match masked(&logits[row], g, states[r], eos) {
-                    Some(m) => pick(&m, s, &mut rngs[r]),
-                    None => {
-                        finish[r] = Some(if g.accepting(states[r]) {
-                            Finish::Eos
-                        } else {
-                            Finish::Length
-                        });
-                        continue;
-                    }
-                },
-            };
-            if eos.contains(&t) {
-                finish[r] = Some(Finish::Eos);
-                continue;
-            }
-            if let Some(g) = grammar {
-                match g.advance(states[r], t) {
-                    Some(next) => states[r] = next,
-                    None => {
-                        // Only reachable if a masked-out token was picked; end it.
-                        finish[r] = Some(Finish::Length);
-                        continue;
-                    }
-                }
-            }
-            out[r].push(t);
-            if let Some(k) = s.logprobs {
-                lps[r].push(logprob_of(&logits[row], t, k));
-            }
-            if let Some(f) = on_token.as_mut() {
-                if !f(r, t) {
-                    finish[r] = Some(Finish::Length);
-                    continue;
-                }
-            }
-            if grammar.is_some_and(|g| g.allowed(states[r]).is_empty()) {
-                // The reply is complete and closed: nothing may follow, not even a step.
-                finish[r] = Some(Finish::Eos);
-                continue;
-            }
-            if !s.stop.is_empty() {
-                let text = tokenizer.decode(&out[r], false)?;
-                if let Some(pos) = s.stop.iter().filter_map(|st| text.find(st.as_str())).min() {
-                    texts[r] = text[..pos].to_string();
-                    finish[r] = Some(Finish::Stop);
-                    continue;
-                }
-            }
-            keep.push(row);
-            next.push(t);
+    run.add(seqs, cb)?;
+    let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
+    loop {
+        for (id, g, rng) in run.step(cb)? {
+            rngs[id] = rng;
+            out[id] = Some(g);
         }
-        if keep.is_empty() {
+        if run.is_idle() {
             break;
         }
-        let n = keys.keys;
-        let mut valid = Vec::with_capacity(keep.len() * (n + 1));
-        for &row in &keep {
-            valid.extend_from_slice(&keys.valid[row * n..(row + 1) * n]);
-            valid.push(true);
-        }
-        if keep.len() < alive.len() {
-            cache.keep_rows(&keep)?;
-            alive = keep.iter().map(|&row| alive[row]).collect();
-        }
-        keys = KeyMask {
-            batch: alive.len(),
-            keys: n + 1,
-            valid,
-        };
-        input = Tensor::from_vec(next, (alive.len(), 1), device)?;
     }
-    let mut result = Vec::with_capacity(b);
-    for r in 0..b {
-        let f = finish[r].unwrap_or(Finish::Length);
-        let text = if f == Finish::Stop {
-            std::mem::take(&mut texts[r])
+    Ok(out
+        .into_iter()
+        .map(|g| g.expect("every sequence finishes"))
+        .collect())
+}
+
+/// One sequence to decode: its prompt, settings, sampler and constraint.
+#[derive(Clone)]
+pub struct Sequence {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Decoding settings.
+    pub sampling: Sampling,
+    /// This sequence's sampler.
+    pub rng: Rng,
+    /// A grammar the reply stays inside, with the state its prefilled start left it in.
+    pub constraint: Option<(Arc<Grammar>, u32)>,
+}
+
+/// Keys and values of recent prompts (one-row caches), reused by later prompts that
+/// start with the same tokens: an oracle's rubric, a system prompt. Least recently
+/// used entries go first once the byte budget is spent.
+pub struct PrefixCache {
+    entries: Vec<(Vec<u32>, KvCache, u64)>,
+    budget: usize,
+    clock: u64,
+    /// Tokens reused from cached prefixes, and tokens run, since this cache was made.
+    pub reused: u64,
+    /// Prompt tokens run through the model.
+    pub computed: u64,
+}
+
+/// A shared start shorter than this is not worth a separate prefill.
+const MIN_SHARED: usize = 16;
+
+impl Default for PrefixCache {
+    /// 256 MiB.
+    fn default() -> Self {
+        PrefixCache::new(256 << 20)
+    }
+}
+
+impl PrefixCache {
+    /// A cache holding at most `budget` bytes of keys and values (0 keeps nothing).
+    pub fn new(budget: usize) -> PrefixCache {
+        PrefixCache {
+            entries: Vec::new(),
+            budget,
+            clock: 0,
+            reused: 0,
+            computed: 0,
+        }
+    }
+
+    /// The longest cached start of `ids` (leaving at least one token to run), as a
+    /// one-row cache of that many tokens.
+    fn lookup(&mut self, ids: &[u32]) -> Result<Option<KvCache>> {
+        let limit = ids.len().saturating_sub(1);
+        let best = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, (e, _, _))| (i, shared_len(e, ids).min(limit)))
+            .max_by_key(|&(i, n)| (n, std::cmp::Reverse(i)));
+        match best {
+            Some((i, n)) if n >= MIN_SHARED => {
+                self.clock += 1;
+                self.entries[i].2 = self.clock;
+                Ok(Some(self.entries[i].1.prefix(n)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Keeps the keys and values of `ids`; an entry that `ids` extends is replaced.
+    fn insert(&mut self, ids: &[u32], kv: &KvCache) {
+        if self.budget == 0 || ids.len() < MIN_SHARED {
+            return;
+        }
+        self.entries
+            .retain(|(e, _, _)| !(e.len() <= ids.len() && ids.starts_with(e)));
+        if self.entries.iter().any(|(e, _, _)| e.starts_with(ids)) {
+            return;
+        }
+        self.clock += 1;
+        self.entries.push((ids.to_vec(), kv.clone(), self.clock));
+        while self.bytes() > self.budget && !self.entries.is_empty() {
+            let oldest = (0..self.entries.len())
+                .min_by_key(|&i| self.entries[i].2)
+                .expect("not empty");
+            self.entries.swap_remove(oldest);
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.entries.iter().map(|(_, kv, _)| kv.bytes()).sum()
+    }
+}
+
+fn shared_len(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// A sequence being decoded.
+struct Row {
+    id: usize,
+    seq: Sequence,
+    state: u32,
+    out: Vec<u32>,
+    lps: Vec<TokenLogprob>,
+    /// The token to feed at the next step.
+    next: u32,
+}
+
+/// Continuous batched decoding: sequences join (after a packed prefill that reuses
+/// cached prompt starts) between steps and leave as they finish, each with its own
+/// settings, sampler and constraint. Every step runs one token of every live sequence
+/// through the model together.
+pub struct Decoding<'m> {
+    model: &'m Decoder,
+    tokenizer: &'m TextTokenizer,
+    eos: Vec<u32>,
+    /// Cached prompt starts.
+    pub prefixes: PrefixCache,
+    /// The batch's keys and values, `[rows, kv_heads, keys, head]`, left-padded.
+    cache: KvCache,
+    keys: usize,
+    /// Row-major `[rows, keys]`: false for padding.
+    valid: Vec<bool>,
+    rows: Vec<Row>,
+    done: Vec<(usize, Generation, Rng)>,
+    next_id: usize,
+}
+
+impl<'m> Decoding<'m> {
+    /// An empty batch.
+    pub fn new(
+        model: &'m Decoder,
+        tokenizer: &'m TextTokenizer,
+        eos: Vec<u32>,
+        prefixes: PrefixCache,
+    ) -> Decoding<'m> {
+        Decoding {
+            model,
+            tokenizer,
+            eos,
+            prefixes,
+            cache: KvCache::new(model.config().num_hidden_layers),
+            keys: 0,
+            valid: Vec::new(),
+            rows: Vec::new(),
+            done: Vec::new(),
+            next_id: 0,
+        }
+    }
+
+    /// Sequences decoding now.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether no sequence is decoding.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Whether nothing is decoding and every finished sequence was handed out.
+    pub fn is_idle(&self) -> bool {
+        self.rows.is_empty() && self.done.is_empty()
+    }
+
+    /// Prefills `seqs` and adds them to the batch; returns their ids (consecutive, from
+    /// 0 for a new batch). Their first tokens come from the prefill; `on_token` hears of
+    /// them. Prompts sharing a start of at least 16 tokens with a cached prompt, or with
+    /// each other, run only the rest.
+    pub fn add(&mut self, seqs: Vec<Sequence>, on_token: OnToken) -> Result<Vec<usize>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(i) = seqs.iter().position(|s| s.prompt.is_empty()) {
+            return Err(crate::Error::Invalid(format!(
+                "sequence {i} has an empty prompt"
+            )));
+        }
+        // Starts the new prompts share with each other (and no cached prompt) run once
+        // first, so that a batch of oracle prompts repeating one rubric computes it once.
+        let mut starts: Vec<Vec<u32>> = Vec::new();
+        for (i, a) in seqs.iter().enumerate().filter(|_| self.prefixes.budget > 0) {
+            let cached = self
+                .prefixes
+                .entries
+                .iter()
+                .map(|(e, _, _)| shared_len(e, &a.prompt))
+                .max()
+                .unwrap_or(0);
+            let n = seqs
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .map(|(_, b)| shared_len(&a.prompt, &b.prompt))
+                .max()
+                .unwrap_or(0)
+                .min(a.prompt.len() - 1);
+            if n >= MIN_SHARED && n > cached && !starts.iter().any(|s| s[..] == a.prompt[..n]) {
+                starts.push(a.prompt[..n].to_vec());
+            }
+        }
+        // A start that another one extends is covered by it.
+        let covered: Vec<bool> = starts
+            .iter()
+            .map(|s| starts.iter().any(|t| t.len() > s.len() && t.starts_with(s)))
+            .collect();
+        let starts: Vec<Vec<u32>> = starts
+            .into_iter()
+            .zip(covered)
+            .filter(|(_, c)| !c)
+            .map(|(s, _)| s)
+            .collect();
+        if !starts.is_empty() {
+            self.prefill(&starts)?;
+        }
+        let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| s.prompt.clone()).collect();
+        let (logits, caches) = self.prefill(&prompts)?;
+        let mut ids = Vec::with_capacity(seqs.len());
+        let mut joined: Vec<(Row, KvCache)> = Vec::new();
+        for ((seq, row_logits), kv) in seqs.into_iter().zip(logits).zip(caches) {
+            let id = self.next_id;
+            self.next_id += 1;
+            ids.push(id);
+            let mut row = Row {
+                id,
+                state: seq.constraint.as_ref().map_or(0, |c| c.1),
+                seq,
+                out: Vec::new(),
+                lps: Vec::new(),
+                next: 0,
+            };
+            match self.accept(&mut row, &row_logits, on_token)? {
+                Some(f) => self.finish(row, f)?,
+                None => joined.push((row, kv)),
+            }
+        }
+        self.join(joined)?;
+        Ok(ids)
+    }
+
+    /// Runs `prompts` (packed, reusing cached starts), caches each prompt, and returns
+    /// the next-token logits and one-row cache of each.
+    fn prefill(&mut self, prompts: &[Vec<u32>]) -> Result<(Vec<Vec<f32>>, Vec<KvCache>)> {
+        let mut pasts = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            pasts.push(self.prefixes.lookup(p)?);
+        }
+        let parts: Vec<Prefill> = prompts
+            .iter()
+            .zip(&pasts)
+            .map(|(p, past)| Prefill {
+                ids: &p[past.as_ref().map_or(0, KvCache::len)..],
+                past: past.as_ref(),
+            })
+            .collect();
+        for p in &parts {
+            self.prefixes.reused += p.past.map_or(0, KvCache::len) as u64;
+            self.prefixes.computed += p.ids.len() as u64;
+        }
+        let (last, caches) = self.model.prefill_packed(&parts)?;
+        for (p, kv) in prompts.iter().zip(&caches) {
+            self.prefixes.insert(p, kv);
+        }
+        let logits = self.model.logits(&last)?.to_dtype(DType::F32)?.to_vec2()?;
+        Ok((logits, caches))
+    }
+
+    /// Adds prefilled rows to the batch's cache, left-padding whichever side is shorter.
+    fn join(&mut self, joined: Vec<(Row, KvCache)>) -> Result<()> {
+        if joined.is_empty() {
+            return Ok(());
+        }
+        let longest = joined.iter().map(|(_, kv)| kv.len()).max().unwrap_or(0);
+        let keys = self.keys.max(longest);
+        let mut parts: Vec<(KvCache, usize)> = Vec::with_capacity(joined.len() + 1);
+        let mut valid = Vec::with_capacity((self.rows.len() + joined.len()) * keys);
+        if !self.rows.is_empty() {
+            let grow = keys - self.keys;
+            for r in 0..self.rows.len() {
+                valid.extend(std::iter::repeat_n(false, grow));
+                valid.extend_from_slice(&self.valid[r * self.keys..(r + 1) * self.keys]);
+            }
+            parts.push((std::mem::take(&mut self.cache), grow));
+        }
+        for (row, kv) in joined {
+            let pad = keys - kv.len();
+            valid.extend(std::iter::repeat_n(false, pad));
+            valid.extend(std::iter::repeat_n(true, kv.len()));
+            parts.push((kv, pad));
+            self.rows.push(row);
+        }
+        self.cache = KvCache::stack_left_padded(&parts, self.model.config().num_hidden_layers)?;
+        self.keys = keys;
+        self.valid = valid;
+        Ok(())
+    }
+
+    /// One decoding step for every live sequence; returns the sequences that finished
+    /// since the last call (with their samplers, as they ended).
+    pub fn step(&mut self, on_token: OnToken) -> Result<Vec<(usize, Generation, Rng)>> {
+        if !self.rows.is_empty() {
+            let n = self.rows.len();
+            let mut valid = Vec::with_capacity(n * (self.keys + 1));
+            for r in 0..n {
+                valid.extend_from_slice(&self.valid[r * self.keys..(r + 1) * self.keys]);
+                valid.push(true);
+            }
+            let keys = KeyMask {
+                batch: n,
+                keys: self.keys + 1,
+                valid,
+            };
+            let next: Vec<u32> = self.rows.iter().map(|r| r.next).collect();
+            let input = Tensor::from_vec(next, (n, 1), self.model.device())?;
+            let h = self
+                .model
+                .hidden(&input, &keys, Some(&mut self.cache), None)?;
+            let last = h.squeeze(1)?;
+            let logits: Vec<Vec<f32>> =
+                self.model.logits(&last)?.to_dtype(DType::F32)?.to_vec2()?;
+            self.keys += 1;
+            self.valid = keys.valid;
+            let rows = std::mem::take(&mut self.rows);
+            let mut keep = Vec::with_capacity(n);
+            for (i, (mut row, l)) in rows.into_iter().zip(&logits).enumerate() {
+                match self.accept(&mut row, l, on_token)? {
+                    Some(f) => self.finish(row, f)?,
+                    None => {
+                        keep.push(i);
+                        self.rows.push(row);
+                    }
+                }
+            }
+            if keep.len() < n {
+                self.keep_rows(&keep)?;
+            }
+        }
+        Ok(std::mem::take(&mut self.done))
+    }
+
+    /// Ends the sequence `id` now (its client went away), as if by `max_new_tokens`.
+    pub fn cancel(&mut self, id: usize) -> Result<()> {
+        if let Some(i) = self.rows.iter().position(|r| r.id == id) {
+            let row = self.rows.remove(i);
+            let keep: Vec<usize> = (0..=self.rows.len()).filter(|&r| r != i).collect();
+            self.keep_rows(&keep)?;
+            self.finish(row, Finish::Length)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps these rows of the cache and mask (the rows themselves are already kept),
+    /// dropping key columns that no row needs any more.
+    fn keep_rows(&mut self, keep: &[usize]) -> Result<()> {
+        let k = self.keys;
+        let valid: Vec<bool> = keep
+            .iter()
+            .flat_map(|&r| self.valid[r * k..(r + 1) * k].iter().copied())
+            .collect();
+        if keep.is_empty() {
+            self.cache = KvCache::new(self.model.config().num_hidden_layers);
+            self.keys = 0;
+            self.valid = Vec::new();
+            return Ok(());
+        }
+        self.cache.keep_rows(keep)?;
+        // Leading columns padding every row (a long prompt that left) go.
+        let unused = (0..k)
+            .take_while(|&j| (0..keep.len()).all(|r| !valid[r * k + j]))
+            .count();
+        if unused > 0 {
+            self.cache.drop_front(unused)?;
+            self.valid = (0..keep.len())
+                .flat_map(|r| valid[r * k + unused..(r + 1) * k].iter().copied())
+                .collect();
+            self.keys = k - unused;
         } else {
-            tokenizer.decode(&out[r], true)?
-        };
-        result.push(Generation {
-            ids: std::mem::take(&mut out[r]),
-            text,
-            finish: f,
-            logprobs: std::mem::take(&mut lps[r]),
-        });
+            self.valid = valid;
+        }
+        Ok(())
     }
-    Ok(result)
+
+    /// Takes in the next token of `row` from `logits`; `Some` when the row ends here.
+    fn accept(&self, row: &mut Row, logits: &[f32], on_token: OnToken) -> Result<Option<Finish>> {
+        let s = &row.seq.sampling;
+        if row.out.len() >= s.max_new_tokens {
+            return Ok(Some(Finish::Length));
+        }
+        let grammar = row.seq.constraint.as_ref().map(|c| c.0.clone());
+        let t = match &grammar {
+            None => pick(logits, s, &mut row.seq.rng),
+            Some(g) => match masked(logits, g, row.state, &self.eos) {
+                Some(m) => pick(&m, s, &mut row.seq.rng),
+                None => {
+                    return Ok(Some(if g.accepting(row.state) {
+                        Finish::Eos
+                    } else {
+                        Finish::Length
+                    }))
+                }
+            },
+        };
+        if self.eos.contains(&t) {
+            return Ok(Some(Finish::Eos));
+        }
+        if let Some(g) = &grammar {
+            match g.advance(row.state, t) {
+                Some(next) => row.state = next,
+                // Only reachable if a masked-out token was picked; end it.
+                None => return Ok(Some(Finish::Length)),
+            }
+        }
+        row.out.push(t);
+        row.next = t;
+        if let Some(k) = s.logprobs {
+            row.lps.push(logprob_of(logits, t, k));
+        }
+        if !on_token(row.id, t) {
+            return Ok(Some(Finish::Length));
+        }
+        if grammar.is_some_and(|g| g.allowed(row.state).is_empty()) {
+            // The reply is complete and closed: nothing may follow, not even a step.
+            return Ok(Some(Finish::Eos));
+        }
+        if !s.stop.is_empty() {
+            let text = self.tokenizer.decode(&row.out, false)?;
+            if s.stop.iter().any(|st| text.contains(st.as_str())) {
+                return Ok(Some(Finish::Stop));
+            }
+        }
+        if row.out.len() >= s.max_new_tokens {
+            return Ok(Some(Finish::Length));
+        }
+        Ok(None)
+    }
+
+    /// Records a finished row's generation.
+    fn finish(&mut self, row: Row, f: Finish) -> Result<()> {
+        let text = if f == Finish::Stop {
+            let text = self.tokenizer.decode(&row.out, false)?;
+            let pos = row
+                .seq
+                .sampling
+                .stop
+                .iter()
+                .filter_map(|st| text.find(st.as_str()))
+                .min()
+                .unwrap_or(text.len());
+            text[..pos].to_string()
+        } else {
+            self.tokenizer.decode(&row.out, true)?
+        };
+        self.done.push((
+            row.id,
+            Generation {
+                ids: row.out,
+                text,
+                finish: f,
+                logprobs: row.lps,
+            },
+            row.seq.rng,
+        ));
+        Ok(())
+    }
 }
 
 /// Log-probabilities of the next token at the last position, for scoring.

@@ -141,6 +141,66 @@ impl KvCache {
         Ok(())
     }
 
+    /// The first `n` tokens of every layer (a prompt's cached start).
+    pub fn prefix(&self, n: usize) -> Result<KvCache> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            layers.push(match l {
+                Some((k, v)) => Some((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?)),
+                None => None,
+            });
+        }
+        Ok(KvCache { layers })
+    }
+
+    /// Drops the first `n` tokens of every layer (key columns no row attends to).
+    pub fn drop_front(&mut self, n: usize) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let t = k.dim(2)?;
+            *k = k.narrow(2, n, t - n)?;
+            *v = v.narrow(2, n, t - n)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes of keys and values held.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// One batch cache from several (each `[rows, kv_heads, t, head]`), each first
+    /// left-padded with zeros by its count of key columns, so that all are as long.
+    pub fn stack_left_padded(parts: &[(KvCache, usize)], layers: usize) -> Result<KvCache> {
+        let mut out = Vec::with_capacity(layers);
+        for l in 0..layers {
+            let mut ks = Vec::with_capacity(parts.len());
+            let mut vs = Vec::with_capacity(parts.len());
+            for (c, pad) in parts {
+                let Some((k, v)) = &c.layers[l] else {
+                    return Err(crate::Error::Invalid(format!(
+                        "no keys cached for layer {l}"
+                    )));
+                };
+                let padded = |x: &Tensor| -> Result<Tensor> {
+                    if *pad == 0 {
+                        return Ok(x.clone());
+                    }
+                    let (b, h, _, d) = x.dims4()?;
+                    let z = Tensor::zeros((b, h, *pad, d), x.dtype(), x.device())?;
+                    Ok(Tensor::cat(&[&z, x], 2)?)
+                };
+                ks.push(padded(k)?);
+                vs.push(padded(v)?);
+            }
+            out.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
+        }
+        Ok(KvCache { layers: out })
+    }
+
     /// Keeps only the given batch rows (finished rows drop out of batched generation).
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
         for (k, v) in self.layers.iter_mut().flatten() {
@@ -354,6 +414,49 @@ struct Step {
     masks: Vec<Mask>,
     fused: bool,
     inference: bool,
+    /// A packed prefill: the one row holds several prompts one after the other, each
+    /// attending to its own cached past and its own tokens only.
+    segments: Vec<PackedSegment>,
+}
+
+/// One prompt of a packed call: where its tokens sit in the row, what it attends to.
+struct PackedSegment {
+    start: usize,
+    len: usize,
+    past: Option<KvCache>,
+    masks: Vec<Mask>,
+}
+
+/// The shapes and scaling of one attention call.
+#[derive(Debug, Clone, Copy)]
+struct Attend {
+    b: usize,
+    s: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    scale: f64,
+    softcap: Option<f64>,
+}
+
+/// Where a layer's keys and values go.
+enum CacheSink<'a> {
+    /// Nowhere (training, scoring).
+    None,
+    /// Appended to a batch's cache.
+    Batch(&'a mut KvCache),
+    /// One cache per segment of a packed call.
+    Segments(&'a mut [KvCache]),
+}
+
+/// A prompt for [`Decoder::prefill_packed`]: `ids` continue what `past` (a one-row cache
+/// of the tokens before them, e.g. a shared system prompt) already holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Prefill<'a> {
+    /// The tokens to run.
+    pub ids: &'a [u32],
+    /// Keys and values of the tokens before `ids`, when some are cached.
+    pub past: Option<&'a KvCache>,
 }
 
 /// The decoder LM.
@@ -659,52 +762,130 @@ impl Decoder {
         let st = self.step(ids, keys, cache.is_some())?;
         let mut x = self.embed_ids(ids, st.inference)?;
         for l in 0..self.layers.len() {
-            x = self.layer_forward(l, x, &st, cache.as_deref_mut(), dropout.as_deref_mut())?;
+            let sink = match cache.as_deref_mut() {
+                Some(c) => CacheSink::Batch(c),
+                None => CacheSink::None,
+            };
+            x = self.layer_forward(l, x, &st, sink, dropout.as_deref_mut())?;
         }
         self.norm(&x, &self.norm)
+    }
+
+    /// Runs several prompts in one call without padding: their tokens are laid end to
+    /// end in one row, so every projection is one matmul over all of them, while each
+    /// prompt attends only to its own past (`Prefill::past`) and its own earlier tokens,
+    /// at its own positions. Returns the final hidden state of each prompt's last token
+    /// (`[prompts, hidden]`) and each prompt's one-row cache (past plus its tokens),
+    /// ready to decode from. Inference only.
+    pub fn prefill_packed(&self, prompts: &[Prefill]) -> Result<(Tensor, Vec<KvCache>)> {
+        let layers = self.layers.len();
+        let total: usize = prompts.iter().map(|p| p.ids.len()).sum();
+        if prompts.iter().any(|p| p.ids.is_empty()) {
+            return Err(crate::Error::Invalid(
+                "prefill_packed: a prompt has no tokens".into(),
+            ));
+        }
+        let mut flat = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        let mut segments = Vec::with_capacity(prompts.len());
+        let fused = self.fused();
+        for p in prompts {
+            let past = p.past.map_or(0, KvCache::len);
+            positions.extend((past..past + p.ids.len()).map(|x| x as f32));
+            let keys = KeyMask::full(1, past + p.ids.len());
+            let mut masks: Vec<Mask> = Vec::new();
+            for l in 0..layers {
+                let window = self.cfg.window(l);
+                if !masks.iter().any(|m| m.window == window) {
+                    masks.push(self.mask(&keys, p.ids.len(), window, fused)?);
+                }
+            }
+            segments.push(PackedSegment {
+                start: flat.len(),
+                len: p.ids.len(),
+                past: p.past.cloned(),
+                masks,
+            });
+            flat.extend_from_slice(p.ids);
+        }
+        let ids = Tensor::from_vec(flat, (1, total), &self.device)?;
+        let st = Step {
+            b: 1,
+            s: total,
+            tables: self.tables(&positions, 1, total, fused)?,
+            masks: Vec::new(),
+            fused,
+            inference: true,
+            segments,
+        };
+        let mut caches = vec![KvCache::new(layers); prompts.len()];
+        let mut x = self.embed_ids(&ids, true)?;
+        for l in 0..layers {
+            x = self.layer_forward(l, x, &st, CacheSink::Segments(&mut caches), None)?;
+        }
+        let lasts: Vec<u32> = st
+            .segments
+            .iter()
+            .map(|g| (g.start + g.len - 1) as u32)
+            .collect();
+        let idx = Tensor::from_vec(lasts, prompts.len(), &self.device)?;
+        let last = x.squeeze(0)?.index_select(&idx, 0)?;
+        Ok((self.norm(&last, &self.norm)?, caches))
+    }
+
+    /// Whether this call runs the fused kernels: the CPU ones in f32, the GPU ones in
+    /// f32 and bf16.
+    fn fused(&self) -> bool {
+        (self.device.is_cpu() && self.dtype == DType::F32)
+            || (self.device.is_cuda() && matches!(self.dtype, DType::F32 | DType::BF16))
+    }
+
+    /// RoPE tables for `positions` (`[b, s]`, row-major).
+    fn tables(&self, positions: &[f32], b: usize, s: usize, fused: bool) -> Result<Tables> {
+        if fused {
+            let (cos, sin) = self.rope.host_tables(positions);
+            let half = cos.len() / (b * s).max(1);
+            let t = |v: Vec<f32>| Tensor::from_vec(v, (b, s, half), &self.device);
+            Ok(Tables::Fused(t(cos)?, t(sin)?))
+        } else {
+            let (cos, sin) = self.rope.tables(positions, b, s, self.dtype)?;
+            Ok(Tables::Composed(cos, sin))
+        }
+    }
+
+    /// The additive mask of `s` new queries over `keys` for one window.
+    fn mask(&self, keys: &KeyMask, s: usize, window: Option<usize>, fused: bool) -> Result<Mask> {
+        let values = Arc::new(keys.additive_values(s, window));
+        // The fused CPU kernel reads the values; the GPU's tiled attention reads the
+        // tensor (uploaded once per call, shared by the layers).
+        let tensor = if fused && !self.device.is_cuda() && self.chunked_attention.is_none() {
+            None
+        } else {
+            Some(Tensor::from_vec(
+                values.as_ref().clone(),
+                (keys.batch, 1, s, keys.keys),
+                &self.device,
+            )?)
+        };
+        Ok(Mask {
+            window,
+            values,
+            tensor,
+        })
     }
 
     /// What every layer of one call shares: shapes, RoPE tables, a mask per window.
     fn step(&self, ids: &Tensor, keys: &KeyMask, inference: bool) -> Result<Step> {
         let (b, s) = ids.dims2()?;
-        let cfg = &self.cfg;
-        let positions = keys.positions(s);
-        // The fused kernels: the CPU ones in f32, the GPU ones in f32 and bf16.
-        let fused = (self.device.is_cpu() && self.dtype == DType::F32)
-            || (self.device.is_cuda() && matches!(self.dtype, DType::F32 | DType::BF16));
-        let tables = if fused {
-            let (cos, sin) = self.rope.host_tables(&positions);
-            let half = cos.len() / (b * s).max(1);
-            let t = |v: Vec<f32>| Tensor::from_vec(v, (b, s, half), &self.device);
-            Tables::Fused(t(cos)?, t(sin)?)
-        } else {
-            let (cos, sin) = self.rope.tables(&positions, b, s, self.dtype)?;
-            Tables::Composed(cos, sin)
-        };
+        let fused = self.fused();
+        let tables = self.tables(&keys.positions(s), b, s, fused)?;
         // One mask per distinct window (Gemma 2 alternates two).
         let mut masks: Vec<Mask> = Vec::new();
         for l in 0..self.layers.len() {
-            let window = cfg.window(l);
-            if masks.iter().any(|m| m.window == window) {
-                continue;
+            let window = self.cfg.window(l);
+            if !masks.iter().any(|m| m.window == window) {
+                masks.push(self.mask(keys, s, window, fused)?);
             }
-            let values = Arc::new(keys.additive_values(s, window));
-            // The fused CPU kernel reads the values; the GPU's tiled attention reads the
-            // tensor (uploaded once per call, shared by the layers).
-            let tensor = if fused && !self.device.is_cuda() && self.chunked_attention.is_none() {
-                None
-            } else {
-                Some(Tensor::from_vec(
-                    values.as_ref().clone(),
-                    (keys.batch, 1, s, keys.keys),
-                    &self.device,
-                )?)
-            };
-            masks.push(Mask {
-                window,
-                values,
-                tensor,
-            });
         }
         Ok(Step {
             b,
@@ -713,6 +894,7 @@ impl Decoder {
             masks,
             fused,
             inference,
+            segments: Vec::new(),
         })
     }
 
@@ -732,7 +914,7 @@ impl Decoder {
         l: usize,
         mut x: Tensor,
         st: &Step,
-        cache: Option<&mut KvCache>,
+        cache: CacheSink,
         mut dropout: Option<&mut Rng>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
@@ -785,86 +967,58 @@ impl Decoder {
             k = rms_norm(&k, kn, cfg.rms_norm_eps)?;
         }
         let q = rope(&q)?;
-        let mut k = rope(&k)?;
-        let mut v = v;
-        if let Some(c) = cache {
-            if let Some((pk, pv)) = &c.layers[l] {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            // Cached values never need a gradient; detaching keeps generation
-            // from holding the graph of every earlier step.
-            c.layers[l] = Some((k.detach(), v.detach()));
-        }
+        let k = rope(&k)?;
         let window = cfg.window(l);
-        let m = st
-            .masks
-            .iter()
-            .find(|m| m.window == window)
-            .expect("a mask per window");
-        let (mask_values, mask) = (&m.values, &m.tensor);
-        // Gemma 2 caps the scaled scores: cap·tanh(scores·scale / cap).
-        let capped = |scores: Tensor| -> Result<Tensor> {
-            match softcap {
-                Some(cap) => Ok(scores.affine(scale / cap, 0.0)?.tanh()?.affine(cap, 0.0)?),
-                None => Ok(scores.affine(scale, 0.0)?),
-            }
+        fn mask_of(masks: &[Mask], window: Option<usize>) -> &Mask {
+            masks
+                .iter()
+                .find(|m| m.window == window)
+                .expect("a mask per window")
+        }
+        let at = Attend {
+            b,
+            s,
+            nh,
+            nkv,
+            hd,
+            scale,
+            softcap,
         };
-        let o = match mask {
-            // On the GPU, calls with many query rows (training, prefill): attention by
-            // query chunks on cuBLAS, recomputed in the backward (one chunk's scores in
-            // memory, never [heads, s, t]).
-            Some(mask)
-                if self.chunked_attention.is_some()
-                    || (self.device.is_cuda() && s > crate::linear::QUANTIZED_MAX_ROWS) =>
-            {
-                crate::attention::chunked_attention(
-                    &q,
-                    &k,
-                    &v,
-                    crate::attention::ChunkedAttention {
-                        mask: mask.clone(),
-                        scale: scale as f32,
-                        softcap: softcap.map(|c| c as f32),
-                        chunk: self.chunked_attention.unwrap_or(0),
-                    },
-                )?
+        let o = match cache {
+            CacheSink::Segments(caches) => {
+                // A packed prefill: each prompt attends to its own past and tokens.
+                let mut outs = Vec::with_capacity(st.segments.len());
+                for (g, c) in st.segments.iter().zip(caches.iter_mut()) {
+                    let q = q.narrow(2, g.start, g.len)?.contiguous()?;
+                    let mut k = k.narrow(2, g.start, g.len)?;
+                    let mut v = v.narrow(2, g.start, g.len)?;
+                    if let Some((pk, pv)) = g.past.as_ref().and_then(|p| p.layers[l].as_ref()) {
+                        k = Tensor::cat(&[pk, &k], 2)?;
+                        v = Tensor::cat(&[pv, &v], 2)?;
+                    }
+                    let (k, v) = (k.contiguous()?, v.contiguous()?);
+                    c.layers[l] = Some((k.clone(), v.clone()));
+                    let one = Attend {
+                        b: 1,
+                        s: g.len,
+                        ..at
+                    };
+                    outs.push(self.attend(&q, &k, &v, mask_of(&g.masks, window), one)?);
+                }
+                Tensor::cat(&outs, 2)?
             }
-            // Few rows (decoding): the tiled kernel, one warp per query row.
-            _ if self.device.is_cuda() => crate::attention::tiled_attention(
-                &q,
-                &k,
-                &v,
-                crate::attention::TiledAttention {
-                    mask: mask_values.clone(),
-                    device_mask: mask.clone(),
-                    scale: scale as f32,
-                    softcap: softcap.map(|c| c as f32),
-                },
-            )?,
-            None => {
-                // Grouped-query attention without copying K/V per query head:
-                // the `rep` query heads of a KV head become `rep · s` rows.
-                let rep = nh / nkv;
-                let qg = q.reshape((b, nkv, rep * s, hd))?;
-                let scores = qg.matmul(&k.t()?)?;
-                let (scores, kernel_scale) = match softcap {
-                    Some(_) => (capped(scores)?, 1.0),
-                    None => (scores, scale as f32),
-                };
-                let probs = scores.apply_op1(crate::fused::MaskedSoftmax {
-                    mask: mask_values.clone(),
-                    scale: kernel_scale,
-                    queries: s,
-                })?;
-                probs.matmul(&v.contiguous()?)?.reshape((b, nh, s, hd))?
-            }
-            Some(mask) => {
-                let k = repeat_kv(k, nh / nkv)?;
-                let v = repeat_kv(v, nh / nkv)?;
-                let scores = capped(q.matmul(&k.t()?)?)?.to_dtype(DType::F32)?;
-                let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
-                probs.to_dtype(self.dtype)?.matmul(&v.contiguous()?)?
+            sink => {
+                let (mut k, mut v) = (k, v);
+                if let CacheSink::Batch(c) = sink {
+                    if let Some((pk, pv)) = &c.layers[l] {
+                        k = Tensor::cat(&[pk, &k], 2)?;
+                        v = Tensor::cat(&[pv, &v], 2)?;
+                    }
+                    // Cached values never need a gradient; detaching keeps generation
+                    // from holding the graph of every earlier step.
+                    c.layers[l] = Some((k.detach(), v.detach()));
+                }
+                self.attend(&q, &k, &v, mask_of(&st.masks, window), at)?
             }
         };
         let o = o.transpose(1, 2)?.reshape((b, s, nh * hd))?;
@@ -916,6 +1070,86 @@ impl Decoder {
         Ok(x)
     }
 
+    /// Scaled dot-product attention of `q` (`[b, heads, s, head]`) over `k`, `v`
+    /// (`[b, kv_heads, t, head]`) under `mask`, by the path this device takes:
+    /// `[b, heads, s, head]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, m: &Mask, at: Attend) -> Result<Tensor> {
+        let Attend {
+            b,
+            s,
+            nh,
+            nkv,
+            hd,
+            scale,
+            softcap,
+        } = at;
+        let (mask_values, mask) = (&m.values, &m.tensor);
+        // Gemma 2 caps the scaled scores: cap·tanh(scores·scale / cap).
+        let capped = |scores: Tensor| -> Result<Tensor> {
+            match softcap {
+                Some(cap) => Ok(scores.affine(scale / cap, 0.0)?.tanh()?.affine(cap, 0.0)?),
+                None => Ok(scores.affine(scale, 0.0)?),
+            }
+        };
+        Ok(match mask {
+            // On the GPU, calls with many query rows (training, prefill): attention by
+            // query chunks on cuBLAS, recomputed in the backward (one chunk's scores in
+            // memory, never [heads, s, t]).
+            Some(mask)
+                if self.chunked_attention.is_some()
+                    || (self.device.is_cuda() && s > crate::linear::QUANTIZED_MAX_ROWS) =>
+            {
+                crate::attention::chunked_attention(
+                    q,
+                    k,
+                    v,
+                    crate::attention::ChunkedAttention {
+                        mask: mask.clone(),
+                        scale: scale as f32,
+                        softcap: softcap.map(|c| c as f32),
+                        chunk: self.chunked_attention.unwrap_or(0),
+                    },
+                )?
+            }
+            // Few rows (decoding): the tiled kernel, one warp per query row.
+            _ if self.device.is_cuda() => crate::attention::tiled_attention(
+                q,
+                k,
+                v,
+                crate::attention::TiledAttention {
+                    mask: mask_values.clone(),
+                    device_mask: mask.clone(),
+                    scale: scale as f32,
+                    softcap: softcap.map(|c| c as f32),
+                },
+            )?,
+            None => {
+                // Grouped-query attention without copying K/V per query head:
+                // the `rep` query heads of a KV head become `rep · s` rows.
+                let rep = nh / nkv;
+                let qg = q.reshape((b, nkv, rep * s, hd))?;
+                let scores = qg.matmul(&k.t()?)?;
+                let (scores, kernel_scale) = match softcap {
+                    Some(_) => (capped(scores)?, 1.0),
+                    None => (scores, scale as f32),
+                };
+                let probs = scores.apply_op1(crate::fused::MaskedSoftmax {
+                    mask: mask_values.clone(),
+                    scale: kernel_scale,
+                    queries: s,
+                })?;
+                probs.matmul(&v.contiguous()?)?.reshape((b, nh, s, hd))?
+            }
+            Some(mask) => {
+                let k = repeat_kv(k.clone(), nh / nkv)?;
+                let v = repeat_kv(v.clone(), nh / nkv)?;
+                let scores = capped(q.matmul(&k.t()?)?)?.to_dtype(DType::F32)?;
+                let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
+                probs.to_dtype(self.dtype)?.matmul(&v.contiguous()?)?
+            }
+        })
+    }
+
     /// Gradients of `head(final hidden states)` for `vars`, with gradient checkpointing:
     /// the forward keeps only each layer's input (the residual stream, `[b, s,
     /// hidden]`), and the backward recomputes one layer at a time from it, with the
@@ -941,7 +1175,7 @@ impl Decoder {
             inputs.push(x.clone());
             states.push(dropout.as_deref().copied());
             x = self
-                .layer_forward(l, x, &st, None, dropout.as_deref_mut())?
+                .layer_forward(l, x, &st, CacheSink::None, dropout.as_deref_mut())?
                 .detach();
         }
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
@@ -967,7 +1201,13 @@ impl Decoder {
         for l in (0..self.layers.len()).rev() {
             let input = Var::from_tensor(&inputs[l])?;
             let mut rng = states[l];
-            let y = self.layer_forward(l, input.as_tensor().clone(), &st, None, rng.as_mut())?;
+            let y = self.layer_forward(
+                l,
+                input.as_tensor().clone(),
+                &st,
+                CacheSink::None,
+                rng.as_mut(),
+            )?;
             let g = (y * &dy)?.sum_all()?.backward()?;
             collect(&g, &mut grads)?;
             dy = match g.get(input.as_tensor()) {

@@ -313,7 +313,7 @@ impl ChatModel {
                 sampling,
                 &self.eos,
                 &mut rngs,
-                constraint.as_ref().map(|(g, s)| (g.as_ref(), *s)),
+                constraint.clone(),
                 Some(&mut observe),
             )
             .map_err(|e| format!("generating: {e}"))?;
