@@ -63,9 +63,14 @@ pub struct ServeArgs {
     /// Port (0 picks a free one; the address is printed).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// Requests decoded together at most.
+    /// Sequences decoded together at most (continuous batching: new requests join the
+    /// running batch between decoding steps).
     #[arg(long, default_value_t = 16)]
     pub max_batch: usize,
+    /// MiB of recent prompts' keys and values kept, so that a prompt starting like one of
+    /// them (a shared system prompt, an oracle's rubric) runs only the rest (0: none).
+    #[arg(long, default_value_t = 256)]
+    pub prefix_cache_mb: usize,
     /// Name reported by `/v1/models` (default: the model argument).
     #[arg(long)]
     pub name: Option<String>,

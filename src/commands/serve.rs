@@ -2,10 +2,12 @@
 //! model, so what a pipeline trained can be used (and the `openai` oracle
 //! backend tested) over real HTTP.
 //!
-//! One thread owns the model; requests queue to it and the ones waiting when it
-//! frees up are decoded together (up to `--max-batch`), so concurrent clients
-//! share batches. Requests with different decoding settings are split into
-//! separate batches by the chat model.
+//! One thread owns the model and decodes with continuous batching: requests queue
+//! to it and join the running batch between decoding steps (up to `--max-batch`
+//! sequences), each with its own settings, seed and schema, and leave as they finish.
+//! Their prompts are prefilled together without padding, and a prompt that starts
+//! like a recent one (a shared system prompt or rubric) reuses that start's keys and
+//! values (`--prefix-cache-mb`).
 //!
 //! A request with an `Idempotency-Key` header is generated once: a repeat (a client
 //! that crashed while its request was in flight and asks again on resume) waits for
@@ -64,6 +66,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<u8> {
     };
     let model = ChatModel::load(&args.model, &workdir, args.adapter.as_deref(), &opts)
         .map_err(super::UsageError)?;
+    model.set_prefix_cache(args.prefix_cache_mb << 20);
     let tokens: Vec<(String, Vec<u8>)> = (0..model.vocab_size() as u32)
         .map(|id| model.token_text(id))
         .collect();
@@ -106,61 +109,82 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<u8> {
     Ok(crate::exit::OK)
 }
 
-/// Decodes queued requests in batches until the server goes away.
+/// Decodes queued requests until the server goes away, with continuous batching: the
+/// requests waiting when a step ends join the running batch (up to `max_batch`
+/// sequences), and each leaves as soon as it is done.
 fn worker(model: ChatModel, rx: mpsc::Receiver<Job>, max_batch: usize) {
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        // Whatever else is already waiting (or arrives within a moment) joins the batch.
-        while jobs.len() < max_batch {
-            match rx.recv_timeout(Duration::from_millis(2)) {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
+    let mut batch = model.batch();
+    // Tag → the job waiting for it.
+    let mut live: HashMap<usize, Job> = HashMap::new();
+    let mut tags = 0usize;
+    loop {
+        let mut incoming: Vec<Job> = Vec::new();
+        if batch.is_idle() {
+            match rx.recv() {
+                Ok(j) => incoming.push(j),
+                Err(_) => return,
+            }
+            // Whatever arrives within a moment joins the same prefill.
+            while incoming.len() < max_batch {
+                match rx.recv_timeout(Duration::from_millis(2)) {
+                    Ok(j) => incoming.push(j),
+                    Err(_) => break,
+                }
+            }
+        } else {
+            while live.len() + incoming.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(j) => incoming.push(j),
+                    Err(_) => break,
+                }
             }
         }
-        // A request that cannot fit the context is answered alone, before the batch.
-        let (fit, refused): (Vec<Job>, Vec<(Job, String)>) =
-            jobs.into_iter()
-                .fold((Vec::new(), Vec::new()), |(mut ok, mut bad), j| {
-                    match model.check_fits(&j.request) {
-                        Ok(_) => ok.push(j),
-                        Err(e) => bad.push((j, e)),
-                    }
-                    (ok, bad)
-                });
-        for (j, e) in refused {
-            let _ = j.reply.send(Err(format!("{TOO_LONG}{e}")));
+        let mut joining = Vec::with_capacity(incoming.len());
+        for mut j in incoming {
+            // A request that cannot fit the context is answered at once.
+            if let Err(e) = model.check_fits(&j.request) {
+                let _ = j.reply.send(Err(format!("{TOO_LONG}{e}")));
+                continue;
+            }
+            let tag = tags;
+            tags += 1;
+            let stream = j.stream.is_some();
+            joining.push((tag, j.request.clone(), stream));
+            j.request = ChatRequest::default();
+            live.insert(tag, j);
         }
-        let mut jobs = fit;
-        if jobs.is_empty() {
-            continue;
-        }
-        let requests: Vec<ChatRequest> = jobs.iter().map(|j| j.request.clone()).collect();
-        let streams: Vec<Option<tokio::sync::mpsc::UnboundedSender<String>>> =
-            jobs.iter_mut().map(|j| j.stream.take()).collect();
-        let result = if streams.iter().any(Option::is_some) {
-            let mut on_text = |i: usize, delta: &str| -> bool {
-                match &streams[i] {
-                    Some(tx) => {
-                        !tx.is_closed() && (delta.is_empty() || tx.send(delta.to_string()).is_ok())
+        if !joining.is_empty() {
+            for (tag, r) in batch.join(joining) {
+                if let Err(e) = r {
+                    if let Some(j) = live.remove(&tag) {
+                        let _ = j.reply.send(Err(e));
                     }
-                    None => true,
                 }
-            };
-            model.complete_streaming(&requests, Some(&mut on_text))
-        } else {
-            model.complete(&requests)
+            }
+        }
+        let mut on_text = |tag: usize, delta: &str| -> bool {
+            match live.get(&tag).and_then(|j| j.stream.as_ref()) {
+                Some(tx) => {
+                    !tx.is_closed() && (delta.is_empty() || tx.send(delta.to_string()).is_ok())
+                }
+                None => true,
+            }
         };
-        drop(streams);
-        match result {
+        match batch.step(&mut on_text) {
             Ok(done) => {
-                for (j, c) in jobs.into_iter().zip(done) {
-                    let _ = j.reply.send(Ok(c));
+                for (tag, c) in done {
+                    if let Some(j) = live.remove(&tag) {
+                        let _ = j.reply.send(Ok(c));
+                    }
                 }
             }
             Err(e) => {
-                for j in jobs {
+                // The batch is lost: every request in it is answered with the error.
+                for (_, j) in live.drain() {
                     let _ = j.reply.send(Err(e.clone()));
                 }
+                drop(batch);
+                batch = model.batch();
             }
         }
     }

@@ -386,6 +386,20 @@ impl PrefixCache {
     }
 }
 
+/// Next-token logits of each row of `hidden` (`[rows, hidden]`), a few rows per call so
+/// that a row's logits do not depend on how many rows come with it (few rows take the
+/// output layer's int8 copy).
+fn logits_of(model: &Decoder, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let rows = hidden.dim(0)?;
+    let mut out = Vec::with_capacity(rows);
+    for start in (0..rows).step_by(crate::linear::QUANTIZED_MAX_ROWS) {
+        let n = crate::linear::QUANTIZED_MAX_ROWS.min(rows - start);
+        let part = model.logits(&hidden.narrow(0, start, n)?)?;
+        out.extend(part.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+    }
+    Ok(out)
+}
+
 fn shared_len(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -556,8 +570,7 @@ impl<'m> Decoding<'m> {
         for (p, kv) in prompts.iter().zip(&caches) {
             self.prefixes.insert(p, kv);
         }
-        let logits = self.model.logits(&last)?.to_dtype(DType::F32)?.to_vec2()?;
-        Ok((logits, caches))
+        Ok((logits_of(self.model, &last)?, caches))
     }
 
     /// Adds prefilled rows to the batch's cache, left-padding whichever side is shorter.

@@ -287,9 +287,26 @@ impl Linear {
         self.apply(x, None, true)
     }
 
+    /// [`Linear::forward_inference`] on the float (or packed) weight whatever the row
+    /// count: a prompt's prefill, so that its result does not depend on how many
+    /// tokens run in the call (a cached start leaves a few; the int8 copy would take them).
+    pub fn forward_prefill(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply_rows(x, None, true, false)
+    }
+
     fn apply(&self, x: &Tensor, dropout: Option<&mut Rng>, constant: bool) -> Result<Tensor> {
+        self.apply_rows(x, dropout, constant, true)
+    }
+
+    fn apply_rows(
+        &self,
+        x: &Tensor,
+        dropout: Option<&mut Rng>,
+        constant: bool,
+        by_rows: bool,
+    ) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
-        let few = rows <= QUANTIZED_MAX_ROWS && x.dtype() == DType::F32 && !x.track_op();
+        let few = by_rows && rows <= QUANTIZED_MAX_ROWS && x.dtype() == DType::F32 && !x.track_op();
         let shaped = |v: Vec<f32>, n: usize| -> Result<Tensor> {
             let mut dims = x.dims().to_vec();
             *dims.last_mut().expect("rank ≥ 1") = n;

@@ -293,11 +293,22 @@ fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
         .reshape((b, h * n, t, d))?)
 }
 
-fn project(lin: &Linear, x: &Tensor, dropout: Option<&mut Rng>, inference: bool) -> Result<Tensor> {
-    if inference {
-        lin.forward_inference(x)
-    } else {
-        lin.forward(x, dropout)
+/// How a call runs its projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proj {
+    /// With gradients (and LoRA dropout).
+    Train,
+    /// Without (decoding: few rows take the int8 copy).
+    Infer,
+    /// A prompt's prefill: always the float weight, whatever the row count.
+    Prefill,
+}
+
+fn project(lin: &Linear, x: &Tensor, dropout: Option<&mut Rng>, mode: Proj) -> Result<Tensor> {
+    match mode {
+        Proj::Train => lin.forward(x, dropout),
+        Proj::Infer => lin.forward_inference(x),
+        Proj::Prefill => lin.forward_prefill(x),
     }
 }
 
@@ -919,6 +930,11 @@ impl Decoder {
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, s, inference, fused) = (st.b, st.s, st.inference, st.fused);
+        let mode = match (inference, st.segments.is_empty()) {
+            (false, _) => Proj::Train,
+            (true, true) => Proj::Infer,
+            (true, false) => Proj::Prefill,
+        };
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_size());
         let scale = cfg.attention_scale();
         let softcap = cfg
@@ -945,12 +961,12 @@ impl Decoder {
                 k_proj,
                 v_proj,
             } => (
-                project(q_proj, &h, dropout.as_deref_mut(), inference)?,
-                project(k_proj, &h, dropout.as_deref_mut(), inference)?,
-                project(v_proj, &h, dropout.as_deref_mut(), inference)?,
+                project(q_proj, &h, dropout.as_deref_mut(), mode)?,
+                project(k_proj, &h, dropout.as_deref_mut(), mode)?,
+                project(v_proj, &h, dropout.as_deref_mut(), mode)?,
             ),
             Qkv::Fused { qkv_proj } => {
-                let y = project(qkv_proj, &h, dropout.as_deref_mut(), inference)?;
+                let y = project(qkv_proj, &h, dropout.as_deref_mut(), mode)?;
                 let (nq, nk) = (nh * hd, nkv * hd);
                 (
                     y.narrow(D::Minus1, 0, nq)?,
@@ -1022,7 +1038,7 @@ impl Decoder {
             }
         };
         let o = o.transpose(1, 2)?.reshape((b, s, nh * hd))?;
-        let mut o = project(&a.o_proj, &o, dropout.as_deref_mut(), inference)?;
+        let mut o = project(&a.o_proj, &o, dropout.as_deref_mut(), mode)?;
         let h = match &layer.pre_feedforward_layernorm {
             Some(pre) => {
                 o = self.norm(&o, &layer.post_attention_layernorm)?;
@@ -1037,11 +1053,11 @@ impl Decoder {
         let m = &layer.mlp;
         let (g, u) = match &m.gate_up {
             GateUp::Split { gate_proj, up_proj } => (
-                project(gate_proj, &h, dropout.as_deref_mut(), inference)?,
-                project(up_proj, &h, dropout.as_deref_mut(), inference)?,
+                project(gate_proj, &h, dropout.as_deref_mut(), mode)?,
+                project(up_proj, &h, dropout.as_deref_mut(), mode)?,
             ),
             GateUp::Fused { gate_up_proj } => {
-                let y = project(gate_up_proj, &h, dropout.as_deref_mut(), inference)?;
+                let y = project(gate_up_proj, &h, dropout.as_deref_mut(), mode)?;
                 let half = y.dim(D::Minus1)? / 2;
                 (
                     y.narrow(D::Minus1, 0, half)?,
@@ -1062,7 +1078,7 @@ impl Decoder {
             Activation::GeluTanh => (g.gelu()? * u)?,
             Activation::Gelu => (g.gelu_erf()? * u)?,
         };
-        let mut m = project(&m.down_proj, &act, dropout, inference)?;
+        let mut m = project(&m.down_proj, &act, dropout, mode)?;
         if let Some(post) = &layer.post_feedforward_layernorm {
             m = self.norm(&m, post)?;
         }

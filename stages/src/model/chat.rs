@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use pipe_train::constrain::{Grammar, Schema, Vocab};
-use pipe_train::generate::generate_observed;
+use pipe_train::generate::{Decoding, PrefixCache, Sequence};
 pub use pipe_train::generate::{Finish, Sampling, TokenLogprob};
 use pipe_train::loader::Loaded;
 pub use pipe_train::tokenizer::Message;
@@ -64,6 +64,8 @@ pub struct ChatModel {
     vocab: OnceLock<Arc<Vocab>>,
     /// Compiled schemas (canonical JSON text → grammar), kept for the model's life.
     grammars: Mutex<HashMap<String, Arc<Grammar>>>,
+    /// Keys and values of recent prompts, reused by requests that start the same way.
+    prefixes: Mutex<PrefixCache>,
     /// The name it was loaded by (`gguf:models/x.gguf`).
     pub name: String,
 }
@@ -112,6 +114,7 @@ impl ChatModel {
             eos,
             vocab: OnceLock::new(),
             grammars: Mutex::new(HashMap::new()),
+            prefixes: Mutex::new(PrefixCache::default()),
             name: spec.to_string(),
         })
     }
@@ -239,105 +242,279 @@ impl ChatModel {
         requests: &[ChatRequest],
         mut on_text: Option<OnText>,
     ) -> Result<Vec<Completion>, String> {
-        let prompts = requests
+        let mut batch = self.batch();
+        let stream = on_text.is_some();
+        let mut noop = |_: usize, _: &str| true;
+        let cb: OnText = match on_text.as_mut() {
+            Some(f) => *f,
+            None => &mut noop,
+        };
+        let joined = requests
             .iter()
-            .map(|r| match &r.prompt {
-                Some(p) => self
-                    .loaded
-                    .tokenizer
-                    .encode(p)
-                    .map_err(|e| format!("tokenizing: {e}")),
-                None => self.encode(&r.messages),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut out: Vec<Option<Completion>> = vec![None; requests.len()];
-        // Requests decode together when they share sampling, schema and prefilled start.
-        type Group<'r> = (&'r Sampling, Option<(Arc<Grammar>, u32)>, Vec<usize>);
-        let mut groups: Vec<Group> = Vec::new();
-        for (i, r) in requests.iter().enumerate() {
-            let constraint = match &r.schema {
-                None => None,
-                Some(schema) => {
-                    let g = self.grammar(schema)?;
-                    let start = self.grammar_start(&g, &r.messages)?;
-                    Some((g, start))
-                }
-            };
-            let same = |c: &Option<(Arc<Grammar>, u32)>| match (c, &constraint) {
-                (None, None) => true,
-                (Some((a, x)), Some((b, y))) => Arc::ptr_eq(a, b) && x == y,
-                _ => false,
-            };
-            match groups
-                .iter_mut()
-                .find(|(s, c, _)| **s == r.sampling && same(c))
-            {
-                Some((_, _, v)) => v.push(i),
-                None => groups.push((&r.sampling, constraint, vec![i])),
-            }
+            .cloned()
+            .enumerate()
+            .map(|(i, r)| (i, r, stream))
+            .collect();
+        for (_, r) in batch.join(joined) {
+            r?;
         }
-        for (sampling, constraint, idx) in groups {
-            let batch: Vec<Vec<u32>> = idx.iter().map(|&i| prompts[i].clone()).collect();
-            let mut rngs: Vec<Rng> = idx.iter().map(|&i| Rng::new(requests[i].seed)).collect();
-            let tokenizer = &self.loaded.tokenizer;
-            let hold = sampling
-                .stop
-                .iter()
-                .map(|s| s.chars().count())
-                .max()
-                .unwrap_or(1)
-                .saturating_sub(1);
-            let mut ids: Vec<Vec<u32>> = vec![Vec::new(); idx.len()];
-            let mut sent: Vec<usize> = vec![0; idx.len()];
-            let mut observe = |row: usize, t: u32| -> bool {
-                let Some(cb) = on_text.as_mut() else {
-                    return true;
-                };
-                ids[row].push(t);
-                let text = tokenizer.decode(&ids[row], true).unwrap_or_default();
-                // Whole characters only, minus what a stop string could still claim.
-                let text = text.trim_end_matches('\u{FFFD}');
-                let keep = text.chars().count().saturating_sub(hold);
-                let end = text.char_indices().nth(keep).map_or(text.len(), |(b, _)| b);
-                if end > sent[row] && text.is_char_boundary(sent[row]) {
-                    let delta = &text[sent[row]..end];
-                    sent[row] = end;
-                    return cb(idx[row], delta);
-                }
-                cb(idx[row], "")
-            };
-            let gens = generate_observed(
-                &self.loaded.model,
-                tokenizer,
-                &batch,
-                sampling,
-                &self.eos,
-                &mut rngs,
-                constraint.clone(),
-                Some(&mut observe),
-            )
-            .map_err(|e| format!("generating: {e}"))?;
-            if let Some(cb) = on_text.as_mut() {
-                for (row, g) in gens.iter().enumerate() {
-                    // The rest: what was held back, cut at a stop string.
-                    if g.text.len() > sent[row] && g.text.is_char_boundary(sent[row]) {
-                        cb(idx[row], &g.text[sent[row]..]);
-                    }
-                }
-            }
-            for (g, &i) in gens.into_iter().zip(&idx) {
-                out[i] = Some(Completion {
-                    completion_tokens: g.ids.len(),
-                    prompt_tokens: prompts[i].len(),
-                    text: g.text,
-                    finish: g.finish,
-                    logprobs: g.logprobs,
-                });
+        let mut out: Vec<Option<Completion>> = vec![None; requests.len()];
+        while !batch.is_idle() {
+            for (tag, c) in batch.step(cb)? {
+                out[tag] = Some(c);
             }
         }
         Ok(out
             .into_iter()
             .map(|c| c.expect("every request answered"))
             .collect())
+    }
+
+    /// A running batch on this model: requests join it and leave it between decoding
+    /// steps (continuous batching, what `pipe serve` runs). Prompt starts cached by
+    /// earlier batches are reused.
+    pub fn batch(&self) -> ChatBatch<'_> {
+        let prefixes =
+            std::mem::take(&mut *self.prefixes.lock().unwrap_or_else(|p| p.into_inner()));
+        ChatBatch {
+            model: self,
+            run: Decoding::new(
+                &self.loaded.model,
+                &self.loaded.tokenizer,
+                self.eos.clone(),
+                prefixes,
+            ),
+            seqs: HashMap::new(),
+        }
+    }
+
+    /// Bytes of prompt keys and values kept for reuse by later requests (256 MiB unless
+    /// set; 0 keeps none).
+    pub fn set_prefix_cache(&self, bytes: usize) {
+        *self.prefixes.lock().unwrap_or_else(|p| p.into_inner()) = PrefixCache::new(bytes);
+    }
+
+    /// Prompt tokens reused from cached starts, and prompt tokens run, so far.
+    pub fn prefix_stats(&self) -> (u64, u64) {
+        let p = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+        (p.reused, p.computed)
+    }
+
+    /// The prompt token ids of `r`, and its constraint (grammar and start state).
+    fn prepare(&self, r: &ChatRequest) -> Result<(Vec<u32>, Option<(Arc<Grammar>, u32)>), String> {
+        let prompt = match &r.prompt {
+            Some(p) => self
+                .loaded
+                .tokenizer
+                .encode(p)
+                .map_err(|e| format!("tokenizing: {e}"))?,
+            None => self.encode(&r.messages)?,
+        };
+        let constraint = match &r.schema {
+            None => None,
+            Some(schema) => {
+                let g = self.grammar(schema)?;
+                let start = self.grammar_start(&g, &r.messages)?;
+                Some((g, start))
+            }
+        };
+        Ok((prompt, constraint))
+    }
+}
+
+/// A request decoding in a [`ChatBatch`].
+struct Live {
+    tag: usize,
+    prompt_tokens: usize,
+    /// Characters a stop string could still claim at the end of the text.
+    hold: usize,
+    ids: Vec<u32>,
+    /// Bytes of the text already handed to `on_text`.
+    sent: usize,
+    /// Whether its text is wanted as it is generated.
+    stream: bool,
+    /// Its first token came from the prefill and was not handed over yet.
+    fresh: bool,
+}
+
+/// Requests decoding together on one [`ChatModel`], each with its own settings, seed and
+/// schema; they join between steps and leave as they finish. See [`ChatModel::batch`].
+pub struct ChatBatch<'m> {
+    model: &'m ChatModel,
+    run: Decoding<'m>,
+    /// Sequence id → the request's state.
+    seqs: HashMap<usize, Live>,
+}
+
+impl ChatBatch<'_> {
+    /// Requests decoding now.
+    pub fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    /// Whether nothing is decoding and every finished request was handed out.
+    pub fn is_idle(&self) -> bool {
+        self.run.is_idle()
+    }
+
+    /// Adds requests (each with the caller's tag), prefilled together; a request that
+    /// cannot start (an untokenizable prompt, a schema that does not compile) is answered
+    /// here with its error and does not join. The flag asks for the text as it is
+    /// generated ([`ChatBatch::step`]'s `on_text`).
+    pub fn join(
+        &mut self,
+        requests: Vec<(usize, ChatRequest, bool)>,
+    ) -> Vec<(usize, Result<(), String>)> {
+        let mut answers = Vec::with_capacity(requests.len());
+        let mut seqs = Vec::new();
+        let mut lives = Vec::new();
+        for (tag, r, stream) in requests {
+            match self.model.prepare(&r) {
+                Err(e) => answers.push((tag, Err(e))),
+                Ok((prompt, constraint)) => {
+                    let hold = r
+                        .sampling
+                        .stop
+                        .iter()
+                        .map(|s| s.chars().count())
+                        .max()
+                        .unwrap_or(1)
+                        .saturating_sub(1);
+                    lives.push(Live {
+                        tag,
+                        prompt_tokens: prompt.len(),
+                        hold,
+                        ids: Vec::new(),
+                        sent: 0,
+                        stream,
+                        fresh: false,
+                    });
+                    seqs.push(Sequence {
+                        prompt,
+                        sampling: r.sampling,
+                        rng: Rng::new(r.seed),
+                        constraint,
+                    });
+                }
+            }
+        }
+        let tags: Vec<usize> = lives.iter().map(|l| l.tag).collect();
+        // The first tokens come from the prefill; their text waits for the next step's
+        // callback, which hands over everything not yet sent.
+        let mut firsts: Vec<(usize, u32)> = Vec::new();
+        match self.run.add(seqs, &mut |id, t| {
+            firsts.push((id, t));
+            true
+        }) {
+            Ok(ids) => {
+                for (id, live) in ids.into_iter().zip(lives) {
+                    self.seqs.insert(id, live);
+                }
+                for (id, t) in firsts {
+                    if let Some(l) = self.seqs.get_mut(&id) {
+                        l.ids.push(t);
+                        l.fresh = true;
+                    }
+                }
+                answers.extend(tags.into_iter().map(|t| (t, Ok(()))));
+            }
+            Err(e) => {
+                let e = format!("generating: {e}");
+                answers.extend(tags.into_iter().map(|t| (t, Err(e.clone()))));
+            }
+        }
+        answers
+    }
+
+    /// One decoding step; returns the requests that finished (by tag). `on_text(tag,
+    /// delta)` hears each new piece of text; `false` ends that request there.
+    pub fn step(&mut self, on_text: OnText) -> Result<Vec<(usize, Completion)>, String> {
+        let tokenizer = &self.model.loaded.tokenizer;
+        let seqs = &mut self.seqs;
+        let mut pending_firsts: Vec<usize> = seqs
+            .iter()
+            .filter(|(_, l)| l.fresh)
+            .map(|(&id, _)| id)
+            .collect();
+        pending_firsts.sort();
+        let mut deliver = |l: &mut Live| -> bool {
+            l.fresh = false;
+            if !l.stream {
+                return true;
+            }
+            let text = tokenizer.decode(&l.ids, true).unwrap_or_default();
+            // Whole characters only, minus what a stop string could still claim.
+            let text = text.trim_end_matches('\u{FFFD}');
+            let keep = text.chars().count().saturating_sub(l.hold);
+            let end = text.char_indices().nth(keep).map_or(text.len(), |(b, _)| b);
+            if end > l.sent && text.is_char_boundary(l.sent) {
+                let delta = &text[l.sent..end];
+                l.sent = end;
+                return on_text(l.tag, delta);
+            }
+            on_text(l.tag, "")
+        };
+        let mut stopped: Vec<usize> = Vec::new();
+        for id in pending_firsts {
+            if let Some(l) = seqs.get_mut(&id) {
+                if !deliver(l) {
+                    stopped.push(id);
+                }
+            }
+        }
+        for id in stopped {
+            self.run
+                .cancel(id)
+                .map_err(|e| format!("generating: {e}"))?;
+        }
+        let seqs = &mut self.seqs;
+        let finished = self
+            .run
+            .step(&mut |id, t| match seqs.get_mut(&id) {
+                Some(l) => {
+                    l.ids.push(t);
+                    deliver(l)
+                }
+                None => true,
+            })
+            .map_err(|e| format!("generating: {e}"))?;
+        let mut out = Vec::with_capacity(finished.len());
+        for (id, g, _) in finished {
+            let Some(l) = self.seqs.remove(&id) else {
+                continue;
+            };
+            // The rest: what was held back, cut at a stop string.
+            if l.stream && g.text.len() > l.sent && g.text.is_char_boundary(l.sent) {
+                on_text(l.tag, &g.text[l.sent..]);
+            }
+            out.push((
+                l.tag,
+                Completion {
+                    completion_tokens: g.ids.len(),
+                    prompt_tokens: l.prompt_tokens,
+                    text: g.text,
+                    finish: g.finish,
+                    logprobs: g.logprobs,
+                },
+            ));
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for ChatBatch<'_> {
+    /// Hands the cached prompt starts back to the model for later batches.
+    fn drop(&mut self) {
+        let prefixes = std::mem::take(&mut self.run.prefixes);
+        *self
+            .model
+            .prefixes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = prefixes;
     }
 }
