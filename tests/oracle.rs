@@ -520,6 +520,75 @@ fn pipe_serve_answers_a_repeated_idempotency_key_from_its_cache() {
 }
 
 #[test]
+fn a_request_joins_a_running_batch_and_finishes_while_a_long_stream_goes_on() {
+    use std::io::{BufRead, BufReader, Write};
+    let p = Project::new();
+    let (mut serve, url) = p.serve(&["tiny:llama:5"]);
+    let host = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    // A long streamed reply...
+    let body = r#"{"model": "m", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 420, "temperature": 1.0, "seed": 13, "stream": true}"#;
+    let mut s = std::net::TcpStream::connect(&host).unwrap();
+    write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut chunks = 0usize;
+    let mut line = String::new();
+    while chunks < 3 {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "the stream ended");
+        chunks += line.starts_with("data: {") as usize;
+    }
+    // ...is decoding when a short request comes: it joins the batch and is answered
+    // while the long one still runs (before, it waited for the whole batch to end).
+    let short = post(
+        &url,
+        "/chat/completions",
+        r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}"#,
+        None,
+    );
+    let v: Value = serde_json::from_str(&short).unwrap_or_else(|e| panic!("{e}: {short}"));
+    assert_eq!(v["usage"]["completion_tokens"], 2, "{v}");
+    // What the long stream has sent so far does not include its end.
+    s.set_nonblocking(true).unwrap();
+    let mut sent_so_far = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => break,
+            Ok(_) => sent_so_far.push_str(&line),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(
+        !sent_so_far.contains("[DONE]"),
+        "the long reply had already ended"
+    );
+    s.set_nonblocking(false).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
+    let whole = sent_so_far + &rest;
+    let finish = whole
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: {"))
+        .map(|c| serde_json::from_str::<Value>(&format!("{{{c}")).unwrap())
+        .map(|c| c["choices"][0]["finish_reason"].clone())
+        .find(|f| !f.is_null())
+        .unwrap_or(Value::Null);
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert_eq!(
+        finish, "length",
+        "the long reply ended early: the test needs it running"
+    );
+    assert!(whole.contains("[DONE]"));
+}
+
+#[test]
 fn prefs_judge_keeps_margin_pairs_and_drops_position_biased_ones() {
     // Pointwise: the score follows the candidate's text. Pairwise: the better answer
     // wins, except for p2 where the judge always picks the first position.
