@@ -322,7 +322,15 @@ fn parse_request(body: &[u8]) -> Result<Parsed, String> {
         None | Some(Value::Null) => None,
         Some(rf) => match rf.get("type").and_then(Value::as_str) {
             Some("text") => None,
-            Some("json_object") => Some(json!({"type": "object"})),
+            // llama.cpp's servers take a schema beside `json_object`; so does this one.
+            Some("json_object") => match rf.get("schema") {
+                None | Some(Value::Null) => Some(json!({"type": "object"})),
+                Some(schema) => {
+                    pipe_stages::model::chat::check_schema(schema)
+                        .map_err(|e| format!("response_format.schema: {e}"))?;
+                    Some(schema.clone())
+                }
+            },
             Some("json_schema") => {
                 let schema = rf
                     .pointer("/json_schema/schema")

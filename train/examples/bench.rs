@@ -7,6 +7,7 @@
 //! bench train MODEL --steps N --batch 4 --seq 256 --r 16 [--targets attn|all]
 //!       [--warmup 1] [--save-init DIR]
 //! bench generate MODEL --batch B --new 128 [--prompt-len 32] [--schema FILE.json]
+//! bench prefill MODEL --prompts 16 --prompt-len 256 [--repeat 2]
 //! ```
 //! Prints one JSON object. `train` reports the loss of every timed step and its
 //! throughput from the second timed step on (the first one loads kernels). With
@@ -260,6 +261,60 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "constrained": grammar.is_some(),
                     "tokens_per_s": n as f64 / secs, "seconds": secs, "peak_rss_mb": peak_rss_mb(),
                     "dtype": format!("{dtype:?}"), "device": format!("{device:?}")})
+            );
+        }
+        "prefill" => {
+            // Packed prefill of distinct random prompts (nothing shared, nothing cached), and
+            // the rate of one large f32 matmul on the same machine, for the FMA ceiling.
+            let (n, plen) = (arg(&args, "--prompts", 16), arg(&args, "--prompt-len", 256));
+            if std::env::var("PIPE_BENCH_QUANT").as_deref() != Ok("none") {
+                m.model.quantize_for_decoding()?;
+            }
+            let prompts: Vec<Vec<u32>> = (0..n)
+                .map(|_| {
+                    (0..plen)
+                        .map(|_| 100 + rng.below(vocab - 200) as u32)
+                        .collect()
+                })
+                .collect();
+            let parts: Vec<pipe_train::model::Prefill> = prompts
+                .iter()
+                .map(|p| pipe_train::model::Prefill { ids: p, past: None })
+                .collect();
+            m.model.prefill_packed(&parts[..1])?;
+            let t = Instant::now();
+            let reps = arg(&args, "--repeat", 2);
+            for _ in 0..reps {
+                m.model.prefill_packed(&parts)?;
+            }
+            let secs = t.elapsed().as_secs_f64() / reps as f64;
+            let tokens = (n * plen) as f64;
+            // FLOPs: 2 per weight per token in the projections (lm_head not run on every
+            // token), plus QKᵀ and PV: 4 · heads · head_dim per (query, key) pair, causal.
+            let c = &m.config;
+            let hd = c.head_size();
+            let proj = c.num_hidden_layers
+                * (c.hidden_size * hd * (c.num_attention_heads + 2 * c.kv_heads())
+                    + c.num_attention_heads * hd * c.hidden_size
+                    + 3 * c.hidden_size * c.intermediate_size);
+            let pairs = (plen * (plen + 1) / 2 * n) as f64;
+            let flops = 2.0 * proj as f64 * tokens
+                + 4.0 * (c.num_hidden_layers * c.num_attention_heads * hd) as f64 * pairs;
+            let size = 2048;
+            let a = candle_core::Tensor::randn(0f32, 1.0, (size, size), &candle_core::Device::Cpu)?;
+            a.matmul(&a)?;
+            let t = Instant::now();
+            for _ in 0..3 {
+                a.matmul(&a)?;
+            }
+            let mm_secs = t.elapsed().as_secs_f64() / 3.0;
+            let mm = 2.0 * (size as f64).powi(3) / mm_secs / 1e9;
+            println!(
+                "{}",
+                serde_json::json!({"impl": "pipe", "what": "prefill", "prompts": n, "prompt_len": plen,
+                    "tokens_per_s": tokens / secs, "gflops": flops / secs / 1e9,
+                    "flops_per_token": flops / tokens, "seconds": secs,
+                    "matmul_2048_gflops": mm, "threads": candle_core::utils::get_num_threads()})
             );
         }
         other => return Err(format!("unknown mode {other}").into()),

@@ -92,11 +92,11 @@ impl CustomOp1 for MaskedSoftmax {
             }
             let max = fastmath::max(y);
             for o in y.iter_mut() {
-                *o = exp(*o - max);
+                *o = flush(exp(*o - max));
             }
             let inv = 1.0 / fastmath::sum(y);
             for o in y.iter_mut() {
-                *o *= inv;
+                *o = flush(*o * inv);
             }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -124,6 +124,19 @@ impl CustomOp1 for MaskedSoftmax {
             })
         })??;
         Ok(Some(Tensor::from_vec(out, res.shape(), res.device())?))
+    }
+}
+
+/// Probabilities below the smallest normal f32 become 0. Subnormal values are worth
+/// nothing to attention, but every multiply-add that touches one takes the CPU's slow
+/// path: left in, they made the `probs · V` matmul of a 600-token SmolLM2 prefill 100×
+/// slower than the same matmul on normal numbers (258 ms instead of 2.6 ms per layer).
+#[inline]
+fn flush(p: f32) -> f32 {
+    if p < f32::MIN_POSITIVE {
+        0.0
+    } else {
+        p
     }
 }
 

@@ -96,9 +96,26 @@ impl KeyMask {
 }
 
 /// Per-layer keys and values from earlier calls, `[b, kv_heads, t, head]`.
-#[derive(Debug, Clone, Default)]
+///
+/// Decoding appends one token per step: the keys and values then live in buffers with
+/// room to grow (written in place, doubled when full), so a step does not copy the
+/// whole cache. A clone shares what is cached but not the room (its first append
+/// copies), so two clones never write over each other.
+#[derive(Debug, Default)]
 pub struct KvCache {
+    /// What is cached (views of `room` when there is one).
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Buffers behind `layers`, longer along the token axis.
+    room: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        KvCache {
+            layers: self.layers.clone(),
+            room: vec![None; self.layers.len()],
+        }
+    }
 }
 
 impl KvCache {
@@ -106,7 +123,45 @@ impl KvCache {
     pub fn new(layers: usize) -> KvCache {
         KvCache {
             layers: vec![None; layers],
+            room: vec![None; layers],
         }
+    }
+
+    /// From whole per-layer tensors.
+    fn of(layers: Vec<Option<(Tensor, Tensor)>>) -> KvCache {
+        let room = vec![None; layers.len()];
+        KvCache { layers, room }
+    }
+
+    /// Appends `k`, `v` (`[b, kv_heads, s, head]`) to layer `l`; returns everything
+    /// cached for it. Writes into the layer's buffer when it has room, else moves the
+    /// layer into a new buffer twice as long.
+    fn append(&mut self, l: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, h, s, d) = k.dims4()?;
+        let len = self.layers[l].as_ref().map_or(Ok(0), |(k, _)| k.dim(2))?;
+        let need = len + s;
+        let fits = matches!(&self.room[l], Some((rk, _)) if rk.dim(2)? >= need);
+        if !fits {
+            let cap = (2 * len).max(need + 64);
+            let rk = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;
+            let rv = Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?;
+            if let Some((pk, pv)) = &self.layers[l] {
+                rk.slice_set(&pk.contiguous()?, 2, 0)?;
+                rv.slice_set(&pv.contiguous()?, 2, 0)?;
+            }
+            self.room[l] = Some((rk, rv));
+        }
+        let (rk, rv) = self.room[l].as_ref().expect("room was made");
+        rk.slice_set(&k.detach().contiguous()?, 2, len)?;
+        rv.slice_set(&v.detach().contiguous()?, 2, len)?;
+        let out = (rk.narrow(2, 0, need)?, rv.narrow(2, 0, need)?);
+        self.layers[l] = Some(out.clone());
+        Ok(out)
+    }
+
+    /// Forgets the buffers (after the cached tensors were replaced).
+    fn drop_room(&mut self) {
+        self.room = vec![None; self.layers.len()];
     }
 
     /// Tokens cached so far.
@@ -134,11 +189,7 @@ impl KvCache {
             rows.len(),
             &device,
         )?;
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(&idx, 0)?;
-            *v = v.index_select(&idx, 0)?;
-        }
-        Ok(())
+        self.select_rows(&idx)
     }
 
     /// The first `n` tokens of every layer (a prompt's cached start).
@@ -150,7 +201,7 @@ impl KvCache {
                 None => None,
             });
         }
-        Ok(KvCache { layers })
+        Ok(KvCache::of(layers))
     }
 
     /// Drops the first `n` tokens of every layer (key columns no row attends to).
@@ -160,6 +211,7 @@ impl KvCache {
             *k = k.narrow(2, n, t - n)?;
             *v = v.narrow(2, n, t - n)?;
         }
+        self.drop_room();
         Ok(())
     }
 
@@ -198,14 +250,27 @@ impl KvCache {
             }
             out.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
         }
-        Ok(KvCache { layers: out })
+        Ok(KvCache::of(out))
     }
 
     /// Keeps only the given batch rows (finished rows drop out of batched generation).
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(rows, 0)?;
-            *v = v.index_select(rows, 0)?;
+        for (layer, room) in self.layers.iter_mut().zip(self.room.iter_mut()) {
+            let Some((k, v)) = layer else { continue };
+            match room {
+                // Select from the buffer, keeping its room.
+                Some((rk, rv)) => {
+                    *rk = rk.index_select(rows, 0)?;
+                    *rv = rv.index_select(rows, 0)?;
+                    let t = k.dim(2)?;
+                    *k = rk.narrow(2, 0, t)?;
+                    *v = rv.narrow(2, 0, t)?;
+                }
+                None => {
+                    *k = k.contiguous()?.index_select(rows, 0)?;
+                    *v = v.contiguous()?.index_select(rows, 0)?;
+                }
+            }
         }
         Ok(())
     }
@@ -1026,13 +1091,8 @@ impl Decoder {
             sink => {
                 let (mut k, mut v) = (k, v);
                 if let CacheSink::Batch(c) = sink {
-                    if let Some((pk, pv)) = &c.layers[l] {
-                        k = Tensor::cat(&[pk, &k], 2)?;
-                        v = Tensor::cat(&[pv, &v], 2)?;
-                    }
-                    // Cached values never need a gradient; detaching keeps generation
-                    // from holding the graph of every earlier step.
-                    c.layers[l] = Some((k.detach(), v.detach()));
+                    // Cached values never need a gradient (they are stored detached).
+                    (k, v) = c.append(l, &k, &v)?;
                 }
                 self.attend(&q, &k, &v, mask_of(&st.masks, window), at)?
             }
@@ -1154,7 +1214,8 @@ impl Decoder {
                     scale: kernel_scale,
                     queries: s,
                 })?;
-                probs.matmul(&v.contiguous()?)?.reshape((b, nh, s, hd))?
+                // `v` may be a view of a cache buffer: the matmul reads it strided.
+                probs.matmul(v)?.reshape((b, nh, s, hd))?
             }
             Some(mask) => {
                 let k = repeat_kv(k.clone(), nh / nkv)?;

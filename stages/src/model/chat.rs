@@ -1,7 +1,10 @@
 //! A loaded model answering chat requests: what the `local` oracle backend and
-//! `pipe serve` run on. Requests are rendered with the model's chat template,
-//! batched with left padding (requests with different decoding settings go in
-//! separate batches) and decoded with the Q8_0 copies of the weights on CPU. A request
+//! `pipe serve` run on. Requests are rendered with the model's chat template and
+//! decoded together with continuous batching ([`ChatBatch`], on
+//! [`pipe_train::generate::Decoding`]): their prompts are prefilled in one packed call
+//! without padding, a prompt that starts like a recent one (an oracle's rubric, a system
+//! prompt) runs only the rest, and each request keeps its own settings, seed and
+//! schema. Decoding uses the Q8_0 copies of the weights on CPU. A request
 //! with a JSON schema is decoded under it ([`pipe_train::constrain`]); the compiled
 //! grammars are kept per model.
 
@@ -301,7 +304,7 @@ impl ChatModel {
     }
 
     /// The prompt token ids of `r`, and its constraint (grammar and start state).
-    fn prepare(&self, r: &ChatRequest) -> Result<(Vec<u32>, Option<(Arc<Grammar>, u32)>), String> {
+    fn prepare(&self, r: &ChatRequest) -> Result<(Vec<u32>, Option<Constraint>), String> {
         let prompt = match &r.prompt {
             Some(p) => self
                 .loaded
@@ -321,6 +324,9 @@ impl ChatModel {
         Ok((prompt, constraint))
     }
 }
+
+/// A grammar and the state a reply starts in.
+type Constraint = (Arc<Grammar>, u32);
 
 /// A request decoding in a [`ChatBatch`].
 struct Live {
