@@ -312,7 +312,7 @@ pub struct PrefixCache {
     entries: Vec<(Vec<u32>, KvCache, u64)>,
     budget: usize,
     clock: u64,
-    /// Tokens reused from cached prefixes, and tokens run, since this cache was made.
+    /// Prompt tokens whose keys and values came from a cached start.
     pub reused: u64,
     /// Prompt tokens run through the model.
     pub computed: u64,
