@@ -309,17 +309,129 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             let mm_secs = t.elapsed().as_secs_f64() / 3.0;
             let mm = 2.0 * (size as f64).powi(3) / mm_secs / 1e9;
+            let peak = fma_peak_gflops(candle_core::utils::get_num_threads());
             println!(
                 "{}",
                 serde_json::json!({"impl": "pipe", "what": "prefill", "prompts": n, "prompt_len": plen,
                     "tokens_per_s": tokens / secs, "gflops": flops / secs / 1e9,
                     "flops_per_token": flops / tokens, "seconds": secs,
-                    "matmul_2048_gflops": mm, "threads": candle_core::utils::get_num_threads()})
+                    "matmul_2048_gflops": mm, "fma_peak_gflops": peak.0, "fma_peak_isa": peak.1,
+                    "share_of_peak": flops / secs / 1e9 / peak.0,
+                    "threads": candle_core::utils::get_num_threads()})
             );
         }
         other => return Err(format!("unknown mode {other}").into()),
     }
     Ok(())
+}
+
+/// The machine's f32 multiply-add ceiling, measured rather than derived from a data sheet
+/// (a core's vector width, FMA units and clock under load are not what its name says:
+/// Zen 4 runs AVX-512 as two 256-bit halves, a VM's clock is the host's): `threads`
+/// threads each run independent chains of vector FMAs on registers for ~0.3 s. Returns
+/// GFLOP/s (2 FLOPs per lane per FMA) and the instruction set of the faster loop.
+fn fma_peak_gflops(threads: usize) -> (f64, &'static str) {
+    let mut best = (0.0, "scalar");
+    for (isa, lanes) in [("avx2+fma", 8usize), ("avx512f", 16)] {
+        if !fma::available(isa) {
+            continue;
+        }
+        let iters = 40_000_000u64;
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| std::hint::black_box(fma::run(isa, iters)));
+            }
+        });
+        let secs = t.elapsed().as_secs_f64();
+        let gflops =
+            (threads as u64 * iters * fma::CHAINS as u64 * lanes as u64 * 2) as f64 / secs / 1e9;
+        if gflops > best.0 {
+            best = (gflops, isa);
+        }
+    }
+    best
+}
+
+/// Register-only FMA loops for [`fma_peak_gflops`]. `unsafe` only to call functions
+/// compiled for a target feature, after checking that the CPU has it.
+#[allow(unsafe_code)]
+mod fma {
+    /// Independent accumulator chains: enough to cover FMA latency (4 cycles) on two ports.
+    pub const CHAINS: usize = 12;
+
+    pub fn available(isa: &str) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match isa {
+                "avx2+fma" => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+                "avx512f" => is_x86_feature_detected!("avx512f"),
+                _ => false,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = isa;
+            false
+        }
+    }
+
+    /// Runs `iters` rounds of [`CHAINS`] FMAs; returns a value that depends on all of them.
+    pub fn run(isa: &str, iters: u64) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: callers check `available(isa)` first, so the target features exist.
+        unsafe {
+            match isa {
+                "avx2+fma" => avx2(iters),
+                _ => avx512(iters),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (isa, iters);
+            0.0
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(iters: u64) -> f32 {
+        use std::arch::x86_64::*;
+        let mul = _mm256_set1_ps(0.999_999);
+        let add = _mm256_set1_ps(1e-7);
+        let mut acc = [_mm256_set1_ps(1.0); CHAINS];
+        for _ in 0..iters {
+            for a in acc.iter_mut() {
+                *a = _mm256_fmadd_ps(*a, mul, add);
+            }
+        }
+        let mut sum = _mm256_setzero_ps();
+        for a in acc {
+            sum = _mm256_add_ps(sum, a);
+        }
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), sum);
+        out.iter().sum()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512(iters: u64) -> f32 {
+        use std::arch::x86_64::*;
+        let mul = _mm512_set1_ps(0.999_999);
+        let add = _mm512_set1_ps(1e-7);
+        let mut acc = [_mm512_set1_ps(1.0); CHAINS];
+        for _ in 0..iters {
+            for a in acc.iter_mut() {
+                *a = _mm512_fmadd_ps(*a, mul, add);
+            }
+        }
+        let mut sum = _mm512_setzero_ps();
+        for a in acc {
+            sum = _mm512_add_ps(sum, a);
+        }
+        _mm512_reduce_add_ps(sum)
+    }
 }
 
 /// Writes the start of a training run for another implementation (see the module doc).

@@ -49,6 +49,20 @@ pub fn sum(xs: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
+/// `Σ x²` over a slice, in 8 interleaved partial sums.
+#[inline]
+pub fn sum_squares(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().map(|v| v * v).sum::<f32>()
+}
+
 /// The largest element (−∞ for an empty slice), in 8 interleaved partial maxima
 /// so the comparisons do not form one serial chain. NaNs are skipped.
 #[inline]
