@@ -774,7 +774,7 @@ fn error_unknown_stage_key() {
 fn error_unknown_stage_kind() {
     assert_eq!(
         check_error("stages:\n  a:\n    uses: splt\n", &[]),
-        "error: p.yaml:3:11: unknown stage kind `splt`; built-in kinds are `batch_label`, `build_data`, `calibrate`, `evaluate`, `generate`, `merge`, `prefs_generate`, `prefs_judge`, `reward_train`, `sft`, `split`, `validate`\n  help: did you mean `split`?\n"
+        "error: p.yaml:3:11: unknown stage kind `splt`; built-in kinds are `batch_label`, `build_data`, `calibrate`, `dot_check`, `evaluate`, `generate`, `merge`, `prefs_generate`, `prefs_judge`, `reward_train`, `sft`, `split`, `validate`\n  help: did you mean `split`?\n"
     );
 }
 
@@ -1620,4 +1620,72 @@ fn build_data_enforces_pins_and_the_reject_rate() {
         "{}",
         out.stderr
     );
+}
+
+#[test]
+fn dot_check_gives_each_record_a_verdict_with_the_errors_place() {
+    let p = Project::new();
+    let lines = [
+        json_line("Sure:\n```dot\ndigraph G {\n  a -> b -> c\n}\n```"),
+        json_line("The graph is digraph { a -> b; b -- c }"),
+        json_line("graph { x -- y }"),
+        json_line("I cannot draw that."),
+    ];
+    p.file("gens.jsonl", &lines.concat()).file(
+        "p.yaml",
+        r#"
+name: dots
+stages:
+  data:
+    run: cp gens.jsonl out/gens.jsonl
+    deps: [gens.jsonl]
+    outs: [out/gens.jsonl]
+  check:
+    uses: dot_check
+    inputs: {records: data.gens}
+    with: {field: text}
+"#,
+    );
+    p.ok(&["run", "p.yaml", "--no-progress"]);
+    let show: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "check", "--json"]).stdout).unwrap();
+    assert_eq!(show["metrics"]["records"], 4);
+    assert_eq!(show["metrics"]["valid"], 2);
+    assert_eq!(show["metrics"]["no_dot"], 1);
+    assert_eq!(show["metrics"]["validity_rate"], 0.5);
+    let verdicts: Vec<serde_json::Value> =
+        std::fs::read_to_string(p.join(show["outputs"]["verdicts"]["path"].as_str().unwrap()))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(verdicts[0]["dot_check"]["edges"], 2);
+    let bad = &verdicts[1]["dot_check"];
+    assert_eq!(
+        (
+            bad["valid"].as_bool(),
+            bad["line"].as_u64(),
+            bad["col"].as_u64()
+        ),
+        (Some(false), Some(1), Some(21))
+    );
+    assert!(bad["message"]
+        .as_str()
+        .unwrap()
+        .contains("`--` in a directed graph"));
+    assert_eq!(verdicts[3]["dot_check"]["found"], false);
+    // A record without the field names its file and line.
+    p.file("gens.jsonl", &(lines.concat() + "{\"other\": 1}\n"));
+    let out = p.pipe(&["run", "p.yaml", "--no-progress"]);
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(
+        out.stderr
+            .contains(":5 (input `records`): expected a string field `text`"),
+        "{}",
+        out.stderr
+    );
+}
+
+fn json_line(text: &str) -> String {
+    serde_json::json!({ "text": text }).to_string() + "\n"
 }

@@ -64,6 +64,7 @@ pub fn builtin() -> Registry {
     registry.register(label::validate::ValidateStage);
     registry.register(label::batch_label::BatchLabelStage);
     registry.register(eval::evaluate::EvaluateStage);
+    registry.register(eval::dot_check::DotCheckStage);
     registry.register(prefs::prefs_generate::PrefsGenerateStage);
     registry.register(prefs::prefs_judge::PrefsJudgeStage);
     registry.register(prefs::reward_train::RewardTrainStage);

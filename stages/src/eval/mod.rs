@@ -5,4 +5,5 @@
 //! workflow adds its evaluator to [`crate::task`] and, where it needs a stage of its
 //! own (a head evaluated on a test set, say), a file here.
 
+pub mod dot_check;
 pub mod evaluate;

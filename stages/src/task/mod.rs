@@ -6,4 +6,6 @@
 //! validator, a FinQA program executor) get a file here, so `evaluate`, `sft`'s
 //! evaluation during training and the preference stages can all use it.
 
+pub mod confidence;
+pub mod dot;
 pub mod factuality;
