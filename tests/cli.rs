@@ -1689,3 +1689,164 @@ stages:
 fn json_line(text: &str) -> String {
     serde_json::json!({ "text": text }).to_string() + "\n"
 }
+
+/// `sft` with a DOT task evaluation and `keep_best`.
+const DOT_SFT: &str = r#"
+name: dot-sft
+stages:
+  data:
+    run: cp pairs.jsonl out/train.jsonl
+    deps: [pairs.jsonl]
+    outs: [out/train.jsonl]
+  sft:
+    uses: sft
+    inputs: {train: data.train, val: data.train}
+    with:
+      model: "tiny:llama:3"
+      lora: {r: 4, alpha: 8, target_modules: all-linear}
+      optimizer: {lr: 0.02}
+      steps: 24
+      batch_size: 2
+      eval_every: 4
+      save_every: 4
+      eval_tasks: [dot]
+      eval_decoding: {max_new_tokens: 12, temperature: 0.8, seed: 3, limit: 3}
+      samples: 2
+      keep_best: {edge_f1: max, eval_loss: min}
+"#;
+
+fn dot_pairs() -> String {
+    (0..6)
+        .map(|i| {
+            serde_json::json!({
+                "prompt": format!("Draw step {i} then step {}", i + 1),
+                "response": format!("digraph {{ s{i} -> s{} }}", i + 1),
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
+fn stage_key(p: &Project, file: &str, stage: &str) -> String {
+    let status: serde_json::Value =
+        serde_json::from_str(&p.ok(&["status", file, "--json"]).stdout).unwrap();
+    status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == stage)
+        .unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn sft_task_evaluation_keeps_the_best_adapters_and_resumes_after_kill_9() {
+    let read_outputs = |p: &Project| {
+        let show: serde_json::Value =
+            serde_json::from_str(&p.ok(&["show", "sft", "--json"]).stdout).unwrap();
+        let file = |out: &str, name: &str| {
+            std::fs::read(
+                p.join(show["outputs"][out]["path"].as_str().unwrap())
+                    .join(name),
+            )
+            .unwrap()
+        };
+        let adapters: Vec<Vec<u8>> = ["final", "best_edge_f1", "best_eval_loss"]
+            .iter()
+            .map(|o| file(o, "adapter_model.safetensors"))
+            .collect();
+        let metrics: Vec<serde_json::Value> =
+            std::fs::read_to_string(p.join(show["outputs"]["metrics"]["path"].as_str().unwrap()))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+        (show["metrics"].clone(), adapters, metrics)
+    };
+    // Uninterrupted.
+    let a = Project::new();
+    a.file("p.yaml", DOT_SFT).file("pairs.jsonl", &dot_pairs());
+    a.ok(&["run", "p.yaml", "--no-progress"]);
+    let (m, adapters, lines) = read_outputs(&a);
+    // Task metrics at every evaluation, samples with their verdicts, the model before training.
+    let evals: Vec<u64> = lines
+        .iter()
+        .filter(|l| l["task"].is_object())
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, vec![4, 8, 12, 16, 20, 24]);
+    for l in lines.iter().filter(|l| l["task"].is_object()) {
+        for k in ["validity", "node_f1", "edge_f1"] {
+            let v = l["task"][k].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&v), "{k} {v}");
+        }
+        let s = l["samples"].as_array().unwrap();
+        assert_eq!(s.len(), 2);
+        assert!(s[0]["generation"].is_string() && s[0]["verdict"]["dot_valid"].is_boolean());
+    }
+    assert!(
+        m["initial_validity"].is_f64() && m["final_edge_f1"].is_f64(),
+        "{m}"
+    );
+    // The kept step is the best evaluation's (ties: the first), eval loss included.
+    let best_edge = m["kept_edge_f1"]["value"].as_f64().unwrap();
+    let all_edge: Vec<f64> = std::iter::once(m["initial_edge_f1"].as_f64().unwrap())
+        .chain(lines.iter().filter_map(|l| l["task"]["edge_f1"].as_f64()))
+        .collect();
+    assert_eq!(best_edge, all_edge.iter().cloned().fold(f64::MIN, f64::max));
+    assert_eq!(m["kept_eval_loss"]["step"], m["best_step"]);
+    assert_eq!(m["kept_eval_loss"]["value"], m["best_eval_loss"]);
+
+    // Killed with SIGKILL after its first checkpoint, then rerun: the same adapters,
+    // the same task metrics.
+    let b = Project::new();
+    b.file("p.yaml", DOT_SFT).file("pairs.jsonl", &dot_pairs());
+    b.ok(&["run", "p.yaml", "--only", "data", "--no-progress"]);
+    let key = stage_key(&b, "p.yaml", "sft");
+    let latest = b.join(&format!("cache/checkpoints/{key}/LATEST"));
+    let mut child = b.spawn(&["run", "p.yaml", "--no-progress"]);
+    let t = Instant::now();
+    while !latest.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its first checkpoint"
+        );
+        sleep(Duration::from_millis(5));
+    }
+    let at = std::fs::read_to_string(&latest).unwrap();
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "finished before the kill"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(at.starts_with("step-"), "{at}");
+    b.ok(&["run", "p.yaml", "--no-progress"]);
+    let (m2, adapters2, lines2) = read_outputs(&b);
+    assert!(m2["resumed_from_step"].as_u64().unwrap() >= 4, "{m2}");
+    assert_eq!(
+        adapters, adapters2,
+        "kept and final adapters differ after the resume"
+    );
+    let tasks = |ls: &[serde_json::Value]| {
+        ls.iter()
+            .map(|l| (l["step"].clone(), l["loss"].clone(), l["task"].clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(tasks(&lines), tasks(&lines2));
+    for k in [
+        "kept_edge_f1",
+        "kept_eval_loss",
+        "initial_validity",
+        "final_validity",
+    ] {
+        assert_eq!(m[k], m2[k], "{k}");
+    }
+}

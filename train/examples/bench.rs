@@ -155,6 +155,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 seed: 0,
                 pad_id: 0,
                 gradient_checkpointing: std::env::var("PIPE_BENCH_CKPT").as_deref() == Ok("1"),
+                keep_best: Vec::new(),
             };
             // Warm-up steps (default one), then the timed steps.
             for w in 0..warmup {

@@ -9,7 +9,7 @@
 //! A checkpoint is a folder `step-NNNNNNN/` written completely, then named in
 //! `LATEST` (written atomically); older folders are removed after that.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -54,6 +54,59 @@ pub struct TrainSettings {
     /// Recompute each layer in the backward pass instead of keeping its activations
     /// (same losses and gradients, a fraction of the activation memory, ~⅓ more compute).
     pub gradient_checkpointing: bool,
+    /// Metrics to keep the best adapter of, each with its direction: a task metric the
+    /// observer's [`Observer::evaluate`] reports, or `eval_loss`.
+    #[serde(default)]
+    pub keep_best: Vec<(String, Goal)>,
+}
+
+/// Which way a kept metric improves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Goal {
+    /// Larger is better (accuracy, validity, F1).
+    Max,
+    /// Smaller is better (loss, calibration error).
+    Min,
+}
+
+impl Goal {
+    /// Whether `new` is strictly better than `old` (the first value always is; NaN never).
+    pub fn better(self, new: f64, old: Option<f64>) -> bool {
+        if new.is_nan() {
+            return false;
+        }
+        match (self, old) {
+            (_, None) => true,
+            (Goal::Max, Some(o)) => new > o,
+            (Goal::Min, Some(o)) => new < o,
+        }
+    }
+}
+
+/// What a task evaluation of the current model gives: named scores, and sample
+/// generations to store with the step.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskScores {
+    /// Metric name → value.
+    pub metrics: BTreeMap<String, f64>,
+    /// Free-form samples (prompt, generation, verdict), kept in the metrics log.
+    pub samples: Vec<serde_json::Value>,
+}
+
+/// The best adapter of one kept metric.
+#[derive(Debug, Clone)]
+pub struct KeptBest {
+    /// The metric.
+    pub metric: String,
+    /// Its direction.
+    pub goal: Goal,
+    /// Its best value.
+    pub value: f64,
+    /// The step that reached it (0: the model before training).
+    pub step: u64,
+    /// The adapter at that step.
+    pub adapter: HashMap<String, Tensor>,
 }
 
 impl TrainSettings {
@@ -82,6 +135,12 @@ pub struct StepMetrics {
     /// Eval loss, on steps that evaluate.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub eval_loss: Option<f64>,
+    /// Task metrics, on steps that evaluate.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub task: BTreeMap<String, f64>,
+    /// Sample generations of the task evaluation.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub samples: Vec<serde_json::Value>,
 }
 
 /// Callbacks from the loop: progress, and whether to stop.
@@ -93,6 +152,13 @@ pub trait Observer {
     /// Polled between micro-batches; `true` stops with [`Error::Cancelled`] after saving a checkpoint.
     fn cancelled(&self) -> bool {
         false
+    }
+    /// Task evaluation of the model as it is at `step` (0: before training), on the
+    /// same schedule as the eval loss; `None` when there are no tasks. It must not
+    /// depend on anything but the model and the step (seed its sampling), so that a
+    /// resumed run evaluates as the uninterrupted one did.
+    fn evaluate(&mut self, _model: &Decoder, _step: u64) -> Result<Option<TaskScores>> {
+        Ok(None)
     }
 }
 
@@ -122,6 +188,11 @@ pub struct TrainReport {
     /// Adapter tensors of the best eval step (or the last step without eval).
     #[serde(skip)]
     pub best_adapter: HashMap<String, Tensor>,
+    /// Task metrics of the model before training.
+    pub initial_task: BTreeMap<String, f64>,
+    /// The best adapter of each `keep_best` metric, in the order given.
+    #[serde(skip)]
+    pub kept: Vec<KeptBest>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -133,6 +204,11 @@ struct State {
     best_eval_loss: Option<f64>,
     best_step: Option<u64>,
     history: Vec<StepMetrics>,
+    #[serde(default)]
+    initial_task: BTreeMap<String, f64>,
+    /// Per `keep_best` entry: its best value and step so far.
+    #[serde(default)]
+    kept: Vec<Option<(f64, u64)>>,
 }
 
 /// Mean token loss over `examples`, without dropout.
@@ -192,8 +268,11 @@ pub fn train(
         best_eval_loss: None,
         best_step: None,
         history: vec![],
+        initial_task: BTreeMap::new(),
+        kept: vec![None; s.keep_best.len()],
     };
     let mut best_adapter = adapter.tensors()?;
+    let mut kept_adapters: Vec<Option<HashMap<String, Tensor>>> = vec![None; s.keep_best.len()];
     if let Some(dir) = checkpoints {
         if let Some((saved, path)) = latest(dir)? {
             st = saved;
@@ -206,15 +285,44 @@ pub fn train(
             } else {
                 tensors
             };
+            if st.kept.len() != s.keep_best.len() {
+                return Err(Error::Invalid(format!(
+                    "the checkpoint in {} kept the best of {} metrics, this run keeps {}: remove the checkpoint or keep the same metrics",
+                    path.display(),
+                    st.kept.len(),
+                    s.keep_best.len()
+                )));
+            }
+            for (i, k) in st.kept.iter().enumerate() {
+                if k.is_some() {
+                    kept_adapters[i] = Some(load_map(&path.join(format!("kept-{i}.safetensors")))?);
+                }
+            }
             tracing::info!(step = st.step, "resumed from checkpoint {}", path.display());
             observer.on_resume(st.step);
         }
     }
     let resumed_from = st.step;
     let do_eval = !eval_set.is_empty();
-    if do_eval && st.step == 0 {
-        let l = evaluate(model, eval_set, s.batch_size, s.pad_id)?;
-        st.initial_eval_loss = Some(l);
+    if st.step == 0 {
+        let mut scores = BTreeMap::new();
+        if do_eval {
+            let l = evaluate(model, eval_set, s.batch_size, s.pad_id)?;
+            st.initial_eval_loss = Some(l);
+            scores.insert("eval_loss".to_string(), l);
+        }
+        if let Some(t) = observer.evaluate(model, 0)? {
+            st.initial_task = t.metrics.clone();
+            scores.extend(t.metrics);
+        }
+        keep(
+            &s.keep_best,
+            &scores,
+            0,
+            adapter,
+            &mut st.kept,
+            &mut kept_adapters,
+        )?;
     }
     let n = train_set.len();
     let per_step = s.batch_size * s.grad_accum;
@@ -295,17 +403,36 @@ pub fn train(
             tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
             tokens_seen: st.tokens_seen,
             eval_loss: None,
+            task: BTreeMap::new(),
+            samples: Vec::new(),
         };
-        let eval_now = do_eval
-            && ((s.eval_every > 0 && st.step.is_multiple_of(s.eval_every)) || st.step == s.steps);
-        if eval_now {
-            let l = evaluate(model, eval_set, s.batch_size, s.pad_id)?;
-            m.eval_loss = Some(l);
-            if st.best_eval_loss.is_none_or(|b| l < b) {
-                st.best_eval_loss = Some(l);
-                st.best_step = Some(st.step);
-                best_adapter = adapter.tensors()?;
+        let eval_step =
+            (s.eval_every > 0 && st.step.is_multiple_of(s.eval_every)) || st.step == s.steps;
+        if eval_step {
+            let mut scores = BTreeMap::new();
+            if do_eval {
+                let l = evaluate(model, eval_set, s.batch_size, s.pad_id)?;
+                m.eval_loss = Some(l);
+                scores.insert("eval_loss".to_string(), l);
+                if st.best_eval_loss.is_none_or(|b| l < b) {
+                    st.best_eval_loss = Some(l);
+                    st.best_step = Some(st.step);
+                    best_adapter = adapter.tensors()?;
+                }
             }
+            if let Some(t) = observer.evaluate(model, st.step)? {
+                scores.extend(t.metrics.clone());
+                m.task = t.metrics;
+                m.samples = t.samples;
+            }
+            keep(
+                &s.keep_best,
+                &scores,
+                st.step,
+                adapter,
+                &mut st.kept,
+                &mut kept_adapters,
+            )?;
         }
         if !do_eval {
             best_adapter = adapter.tensors()?;
@@ -314,7 +441,7 @@ pub fn train(
         st.history.push(m);
         if let Some(dir) = checkpoints {
             if s.save_every > 0 && st.step.is_multiple_of(s.save_every) && st.step < s.steps {
-                save_checkpoint(dir, &st, adapter, &opt, &best_adapter)?;
+                save_checkpoint(dir, &st, adapter, &opt, &best_adapter, &kept_adapters)?;
             }
         }
     }
@@ -330,7 +457,56 @@ pub fn train(
         tokens_seen: st.tokens_seen,
         history: st.history,
         best_adapter,
+        initial_task: st.initial_task,
+        kept: s
+            .keep_best
+            .iter()
+            .zip(st.kept)
+            .zip(kept_adapters)
+            .filter_map(|(((metric, goal), k), a)| {
+                let (value, step) = k?;
+                Some(KeptBest {
+                    metric: metric.clone(),
+                    goal: *goal,
+                    value,
+                    step,
+                    adapter: a?,
+                })
+            })
+            .collect(),
     })
+}
+
+/// Updates the kept bests with this evaluation's `scores`. A kept metric the
+/// evaluation did not report is an error that names the ones it did.
+fn keep(
+    keep_best: &[(String, Goal)],
+    scores: &BTreeMap<String, f64>,
+    step: u64,
+    adapter: &Adapter,
+    kept: &mut [Option<(f64, u64)>],
+    adapters: &mut [Option<HashMap<String, Tensor>>],
+) -> Result<()> {
+    for (i, (metric, goal)) in keep_best.iter().enumerate() {
+        let Some(&v) = scores.get(metric) else {
+            if scores.is_empty() {
+                continue;
+            }
+            return Err(Error::Invalid(format!(
+                "keep_best: `{metric}` is not a metric of this run's evaluation; it reports {}",
+                scores
+                    .keys()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        };
+        if goal.better(v, kept[i].map(|k| k.0)) {
+            kept[i] = Some((v, step));
+            adapters[i] = Some(adapter.tensors()?);
+        }
+    }
+    Ok(())
 }
 
 fn load_map(path: &Path) -> Result<HashMap<String, Tensor>> {
@@ -356,6 +532,7 @@ fn save_checkpoint(
     adapter: &Adapter,
     opt: &AdamW,
     best: &HashMap<String, Tensor>,
+    kept: &[Option<HashMap<String, Tensor>>],
 ) -> Result<()> {
     let name = format!("step-{:07}", st.step);
     let path = dir.join(&name);
@@ -366,6 +543,11 @@ fn save_checkpoint(
     }
     save_safetensors(&path.join("optimizer.safetensors"), &ostate)?;
     save_safetensors(&path.join("best.safetensors"), best)?;
+    for (i, k) in kept.iter().enumerate() {
+        if let Some(t) = k {
+            save_safetensors(&path.join(format!("kept-{i}.safetensors")), t)?;
+        }
+    }
     write_json(
         &path.join("state.json"),
         &serde_json::to_value(st).expect("state serialises"),

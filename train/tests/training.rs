@@ -58,6 +58,7 @@ fn settings(steps: u64, save_every: u64) -> TrainSettings {
         seed: 3,
         pad_id: 256,
         gradient_checkpointing: false,
+        keep_best: Vec::new(),
     }
 }
 
@@ -229,6 +230,132 @@ fn resumed_run_reproduces_the_uninterrupted_losses_exactly() {
     };
     assert_eq!(losses(&full), losses(&resumed));
     assert_eq!(full.best_eval_loss, resumed.best_eval_loss);
+}
+
+/// A task score that rises and falls as training goes (the loss on one held-out
+/// example, counted as a score to maximise), plus an interruption point.
+struct Scored {
+    probe: Vec<Example>,
+    stop_at: u64,
+    seen: std::cell::Cell<u64>,
+    evaluated: Vec<u64>,
+}
+
+impl Observer for Scored {
+    fn on_step(&mut self, m: &StepMetrics, _total: u64) {
+        self.seen.set(m.step);
+    }
+    fn cancelled(&self) -> bool {
+        self.stop_at > 0 && self.seen.get() >= self.stop_at
+    }
+    fn evaluate(
+        &mut self,
+        model: &pipe_train::model::Decoder,
+        step: u64,
+    ) -> pipe_train::Result<Option<pipe_train::trainer::TaskScores>> {
+        self.evaluated.push(step);
+        let l = pipe_train::trainer::evaluate(model, &self.probe, 1, 256)?;
+        let mut t = pipe_train::trainer::TaskScores::default();
+        t.metrics.insert("score".into(), l);
+        t.samples.push(serde_json::json!({"step": step}));
+        Ok(Some(t))
+    }
+}
+
+#[test]
+fn keep_best_keeps_each_metrics_best_adapter_and_resumes_with_it() {
+    use pipe_train::trainer::Goal;
+    let run = |ckpt: Option<&std::path::Path>, stop_at: u64| {
+        let mut m = loader::load("tiny:llama:9", DType::F32, &Device::Cpu).unwrap();
+        let adapter = lora::attach(&mut m.model, &all_linear(0.0), &mut Rng::new(1)).unwrap();
+        let data = examples(&m.tokenizer, 11);
+        let probe = {
+            let f = Formatter {
+                tokenizer: &m.tokenizer,
+                chat: true,
+                mask: LossMask::AnswerOnly,
+                max_len: 64,
+            };
+            vec![f
+                .example(&Record::Pair {
+                    prompt: "9+9=".into(),
+                    response: "x".into(),
+                })
+                .unwrap()
+                .unwrap()]
+        };
+        let mut s = settings(9, 2);
+        s.eval_every = 1;
+        s.optimizer.lr = 2e-2;
+        s.keep_best = vec![("score".into(), Goal::Max), ("eval_loss".into(), Goal::Min)];
+        let mut obs = Scored {
+            probe: probe.clone(),
+            stop_at,
+            seen: Default::default(),
+            evaluated: Vec::new(),
+        };
+        let r = train(&m.model, &adapter, &data, &data[..4], &s, ckpt, &mut obs);
+        let check = r.as_ref().ok().map(|r| {
+            // Restoring each kept adapter gives back its kept value.
+            r.kept
+                .iter()
+                .map(|k| {
+                    adapter
+                        .restore(&k.adapter, std::path::Path::new("."))
+                        .unwrap();
+                    let v = if k.metric == "score" {
+                        pipe_train::trainer::evaluate(&m.model, &probe, 1, 256).unwrap()
+                    } else {
+                        pipe_train::trainer::evaluate(&m.model, &data[..4], 2, 256).unwrap()
+                    };
+                    (k.metric.clone(), k.step, k.value, v)
+                })
+                .collect::<Vec<_>>()
+        });
+        (r, check, obs.evaluated)
+    };
+    let (full, check, evaluated) = run(None, 0);
+    let full = full.unwrap();
+    assert_eq!(evaluated, (0..=9).collect::<Vec<_>>());
+    let check = check.unwrap();
+    // The kept step is the argmax (argmin) over every evaluation, step 0 included.
+    let scores: Vec<(u64, f64)> = std::iter::once((0, full.initial_task["score"]))
+        .chain(full.history.iter().map(|h| (h.step, h.task["score"])))
+        .collect();
+    let best = scores
+        .iter()
+        .fold(scores[0], |b, &x| if x.1 > b.1 { x } else { b });
+    assert!(
+        scores.iter().any(|x| x.1 != scores[0].1),
+        "the score never moved: {scores:?}"
+    );
+    assert_eq!((check[0].1, check[0].2), best, "{scores:?}");
+    assert_eq!(check[1].1, full.best_step.unwrap());
+    for (metric, _, value, again) in &check {
+        assert!(
+            (value - again).abs() < 1e-6,
+            "{metric}: kept {value}, restored {again}"
+        );
+    }
+    assert_eq!(
+        full.history[3].samples,
+        vec![serde_json::json!({"step": 4})]
+    );
+    // Interrupted after step 5 (checkpoint at 4), then resumed: the same bests.
+    let dir = tempfile::tempdir().unwrap();
+    let (err, _, _) = run(Some(dir.path()), 5);
+    assert!(matches!(err.err().unwrap(), pipe_train::Error::Cancelled));
+    let (resumed, check2, evaluated2) = run(Some(dir.path()), 0);
+    let resumed = resumed.unwrap();
+    assert_eq!(resumed.resumed_from, 4);
+    assert_eq!(evaluated2, (5..=9).collect::<Vec<_>>());
+    let kept = |c: &[(String, u64, f64, f64)]| {
+        c.iter()
+            .map(|k| (k.0.clone(), k.1, k.2))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(kept(&check), kept(&check2.unwrap()));
+    assert_eq!(full.initial_task, resumed.initial_task);
 }
 
 #[test]

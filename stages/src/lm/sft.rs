@@ -113,6 +113,21 @@ struct SftParams {
     /// existing rows and are trained (PEFT `trainable_token_indices`).
     #[serde(default)]
     new_special_tokens: Vec<String>,
+    /// Task evaluators run on generations for the `val` records at every evaluation
+    /// (before step 1, every `eval_every` steps and at the end).
+    #[serde(default)]
+    eval_tasks: Vec<crate::lm::eval_tasks::TaskKind>,
+    /// How the task evaluation decodes (greedy, 256 tokens, seed 0 by default).
+    #[serde(default)]
+    eval_decoding: crate::lm::eval_tasks::EvalDecoding,
+    /// Generations stored per evaluation in `metrics.jsonl`.
+    #[serde(default)]
+    samples: usize,
+    /// Metric → `max` | `min`: keep the adapter of each metric's best evaluation as
+    /// output `best_<metric>` (a task metric, or `eval_loss`); its value and step are
+    /// the stage metric `kept_<metric>`.
+    #[serde(default)]
+    keep_best: BTreeMap<String, pipe_train::trainer::Goal>,
 }
 
 fn default_batch() -> usize {
@@ -157,6 +172,34 @@ impl SftParams {
             return Err(ParamError::new(
                 &["with", "batch_size"],
                 "batch_size and grad_accum must be ≥ 1 and max_len ≥ 2",
+            ));
+        }
+        let known: Vec<&str> = std::iter::once("eval_loss")
+            .chain(
+                self.eval_tasks
+                    .iter()
+                    .flat_map(|t| t.metrics().iter().copied()),
+            )
+            .collect();
+        for metric in self.keep_best.keys() {
+            if !known.contains(&metric.as_str()) {
+                return Err(ParamError::new(
+                    &["with", "keep_best", metric],
+                    format!(
+                        "not a metric of this stage's evaluation; it has {}",
+                        known
+                            .iter()
+                            .map(|k| format!("`{k}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
+        if !self.eval_tasks.is_empty() && self.eval_decoding.max_new_tokens == 0 {
+            return Err(ParamError::new(
+                &["with", "eval_decoding", "max_new_tokens"],
+                "expected at least 1 token per reply",
             ));
         }
         if !(self.optimizer.lr > 0.0 && self.optimizer.lr.is_finite()) {
@@ -220,9 +263,41 @@ impl SftParams {
     }
 }
 
-struct Progress<'a>(&'a StageContext);
+struct Progress<'a>(
+    &'a StageContext,
+    Option<crate::lm::eval_tasks::TaskEvaluator<'a>>,
+);
 
 impl Observer for Progress<'_> {
+    fn evaluate(
+        &mut self,
+        model: &pipe_train::model::Decoder,
+        step: u64,
+    ) -> pipe_train::Result<Option<pipe_train::trainer::TaskScores>> {
+        let Some(tasks) = &self.1 else {
+            return Ok(None);
+        };
+        let started = std::time::Instant::now();
+        let scores = tasks.run(model)?;
+        let shown: Vec<String> = scores
+            .metrics
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.4}"))
+            .collect();
+        self.0.log(&format!(
+            "step {step}: task evaluation {} ({:.1}s)",
+            shown.join(", "),
+            started.elapsed().as_secs_f64()
+        ));
+        let values: Vec<(&str, f64)> = scores
+            .metrics
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect();
+        self.0.scalars(step, &values);
+        Ok(Some(scores))
+    }
+
     fn on_step(&mut self, m: &StepMetrics, total: u64) {
         let eval = m
             .eval_loss
@@ -296,6 +371,15 @@ impl Stage for SftStage {
                 p.tensorboard
                     .then(|| OutputDecl::staged("tensorboard", "tensorboard")),
             )
+            .chain(
+                (!p.keep_best.is_empty() || !p.eval_tasks.is_empty())
+                    .then(|| OutputDecl::staged("final", "final")),
+            )
+            .chain(
+                p.keep_best
+                    .keys()
+                    .map(|m| OutputDecl::staged(&format!("best_{m}"), &format!("best_{m}"))),
+            )
             .collect(),
             ..Signature::default()
         })
@@ -338,6 +422,7 @@ impl Stage for SftStage {
         };
         let mut sets = Vec::new();
         let mut dropped = 0usize;
+        let mut val_records = Vec::new();
         for name in ["train", "val"] {
             let Some(path) = ctx.inputs.get(name) else {
                 sets.push(Vec::new());
@@ -350,6 +435,9 @@ impl Stage for SftStage {
                     &format!("{}: record {}", path.display(), i + 1),
                     prompt_t.as_deref(),
                 )?;
+                if name == "val" {
+                    val_records.push(r.clone());
+                }
                 match fmt.example(&r).map_err(model::failed(&format!(
                     "{}: record {}",
                     path.display(),
@@ -392,7 +480,18 @@ impl Stage for SftStage {
             seed: p.seed,
             pad_id,
             gradient_checkpointing: p.gradient_checkpointing,
+            keep_best: p.keep_best.iter().map(|(k, g)| (k.clone(), *g)).collect(),
         };
+        if !p.eval_tasks.is_empty() && val_records.is_empty() {
+            return Err(StageError::Failed(
+                "with.eval_tasks: the task evaluation runs on the `val` input, which is not bound or empty".into(),
+            ));
+        }
+        if p.keep_best.contains_key("eval_loss") && val_set.is_empty() {
+            return Err(StageError::Failed(
+                "with.keep_best.eval_loss: there is no eval loss without a `val` input".into(),
+            ));
+        }
         let mut adapter = pipe_train::lora::attach(
             &mut loaded.model,
             &p.lora,
@@ -418,6 +517,26 @@ impl Stage for SftStage {
             p.max_len,
             adapter.parameters()
         ));
+        let evaluator = if p.eval_tasks.is_empty() {
+            None
+        } else {
+            let mut eos = loaded.config.eos_ids();
+            eos.extend(loaded.tokenizer.eos_id());
+            eos.sort();
+            eos.dedup();
+            Some(
+                crate::lm::eval_tasks::TaskEvaluator::new(
+                    &loaded.tokenizer,
+                    chat,
+                    &val_records,
+                    p.eval_tasks.clone(),
+                    p.eval_decoding.clone(),
+                    p.samples,
+                    eos,
+                )
+                .map_err(model::failed("preparing the task evaluation"))?,
+            )
+        };
         let report = trainer::train(
             &loaded.model,
             &adapter,
@@ -425,9 +544,32 @@ impl Stage for SftStage {
             val_set,
             &settings,
             Some(&ctx.checkpoint_dir),
-            &mut Progress(ctx),
+            &mut Progress(ctx, evaluator),
         )
         .map_err(model::failed("training"))?;
+        let mut kept_metrics = BTreeMap::new();
+        if !p.eval_tasks.is_empty() || !p.keep_best.is_empty() {
+            let dir = ctx.out_dir.join("final");
+            std::fs::create_dir_all(&dir).map_err(StageError::io("creating final/"))?;
+            adapter
+                .save(&dir, &loaded.name)
+                .map_err(model::failed("saving the final adapter"))?;
+            for k in &report.kept {
+                adapter
+                    .restore(&k.adapter, &ctx.checkpoint_dir)
+                    .map_err(model::failed("restoring a kept adapter"))?;
+                let dir = ctx.out_dir.join(format!("best_{}", k.metric));
+                std::fs::create_dir_all(&dir)
+                    .map_err(StageError::io(format!("creating best_{}/", k.metric)))?;
+                adapter
+                    .save(&dir, &loaded.name)
+                    .map_err(model::failed("saving a kept adapter"))?;
+                kept_metrics.insert(
+                    format!("kept_{}", k.metric),
+                    json!({"value": k.value, "step": k.step}),
+                );
+            }
+        }
         adapter
             .restore(&report.best_adapter, &ctx.checkpoint_dir)
             .map_err(model::failed("restoring the best adapter"))?;
@@ -491,6 +633,15 @@ impl Stage for SftStage {
         }
         if let Some(s) = report.best_step {
             metrics.insert("best_step".into(), json!(s));
+        }
+        metrics.extend(kept_metrics);
+        for (k, v) in &report.initial_task {
+            metrics.insert(format!("initial_{k}"), json!(v));
+        }
+        if let Some(last) = report.history.iter().rev().find(|m| !m.task.is_empty()) {
+            for (k, v) in &last.task {
+                metrics.insert(format!("final_{k}"), json!(v));
+            }
         }
         Ok(Outcome {
             metrics,
