@@ -1850,3 +1850,58 @@ fn sft_task_evaluation_keeps_the_best_adapters_and_resumes_after_kill_9() {
         assert_eq!(m[k], m2[k], "{k}");
     }
 }
+
+#[test]
+fn label_token_loss_rejects_responses_without_the_token_and_counts_them() {
+    let p = Project::new();
+    let mut lines: String = (0..6)
+        .map(|i| {
+            let t = if i % 2 == 0 { "<C_READ>" } else { "<U_READ>" };
+            serde_json::json!({"prompt": format!("Is {i} even?"), "response": format!("yes {t}")})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    lines.push_str("{\"prompt\": \"Is 7 even?\", \"response\": \"no\"}\n");
+    p.file("qa.jsonl", &lines).file(
+        "p.yaml",
+        r#"
+name: tokens
+stages:
+  data:
+    run: cp qa.jsonl out/train.jsonl
+    deps: [qa.jsonl]
+    outs: [out/train.jsonl]
+  sft:
+    uses: sft
+    inputs: {train: data.train}
+    with:
+      model: "tiny:qwen2:3"
+      lora: {r: 4, alpha: 8}
+      steps: 2
+      batch_size: 2
+      new_special_tokens: ["<C_READ>", "<U_READ>"]
+      loss_mask: label-token
+      loss_tokens: ["<C_READ>", "<U_READ>"]
+"#,
+    );
+    let run = p.ok(&["run", "p.yaml", "--no-progress"]);
+    let show: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "sft", "--json"]).stdout).unwrap();
+    assert_eq!(show["metrics"]["rejected_examples"], 1, "{}", run.stdout);
+    assert_eq!(show["metrics"]["train_examples"], 6);
+    let log = std::fs::read_to_string(p.join(show["log"].as_str().unwrap())).unwrap();
+    assert!(
+        log.contains(": record 7: rejected: the response holds none of the label tokens"),
+        "{log}"
+    );
+    // Without loss_tokens, label-token is a parameter error that names the field.
+    p.file(
+        "p.yaml",
+        &p.read("p.yaml")
+            .replace("      loss_tokens: [\"<C_READ>\", \"<U_READ>\"]\n", ""),
+    );
+    let out = p.pipe(&["check", "p.yaml"]);
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("loss_tokens"), "{}", out.stderr);
+}

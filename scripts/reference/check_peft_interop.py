@@ -2,7 +2,8 @@
 
 1. `reference_io export` writes a tiny random model as an HF folder;
 2. `pipe run` trains a LoRA adapter on it with the `sft` stage (all-linear, rsLoRA;
-   in the second scenario also two new special tokens on a tied-embedding Qwen2);
+   two scenarios also add two new special tokens: on a tied-embedding Qwen2 and on an
+   untied Llama, whose output rows train as their own token layer);
 3. Python loads the folder with `transformers`, the adapter with
    `peft.PeftModel.from_pretrained`, and compares its logits with pipe-train's
    logits for the same adapter; then compares pipe's merged export with
@@ -108,6 +109,7 @@ def main():
     reports = [
         scenario("llama-lora", "tiny:llama:3", ""),
         scenario("qwen2-tied-new-tokens", "tiny:qwen2:3", "      new_special_tokens: [\"<cite>\", \"</cite>\"]", new_vocab=261),
+        scenario("llama-untied-new-tokens", "tiny:llama:3", "      new_special_tokens: [\"<cite>\", \"</cite>\"]", new_vocab=261),
         scenario("qwen3-lora", "tiny:qwen3:3", ""),
         scenario("gemma-lora", "tiny:gemma:3", ""),
         scenario("gemma2-lora", "tiny:gemma2:3", ""),

@@ -35,6 +35,11 @@ pub enum LossMask {
     AnswerOnly,
     /// Only the last answer token (classification-style labels).
     LastToken,
+    /// Only the answer's last token that is one of [`Formatter::label_tokens`] (a
+    /// confidence or class token, found by id wherever the chat template puts it and
+    /// whatever end-of-turn tokens follow); an example whose answer has none within
+    /// `max_len` is dropped.
+    LabelToken,
     /// Every token.
     Full,
 }
@@ -58,6 +63,8 @@ pub struct Formatter<'a> {
     pub mask: LossMask,
     /// Longest sequence; longer ones are cut at the end.
     pub max_len: usize,
+    /// The token ids [`LossMask::LabelToken`] puts the label on.
+    pub label_tokens: &'a [u32],
 }
 
 impl Formatter<'_> {
@@ -121,6 +128,13 @@ impl Formatter<'_> {
                 let mut l = vec![IGNORE; ids.len()];
                 if let Some(last) = l.last_mut() {
                     *last = *ids.last().expect("non-empty") as i64;
+                }
+                l
+            }
+            LossMask::LabelToken => {
+                let mut l = vec![IGNORE; ids.len()];
+                if let Some(j) = a.iter().rposition(|t| self.label_tokens.contains(t)) {
+                    l[p.len() + j] = a[j] as i64;
                 }
                 l
             }
@@ -189,6 +203,7 @@ mod tests {
             chat: true,
             mask: LossMask::AnswerOnly,
             max_len: 512,
+            label_tokens: &[],
         };
         let r = Record::Pair {
             prompt: "2+2?".into(),
@@ -216,6 +231,42 @@ mod tests {
     }
 
     #[test]
+    fn the_label_token_is_found_by_id_and_a_truncated_one_drops_the_example() {
+        let mut tok = TextTokenizer::bytes_chatml();
+        let ids = tok
+            .add_special_tokens(&["<C>".into(), "<U>".into()])
+            .unwrap();
+        let f = Formatter {
+            tokenizer: &tok,
+            chat: true,
+            mask: LossMask::LabelToken,
+            max_len: 512,
+            label_tokens: &ids,
+        };
+        let r = Record::Pair {
+            prompt: "2+2?".into(),
+            response: "4 <U>".into(),
+        };
+        let e = f.example(&r).unwrap().unwrap();
+        let labelled: Vec<(usize, i64)> = e
+            .labels
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| **l != IGNORE)
+            .map(|(i, l)| (i, *l))
+            .collect();
+        // One label, on the token itself, with `<|im_end|>\n` after it.
+        assert_eq!(labelled.len(), 1);
+        let (at, id) = labelled[0];
+        assert_eq!(id, ids[1] as i64);
+        assert_eq!(e.ids[at], ids[1]);
+        assert!(at + 1 < e.ids.len(), "the token is not the last position");
+        // Cut before the token: dropped.
+        let short = Formatter { max_len: at, ..f };
+        assert!(short.example(&r).unwrap().is_none());
+    }
+
+    #[test]
     fn truncated_answers_are_dropped_and_roles_checked() {
         let tok = TextTokenizer::bytes_chatml();
         let f = Formatter {
@@ -223,6 +274,7 @@ mod tests {
             chat: true,
             mask: LossMask::AnswerOnly,
             max_len: 8,
+            label_tokens: &[],
         };
         assert!(f
             .example(&Record::Pair {

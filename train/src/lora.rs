@@ -156,7 +156,7 @@ pub fn add_trainable_tokens(
     let need = ids.iter().map(|&i| i as usize + 1).max().unwrap_or(0);
     let grew = need > model.config().vocab_size;
     model.resize_vocab(need)?;
-    let values = model.train_tokens(ids.clone())?;
+    let (values, head_rows) = model.train_tokens(ids.clone())?;
     let tied = model.config().tie_word_embeddings;
     let resized = if grew {
         let head = if tied {
@@ -169,6 +169,9 @@ pub fn add_trainable_tokens(
         None
     };
     adapter.vars.push((TOKENS_KEY.to_string(), values));
+    if let Some(h) = head_rows {
+        adapter.vars.push((HEAD_TOKENS_KEY.to_string(), h));
+    }
     adapter.tokens = Some(TokenRows { ids, tied, resized });
     Ok(())
 }
@@ -266,7 +269,12 @@ impl Adapter {
         });
         let mut tensors = self.tensors()?;
         if let Some(t) = &self.tokens {
-            cfg["trainable_token_indices"] = serde_json::json!({"embed_tokens": t.ids});
+            // An untied output layer's rows are trained as their own layer.
+            cfg["trainable_token_indices"] = if t.tied {
+                serde_json::json!({"embed_tokens": t.ids})
+            } else {
+                serde_json::json!({"embed_tokens": t.ids, "lm_head": t.ids})
+            };
             let values = tensors[TOKENS_KEY].clone();
             if t.tied {
                 tensors.insert(HEAD_TOKENS_KEY.to_string(), values);
@@ -279,8 +287,9 @@ impl Adapter {
                         embed.to_dtype(DType::F32)?,
                     );
                 }
+                // An untied output layer is wrapped as a token layer of its own too.
                 if let Some(h) = head {
-                    tensors.insert(HEAD_KEY.to_string(), h.to_dtype(DType::F32)?);
+                    tensors.insert(HEAD_TOKENS_BASE_KEY.to_string(), h.to_dtype(DType::F32)?);
                 }
             }
         }
@@ -362,7 +371,10 @@ pub fn load(model: &mut Decoder, dir: &Path) -> Result<Adapter> {
                 model.lm_head = crate::linear::Linear::new(model.embed_tokens.clone(), None);
             }
         }
-        if let (Some(head), false) = (tensors.get(HEAD_KEY), tied) {
+        let head = tensors
+            .get(HEAD_TOKENS_BASE_KEY)
+            .or_else(|| tensors.get(HEAD_KEY));
+        if let (Some(head), false) = (head, tied) {
             model.lm_head =
                 crate::linear::Linear::new(head.to_dtype(dtype)?.to_device(&device)?, None);
         }

@@ -462,6 +462,9 @@ pub struct TrainableTokens {
     pub ids: Vec<u32>,
     /// Their embedding rows, `[ids, hidden]`.
     pub values: Var,
+    /// Their rows of an untied output layer, `[ids, hidden]` (a tied model's output
+    /// rows are `values`).
+    pub head: Option<Var>,
     ids_t: Tensor,
 }
 
@@ -1308,10 +1311,17 @@ impl Decoder {
         } else {
             self.lm_head.forward(hidden, None)?
         };
-        match &self.tokens {
-            Some(t) if self.cfg.tie_word_embeddings => {
+        let rows = self.tokens.as_ref().and_then(|t| {
+            if self.cfg.tie_word_embeddings {
+                Some((t, &t.values))
+            } else {
+                t.head.as_ref().map(|h| (t, h))
+            }
+        });
+        match rows {
+            Some((t, rows)) => {
                 // Columns of the trained rows: replace the frozen values, keep the gradient path.
-                let mut v = t.values.as_tensor().to_dtype(base.dtype())?;
+                let mut v = rows.as_tensor().to_dtype(base.dtype())?;
                 if inference {
                     v = v.detach();
                 }
@@ -1329,7 +1339,10 @@ impl Decoder {
     /// columns): then the loss can compute them a chunk of rows at a time.
     pub(crate) fn plain_lm_head(&self) -> Option<(&Tensor, Option<f32>)> {
         let l = &self.lm_head;
-        let trained_columns = self.tokens.is_some() && self.cfg.tie_word_embeddings;
+        let trained_columns = self
+            .tokens
+            .as_ref()
+            .is_some_and(|t| self.cfg.tie_word_embeddings || t.head.is_some());
         if l.lora.is_some() || l.packed.is_some() || l.bias.is_some() || trained_columns {
             return None;
         }
@@ -1389,7 +1402,8 @@ impl Decoder {
     }
 
     /// Makes the embedding rows of `ids` trainable, starting from their current values.
-    pub fn train_tokens(&mut self, ids: Vec<u32>) -> Result<Var> {
+    /// An untied model's output rows of `ids` train too (the second value).
+    pub fn train_tokens(&mut self, ids: Vec<u32>) -> Result<(Var, Option<Var>)> {
         let ids_t = Tensor::new(ids.as_slice(), &self.device)?;
         let values = Var::from_tensor(
             &self
@@ -1397,12 +1411,23 @@ impl Decoder {
                 .index_select(&ids_t, 0)?
                 .to_dtype(DType::F32)?,
         )?;
+        let head = if self.cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(Var::from_tensor(
+                &self
+                    .lm_head
+                    .dense_weight(DType::F32)?
+                    .index_select(&ids_t, 0)?,
+            )?)
+        };
         self.tokens = Some(TrainableTokens {
             ids,
             values: values.clone(),
+            head: head.clone(),
             ids_t,
         });
-        Ok(values)
+        Ok((values, head))
     }
 
     /// Logits for every position, without cache or dropout.
@@ -1419,7 +1444,17 @@ impl Decoder {
         );
         out.insert("model.norm.weight".to_string(), self.norm.clone());
         if !self.cfg.tie_word_embeddings {
-            out.insert("lm_head.weight".to_string(), self.lm_head.merged_weight()?);
+            let mut head = self.lm_head.merged_weight()?;
+            if let Some((t, rows)) = self
+                .tokens
+                .as_ref()
+                .and_then(|t| t.head.as_ref().map(|h| (t, h)))
+            {
+                let v = rows.as_tensor().to_dtype(head.dtype())?;
+                let old = head.index_select(&t.ids_t, 0)?;
+                head = head.index_add(&t.ids_t, &(v - old)?, 0)?;
+            }
+            out.insert("lm_head.weight".to_string(), head);
         }
         for (l, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");

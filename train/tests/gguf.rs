@@ -148,6 +148,7 @@ fn examples(tok: &TextTokenizer) -> Vec<Example> {
         chat: true,
         mask: LossMask::AnswerOnly,
         max_len: 48,
+        label_tokens: &[],
     };
     (0..3)
         .map(|i| {

@@ -28,6 +28,7 @@ fn examples(tok: &pipe_train::tokenizer::TextTokenizer, n: usize) -> Vec<Example
         chat: true,
         mask: LossMask::AnswerOnly,
         max_len: 64,
+        label_tokens: &[],
     };
     (0..n)
         .map(|i| {
@@ -275,6 +276,7 @@ fn keep_best_keeps_each_metrics_best_adapter_and_resumes_with_it() {
                 chat: true,
                 mask: LossMask::AnswerOnly,
                 max_len: 64,
+                label_tokens: &[],
             };
             vec![f
                 .example(&Record::Pair {
@@ -474,6 +476,7 @@ fn new_special_tokens_train_save_and_reload() {
             chat: true,
             mask: LossMask::AnswerOnly,
             max_len: 64,
+            label_tokens: &[],
         };
         let data: Vec<Example> = (0..6)
             .map(|i| {
@@ -772,5 +775,82 @@ fn packing_while_loading_equals_packing_after() {
             "{base:?}: every projection packed while loading"
         );
         assert_eq!(logits(&after.model), logits(&during.model), "{base:?}");
+    }
+}
+
+/// Confidence tokens on a tied and an untied model: both new rows start at the mean,
+/// so C and U have the same logit everywhere; with the loss on the token alone (found
+/// by id, `<|im_end|>` after it) a few steps separate them in the direction each prompt
+/// was labelled.
+#[test]
+fn new_label_tokens_start_equal_and_separate_with_the_loss_on_them_alone() {
+    for arch in ["tiny:qwen2:4", "tiny:llama:4"] {
+        let mut m = loader::load(arch, DType::F32, &Device::Cpu).unwrap();
+        let tied = m.model.config().tie_word_embeddings;
+        assert_eq!(tied, arch.starts_with("tiny:qwen2"));
+        let ids = m
+            .tokenizer
+            .add_special_tokens(&["<C>".into(), "<U>".into()])
+            .unwrap();
+        let mut adapter = lora::attach(&mut m.model, &all_linear(0.0), &mut Rng::new(2)).unwrap();
+        lora::add_trainable_tokens(&mut m.model, &mut adapter, ids.clone()).unwrap();
+        let f = Formatter {
+            tokenizer: &m.tokenizer,
+            chat: true,
+            mask: LossMask::LabelToken,
+            max_len: 64,
+            label_tokens: &ids,
+        };
+        let data: Vec<Example> = (0..8)
+            .map(|i| {
+                let (q, t) = if i % 2 == 0 {
+                    ("sky", "<C>")
+                } else {
+                    ("mud", "<U>")
+                };
+                f.example(&Record::Pair {
+                    prompt: format!("{q} {i}"),
+                    response: format!("ok {t}"),
+                })
+                .unwrap()
+                .unwrap()
+            })
+            .collect();
+        // Only the token's position carries a label.
+        for e in &data {
+            let labelled: Vec<usize> = (0..e.labels.len()).filter(|&k| e.labels[k] >= 0).collect();
+            assert_eq!(labelled.len(), 1);
+            assert!(ids.contains(&e.ids[labelled[0]]));
+        }
+        let margin = |m: &pipe_train::loader::Loaded, e: &Example| -> f32 {
+            let at = e.labels.iter().position(|&l| l >= 0).unwrap();
+            let t = Tensor::new(e.ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = m
+                .model
+                .forward(&t, &KeyMask::full(1, e.ids.len()))
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .get(at - 1)
+                .unwrap();
+            let v: Vec<f32> = logits.to_vec1().unwrap();
+            v[ids[0] as usize] - v[ids[1] as usize]
+        };
+        for e in &data {
+            assert_eq!(margin(&m, e), 0.0, "{arch}: C and U differ before training");
+        }
+        let mut s = settings(30, 0);
+        s.optimizer.lr = 2e-2;
+        s.warmup_steps = 0;
+        s.eval_every = 0;
+        train(&m.model, &adapter, &data, &[], &s, None, &mut ()).unwrap();
+        for (i, e) in data.iter().enumerate() {
+            let d = margin(&m, e);
+            let want = if i % 2 == 0 { 1.0 } else { -1.0 };
+            assert!(d * want > 0.5, "{arch} example {i}: C − U logit {d}");
+        }
     }
 }

@@ -117,6 +117,11 @@ struct SftParams {
     /// (before step 1, every `eval_every` steps and at the end).
     #[serde(default)]
     eval_tasks: Vec<crate::lm::eval_tasks::TaskKind>,
+    /// With `loss_mask: label-token`: the tokens the label goes on (e.g. the
+    /// confidence tokens). A response holding none of them is rejected (logged with
+    /// its file and record, counted); one whose token truncation cut is dropped.
+    #[serde(default)]
+    loss_tokens: Vec<String>,
     /// How the task evaluation decodes (greedy, 256 tokens, seed 0 by default).
     #[serde(default)]
     eval_decoding: crate::lm::eval_tasks::EvalDecoding,
@@ -195,6 +200,12 @@ impl SftParams {
                     ),
                 ));
             }
+        }
+        if (self.loss_mask == LossMask::LabelToken) == self.loss_tokens.is_empty() {
+            return Err(ParamError::new(
+                &["with", "loss_tokens"],
+                "`loss_tokens` names the label tokens of `loss_mask: label-token`, and only of it",
+            ));
         }
         if !self.eval_tasks.is_empty() && self.eval_decoding.max_new_tokens == 0 {
             return Err(ParamError::new(
@@ -410,11 +421,20 @@ impl Stage for SftStage {
                 .map_err(model::failed("with.new_special_tokens"))?
         };
         let chat = model::apply_template_choice(&mut loaded.tokenizer, &p.chat_template);
+        let mut label_ids = Vec::new();
+        for t in &p.loss_tokens {
+            label_ids.push(loaded.tokenizer.token_id(t).ok_or_else(|| {
+                StageError::Failed(format!(
+                    "with.loss_tokens: `{t}` is not one token of this tokenizer; add it with new_special_tokens"
+                ))
+            })?);
+        }
         let fmt = Formatter {
             tokenizer: &loaded.tokenizer,
             chat,
             mask: p.loss_mask,
             max_len: p.max_len,
+            label_tokens: &label_ids,
         };
         let prompt_t = match &p.prompt_template {
             Some(f) => Some(crate::prompt::read_template(ctx, f)?),
@@ -422,6 +442,7 @@ impl Stage for SftStage {
         };
         let mut sets = Vec::new();
         let mut dropped = 0usize;
+        let mut rejected = 0usize;
         let mut val_records = Vec::new();
         for name in ["train", "val"] {
             let Some(path) = ctx.inputs.get(name) else {
@@ -435,6 +456,24 @@ impl Stage for SftStage {
                     &format!("{}: record {}", path.display(), i + 1),
                     prompt_t.as_deref(),
                 )?;
+                if !p.loss_tokens.is_empty() {
+                    let answer = match &r {
+                        Record::Pair { response, .. } => response.as_str(),
+                        Record::Chat { messages } => {
+                            messages.last().map_or("", |m| m.content.as_str())
+                        }
+                    };
+                    if !p.loss_tokens.iter().any(|t| answer.contains(t.as_str())) {
+                        rejected += 1;
+                        ctx.log(&format!(
+                            "{}: record {}: rejected: the response holds none of the label tokens {:?}",
+                            path.display(),
+                            i + 1,
+                            p.loss_tokens
+                        ));
+                        continue;
+                    }
+                }
                 if name == "val" {
                     val_records.push(r.clone());
                 }
@@ -511,7 +550,7 @@ impl Stage for SftStage {
             ));
         }
         ctx.log(&format!(
-            "{} train / {} val examples ({dropped} dropped: no answer token within max_len {}), {steps} steps, {} trainable parameters",
+            "{} train / {} val examples ({dropped} dropped: no labelled token within max_len {}), {steps} steps, {} trainable parameters",
             train_set.len(),
             val_set.len(),
             p.max_len,
@@ -612,6 +651,9 @@ impl Stage for SftStage {
         metrics.insert("resumed_from_step".into(), json!(report.resumed_from));
         metrics.insert("train_examples".into(), json!(train_set.len()));
         metrics.insert("dropped_examples".into(), json!(dropped));
+        if !p.loss_tokens.is_empty() {
+            metrics.insert("rejected_examples".into(), json!(rejected));
+        }
         metrics.insert("tokens_seen".into(), json!(report.tokens_seen));
         metrics.insert("trainable_parameters".into(), json!(adapter.parameters()));
         metrics.insert("final_train_loss".into(), json!(report.final_train_loss));
