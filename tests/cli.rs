@@ -1905,3 +1905,110 @@ stages:
     assert_ne!(out.code, 0);
     assert!(out.stderr.contains("loss_tokens"), "{}", out.stderr);
 }
+
+#[test]
+fn sft_confidence_task_reports_accuracy_calibration_and_reliability_per_evaluation() {
+    let p = Project::new();
+    let mut lines = String::new();
+    for i in 0..6 {
+        let yes = i % 2 == 0;
+        let t = if i % 3 == 0 { "<C_READ>" } else { "<U_READ>" };
+        lines += &(serde_json::json!({
+            "prompt": format!("Passage {i}. Is it so?"), "response": format!("{} {t}", if yes { "Yes" } else { "No" }),
+            "dataset": "boolq", "answer": yes,
+        })
+        .to_string()
+            + "\n");
+    }
+    for i in 0..4 {
+        lines += &(serde_json::json!({
+            "prompt": format!("Case {i}: A. aspirin B. warfarin C. rest"), "response": "B <C_MED>",
+            "dataset": "medqa", "answer_idx": "B", "options": {"A": "aspirin", "B": "warfarin", "C": "rest"},
+        })
+        .to_string()
+            + "\n");
+    }
+    let yaml = r#"
+name: conf
+stages:
+  data:
+    run: cp qa.jsonl out/train.jsonl
+    deps: [qa.jsonl]
+    outs: [out/train.jsonl]
+  sft:
+    uses: sft
+    inputs: {train: data.train, val: data.train}
+    with:
+      model: "tiny:qwen2:3"
+      lora: {r: 4, alpha: 8}
+      steps: 4
+      batch_size: 2
+      eval_every: 2
+      new_special_tokens: ["<C_READ>", "<U_READ>", "<C_MED>", "<U_MED>"]
+      loss_mask: label-token
+      loss_tokens: ["<C_READ>", "<U_READ>", "<C_MED>", "<U_MED>"]
+      eval_tasks: [confidence]
+      eval_decoding: {max_new_tokens: 6, seed: 1}
+      confidence: {calib_beta: 4, calib_p_norm: "1"}
+      keep_best: {accuracy: max, calibration_error: min}
+"#;
+    p.file("qa.jsonl", &lines).file("p.yaml", yaml);
+    p.ok(&["run", "p.yaml", "--no-progress"]);
+    let show: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "sft", "--json"]).stdout).unwrap();
+    let m = &show["metrics"];
+    for k in [
+        "final_accuracy",
+        "final_calibration_error",
+        "final_boolq_accuracy",
+        "final_medqa_calibration_error",
+        "final_debiased_calibration_error",
+        "final_routing_auc",
+        "final_answer_accuracy",
+        "final_token_rate",
+        "initial_accuracy",
+    ] {
+        let v = m[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {m}"));
+        assert!((0.0..=1.0).contains(&v), "{k} {v}");
+    }
+    // Averaged over the two datasets.
+    let mean = (m["final_boolq_accuracy"].as_f64().unwrap()
+        + m["final_medqa_accuracy"].as_f64().unwrap())
+        / 2.0;
+    assert!((m["final_accuracy"].as_f64().unwrap() - mean).abs() < 1e-12);
+    assert!(m["kept_accuracy"]["step"].is_u64() && m["kept_calibration_error"]["value"].is_f64());
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(p.join(show["outputs"]["metrics"]["path"].as_str().unwrap()))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let rel = &lines[1]["task_details"]["reliability"];
+    assert_eq!(rel["confidence_scores"].as_array().unwrap().len(), 10);
+    assert_eq!(rel["correctness"].as_array().unwrap().len(), 10);
+    for s in rel["confidence_scores"].as_array().unwrap() {
+        let v = s.as_f64().unwrap();
+        assert!(v > 0.0 && v < 1.0, "{v}");
+    }
+    // A MedQA record whose gold letter is not an option: an error naming the record.
+    p.file("qa.jsonl", &lines_with_bad_gold());
+    let out = p.pipe(&["run", "p.yaml", "--no-progress"]);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr
+            .contains("record 2: confidence task: the gold letter `F` is not among the options"),
+        "{}",
+        out.stderr
+    );
+}
+
+fn lines_with_bad_gold() -> String {
+    [
+        serde_json::json!({"prompt": "Is it?", "response": "Yes <C_READ>", "dataset": "boolq", "answer": true}),
+        serde_json::json!({"prompt": "Case: A. x B. y", "response": "A <U_MED>", "dataset": "medqa",
+            "answer_idx": "F", "options": {"A": "x", "B": "y"}}),
+    ]
+    .iter()
+    .map(|v| v.to_string() + "\n")
+    .collect()
+}

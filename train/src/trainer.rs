@@ -92,6 +92,8 @@ pub struct TaskScores {
     pub metrics: BTreeMap<String, f64>,
     /// Free-form samples (prompt, generation, verdict), kept in the metrics log.
     pub samples: Vec<serde_json::Value>,
+    /// Larger per-evaluation data (a reliability table), kept in the metrics log.
+    pub details: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The best adapter of one kept metric.
@@ -141,6 +143,9 @@ pub struct StepMetrics {
     /// Sample generations of the task evaluation.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub samples: Vec<serde_json::Value>,
+    /// The task evaluation's larger data (e.g. `reliability`).
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty", default)]
+    pub task_details: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Callbacks from the loop: progress, and whether to stop.
@@ -405,6 +410,7 @@ pub fn train(
             eval_loss: None,
             task: BTreeMap::new(),
             samples: Vec::new(),
+            task_details: serde_json::Map::new(),
         };
         let eval_step =
             (s.eval_every > 0 && st.step.is_multiple_of(s.eval_every)) || st.step == s.steps;
@@ -424,6 +430,7 @@ pub fn train(
                 scores.extend(t.metrics.clone());
                 m.task = t.metrics;
                 m.samples = t.samples;
+                m.task_details = t.details;
             }
             keep(
                 &s.keep_best,

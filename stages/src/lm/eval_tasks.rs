@@ -18,7 +18,9 @@ use pipe_train::Rng;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::task::dot;
+use crate::metrics::calibration::{calibration_error, debiased_l2_ece_equal_mass};
+use crate::metrics::ranking::{roc_auc, routing_curve};
+use crate::task::{confidence, dot};
 
 /// A task evaluator by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -28,14 +30,64 @@ pub enum TaskKind {
     /// accepts), `node_f1`, `edge_f1` (means over items whose reference parses; an
     /// invalid reply scores 0).
     Dot,
+    /// Confidence tokens (BoolQ/MedQA, [`crate::task::confidence`]): each validation
+    /// record carries `dataset` (`boolq` | `medqa`), the gold `answer` (a bool, or the
+    /// option letter) and for MedQA its `options`. The expected token is C iff the
+    /// reply's answer is right; `accuracy` is the share whose token is the expected one
+    /// (no token: wrong); `p_confident` is the softmax over the (C, U) logits where the
+    /// token is (or, without one, after the reply). Metrics: `accuracy`,
+    /// `calibration_error` (β-sample bins, `calib_beta`, `calib_p_norm`),
+    /// `debiased_calibration_error`, `auroc` (p_confident for a right answer),
+    /// `routing_auc`, `answer_accuracy`, `token_rate`, and `<dataset>_accuracy` /
+    /// `<dataset>_calibration_error` per dataset; with both datasets the unprefixed
+    /// accuracy and calibration error are the mean of the two.
+    Confidence,
 }
 
 impl TaskKind {
-    /// The metrics this task reports.
+    /// The metrics this task reports (per-dataset ones aside).
     pub fn metrics(self) -> &'static [&'static str] {
         match self {
             TaskKind::Dot => &["validity", "node_f1", "edge_f1"],
+            TaskKind::Confidence => &[
+                "accuracy",
+                "calibration_error",
+                "debiased_calibration_error",
+                "auroc",
+                "routing_auc",
+                "answer_accuracy",
+                "token_rate",
+            ],
         }
+    }
+}
+
+/// Settings of the `confidence` task.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfidenceSettings {
+    /// Samples per calibration bin.
+    #[serde(default = "default_beta")]
+    pub calib_beta: usize,
+    /// `1`, `2` or `infty`.
+    #[serde(default = "default_p")]
+    pub calib_p_norm: crate::metrics::calibration::PNorm,
+    /// Hendrycks' `calib_err` (drops the last bin; see
+    /// [`crate::metrics::calibration::calibration_error`]).
+    #[serde(default)]
+    pub hendrycks_compat: bool,
+}
+
+fn default_beta() -> usize {
+    100
+}
+fn default_p() -> crate::metrics::calibration::PNorm {
+    crate::metrics::calibration::PNorm::Two
+}
+
+impl Default for ConfidenceSettings {
+    fn default() -> Self {
+        serde_json::from_value(json!({})).expect("every field has a default")
     }
 }
 
@@ -101,6 +153,63 @@ struct Item {
     reference: String,
 }
 
+/// A confidence item's gold: the dataset, and the right answer.
+struct Gold {
+    dataset: confidence::Dataset,
+    /// BoolQ: yes (true) / no.
+    yes: Option<bool>,
+    /// MedQA: the letter, and the options.
+    letter: Option<String>,
+    options: Vec<(String, String)>,
+}
+
+/// Reads a confidence item's gold from its record; the error says which field.
+fn gold_of(v: &serde_json::Value) -> Result<Gold, String> {
+    let dataset: confidence::Dataset =
+        serde_json::from_value(v.get("dataset").cloned().unwrap_or(serde_json::Value::Null))
+            .map_err(|_| "expected `dataset`: \"boolq\" or \"medqa\"".to_string())?;
+    match dataset {
+        confidence::Dataset::Boolq => {
+            let yes = v
+                .get("answer")
+                .and_then(serde_json::Value::as_bool)
+                .ok_or("expected a boolean `answer` (BoolQ)")?;
+            Ok(Gold {
+                dataset,
+                yes: Some(yes),
+                letter: None,
+                options: Vec::new(),
+            })
+        }
+        confidence::Dataset::Medqa => {
+            let options: Vec<(String, String)> = v
+                .get("options")
+                .and_then(serde_json::Value::as_object)
+                .ok_or("expected `options`: an object of letter → option text (MedQA)")?
+                .iter()
+                .map(|(k, t)| (k.clone(), t.as_str().unwrap_or_default().to_string()))
+                .collect();
+            let letter = v
+                .get("answer_idx")
+                .or_else(|| v.get("answer"))
+                .and_then(serde_json::Value::as_str)
+                .ok_or("expected the gold letter in `answer_idx` (MedQA)")?
+                .to_string();
+            if !options.iter().any(|(l, _)| *l == letter) {
+                return Err(format!(
+                    "the gold letter `{letter}` is not among the options"
+                ));
+            }
+            Ok(Gold {
+                dataset,
+                yes: None,
+                letter: Some(letter),
+                options,
+            })
+        }
+    }
+}
+
 /// Runs the named tasks on the validation records.
 pub struct TaskEvaluator<'a> {
     tokenizer: &'a TextTokenizer,
@@ -109,19 +218,27 @@ pub struct TaskEvaluator<'a> {
     samples: usize,
     eos: Vec<u32>,
     items: Vec<Item>,
+    confidence: ConfidenceSettings,
+    /// Per item, for the confidence task.
+    golds: Vec<Gold>,
 }
 
 impl<'a> TaskEvaluator<'a> {
     /// Prompts rendered as training renders them (the chat template with the
     /// generation prompt when `chat`), references from the records' responses.
+    /// `raw` are the records as read (task fields), one per entry of `records`, with
+    /// where each came from for errors.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         tokenizer: &'a TextTokenizer,
         chat: bool,
         records: &[Record],
+        raw: &[(String, serde_json::Value)],
         tasks: Vec<TaskKind>,
         decoding: EvalDecoding,
         samples: usize,
         eos: Vec<u32>,
+        confidence: ConfidenceSettings,
     ) -> pipe_train::Result<Self> {
         let take = if decoding.limit == 0 {
             records.len()
@@ -129,6 +246,33 @@ impl<'a> TaskEvaluator<'a> {
             decoding.limit.min(records.len())
         };
         let mut items = Vec::with_capacity(take);
+        let mut golds = Vec::new();
+        if tasks.contains(&TaskKind::Confidence) {
+            for (at, v) in &raw[..take] {
+                golds.push(gold_of(v).map_err(|e| {
+                    pipe_train::Error::Invalid(format!("{at}: confidence task: {e}"))
+                })?);
+            }
+            for t in confidence::TOKENS {
+                if tokenizer.token_id(t).is_none() {
+                    return Err(pipe_train::Error::Invalid(format!(
+                        "the confidence task needs the token `{t}`: add it with new_special_tokens"
+                    )));
+                }
+            }
+        }
+        if confidence.hendrycks_compat && !golds.is_empty() && golds.len() < confidence.calib_beta {
+            return Err(pipe_train::Error::Invalid(format!(
+                "confidence.hendrycks_compat: {} validation items are fewer than calib_beta {} (Hendrycks' calib_err fails there)",
+                golds.len(),
+                confidence.calib_beta
+            )));
+        }
+        if confidence.calib_beta == 0 {
+            return Err(pipe_train::Error::Invalid(
+                "confidence.calib_beta must be at least 1".into(),
+            ));
+        }
         for r in &records[..take] {
             let (msgs, reference) = match r {
                 Record::Pair { prompt, response } => (
@@ -171,6 +315,8 @@ impl<'a> TaskEvaluator<'a> {
             samples,
             eos,
             items,
+            confidence,
+            golds,
         })
     }
 
@@ -195,29 +341,144 @@ impl<'a> TaskEvaluator<'a> {
                 &self.eos,
                 &mut rngs,
             )?;
-            replies.extend(gens.into_iter().map(|g| g.text));
+            replies.extend(gens.into_iter().map(|g| (g.text, g.ids)));
         }
         let mut scores = TaskScores::default();
         let mut verdicts: Vec<BTreeMap<String, serde_json::Value>> =
             vec![BTreeMap::new(); replies.len()];
+        let texts: Vec<String> = replies.iter().map(|r| r.0.clone()).collect();
         for task in &self.tasks {
             match task {
-                TaskKind::Dot => self.dot(&replies, &mut scores, &mut verdicts),
+                TaskKind::Dot => self.dot(&texts, &mut scores, &mut verdicts),
+                TaskKind::Confidence => {
+                    self.confidence(model, &replies, &mut scores, &mut verdicts)?
+                }
             }
         }
-        for (k, (item, reply)) in self
-            .items
-            .iter()
-            .zip(&replies)
-            .take(self.samples)
-            .enumerate()
-        {
+        for (k, (item, reply)) in self.items.iter().zip(&texts).take(self.samples).enumerate() {
             scores.samples.push(json!({
                 "item": k, "prompt": item.prompt, "reference": item.reference,
                 "generation": reply, "verdict": verdicts[k],
             }));
         }
         Ok(scores)
+    }
+
+    /// The confidence task: grade, read the token, take p_confident from the logits.
+    fn confidence(
+        &self,
+        model: &Decoder,
+        replies: &[(String, Vec<u32>)],
+        scores: &mut TaskScores,
+        verdicts: &mut [BTreeMap<String, serde_json::Value>],
+    ) -> pipe_train::Result<()> {
+        #[derive(Default)]
+        struct Acc {
+            p: Vec<f64>,
+            right: Vec<bool>,
+            token_ok: Vec<bool>,
+            with_token: usize,
+        }
+        let mut by: BTreeMap<&'static str, Acc> = BTreeMap::new();
+        let mut all = Acc::default();
+        for (((item, (text, ids)), gold), v) in self
+            .items
+            .iter()
+            .zip(replies)
+            .zip(&self.golds)
+            .zip(verdicts.iter_mut())
+        {
+            let reply = confidence::split_reply(text, gold.dataset);
+            let right = match gold.dataset {
+                confidence::Dataset::Boolq => {
+                    confidence::boolq_answer(reply.answer).is_some()
+                        && confidence::boolq_answer(reply.answer) == gold.yes
+                }
+                confidence::Dataset::Medqa => {
+                    confidence::medqa_answer(reply.answer, &gold.options) == gold.letter
+                }
+            };
+            let (c, u) = gold.dataset.tokens();
+            let (c_id, u_id) = (
+                self.tokenizer.token_id(c).expect("checked in new"),
+                self.tokenizer.token_id(u).expect("checked in new"),
+            );
+            // Where the token is (or the end of the reply without one).
+            let at = ids
+                .iter()
+                .position(|t| *t == c_id || *t == u_id)
+                .unwrap_or(ids.len());
+            let mut seq = item.ids.clone();
+            seq.extend(&ids[..at]);
+            let t = candle_core::Tensor::new(seq.as_slice(), model.device())?.unsqueeze(0)?;
+            let logits = model
+                .forward(&t, &pipe_train::KeyMask::full(1, seq.len()))?
+                .squeeze(0)?
+                .get(seq.len() - 1)?
+                .to_dtype(candle_core::DType::F32)?;
+            let (lc, lu) = (
+                logits.get(c_id as usize)?.to_scalar::<f32>()? as f64,
+                logits.get(u_id as usize)?.to_scalar::<f32>()? as f64,
+            );
+            let p = 1.0 / (1.0 + (lu - lc).exp());
+            let token_ok = reply.confident == Some(right);
+            v.insert("answer_correct".into(), json!(right));
+            v.insert("confident_token".into(), json!(reply.confident));
+            v.insert("p_confident".into(), json!(p));
+            for acc in [by.entry(gold.dataset.name()).or_default(), &mut all] {
+                acc.p.push(p);
+                acc.right.push(right);
+                acc.token_ok.push(token_ok);
+                acc.with_token += usize::from(reply.confident.is_some());
+            }
+        }
+        let cs = &self.confidence;
+        let ce = |a: &Acc| {
+            calibration_error(
+                &a.p,
+                &a.right,
+                cs.calib_beta,
+                cs.calib_p_norm,
+                cs.hendrycks_compat,
+            )
+            .map_err(pipe_train::Error::Invalid)
+        };
+        let share = |xs: &[bool]| xs.iter().filter(|&&x| x).count() as f64 / xs.len().max(1) as f64;
+        let m = &mut scores.metrics;
+        for (name, a) in &by {
+            m.insert(format!("{name}_accuracy"), share(&a.token_ok));
+            m.insert(format!("{name}_calibration_error"), ce(a)?);
+        }
+        if by.len() > 1 {
+            let mean =
+                |k: &str| by.keys().map(|d| m[&format!("{d}_{k}")]).sum::<f64>() / by.len() as f64;
+            let (acc, cal) = (mean("accuracy"), mean("calibration_error"));
+            m.insert("accuracy".into(), acc);
+            m.insert("calibration_error".into(), cal);
+        } else {
+            m.insert("accuracy".into(), share(&all.token_ok));
+            m.insert("calibration_error".into(), ce(&all)?);
+        }
+        let bins = (all.p.len() / cs.calib_beta.max(1)).max(1);
+        m.insert(
+            "debiased_calibration_error".into(),
+            debiased_l2_ece_equal_mass(&all.p, &all.right, bins),
+        );
+        m.insert(
+            "auroc".into(),
+            roc_auc(&all.p, &all.right).unwrap_or(f64::NAN),
+        );
+        m.insert("routing_auc".into(), routing_curve(&all.p, &all.right).1);
+        m.insert("answer_accuracy".into(), share(&all.right));
+        m.insert(
+            "token_rate".into(),
+            all.with_token as f64 / all.p.len().max(1) as f64,
+        );
+        scores.details.insert(
+            "reliability".into(),
+            json!({"confidence_scores": all.p, "correctness": all.right}),
+        );
+        Ok(())
     }
 
     fn dot(
@@ -262,5 +523,33 @@ impl<'a> TaskEvaluator<'a> {
         let s = scored.max(1) as f64;
         scores.metrics.insert("node_f1".into(), node_f1 / s);
         scores.metrics.insert("edge_f1".into(), edge_f1 / s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_gold_fields_are_named() {
+        let e = |v: serde_json::Value| gold_of(&v).err().unwrap();
+        assert!(e(json!({"dataset": "boolq", "answer": "yes"})).contains("boolean `answer`"));
+        assert!(e(json!({"dataset": "squad"})).contains("`dataset`"));
+        assert!(
+            e(json!({"dataset": "medqa", "answer_idx": "E", "options": {"A": "x"}}))
+                .contains("`E` is not among the options")
+        );
+        assert!(e(json!({"dataset": "medqa", "answer_idx": "A"})).contains("`options`"));
+        let g = gold_of(
+            &json!({"dataset": "medqa", "answer_idx": "A", "options": {"A": "x", "B": "y"}}),
+        )
+        .unwrap();
+        assert_eq!((g.letter.as_deref(), g.options.len()), (Some("A"), 2));
+        assert_eq!(
+            gold_of(&json!({"dataset": "boolq", "answer": false}))
+                .unwrap()
+                .yes,
+            Some(false)
+        );
     }
 }

@@ -122,6 +122,9 @@ struct SftParams {
     /// its file and record, counted); one whose token truncation cut is dropped.
     #[serde(default)]
     loss_tokens: Vec<String>,
+    /// Settings of the `confidence` task (calib_beta, calib_p_norm, hendrycks_compat).
+    #[serde(default)]
+    confidence: crate::lm::eval_tasks::ConfidenceSettings,
     /// How the task evaluation decodes (greedy, 256 tokens, seed 0 by default).
     #[serde(default)]
     eval_decoding: crate::lm::eval_tasks::EvalDecoding,
@@ -444,6 +447,7 @@ impl Stage for SftStage {
         let mut dropped = 0usize;
         let mut rejected = 0usize;
         let mut val_records = Vec::new();
+        let mut val_raw = Vec::new();
         for name in ["train", "val"] {
             let Some(path) = ctx.inputs.get(name) else {
                 sets.push(Vec::new());
@@ -476,6 +480,7 @@ impl Stage for SftStage {
                 }
                 if name == "val" {
                     val_records.push(r.clone());
+                    val_raw.push((format!("{}: record {}", path.display(), i + 1), v.clone()));
                 }
                 match fmt.example(&r).map_err(model::failed(&format!(
                     "{}: record {}",
@@ -568,10 +573,12 @@ impl Stage for SftStage {
                     &loaded.tokenizer,
                     chat,
                     &val_records,
+                    &val_raw,
                     p.eval_tasks.clone(),
                     p.eval_decoding.clone(),
                     p.samples,
                     eos,
+                    p.confidence.clone(),
                 )
                 .map_err(model::failed("preparing the task evaluation"))?,
             )
