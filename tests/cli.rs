@@ -1983,6 +1983,10 @@ stages:
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
+    for fig in ["task_curve", "reliability", "routing"] {
+        let png = std::fs::read(p.join(show["outputs"][fig]["path"].as_str().unwrap())).unwrap();
+        assert_eq!(&png[1..4], b"PNG", "{fig}");
+    }
     let rel = &lines[1]["task_details"]["reliability"];
     assert_eq!(rel["confidence_scores"].as_array().unwrap().len(), 10);
     assert_eq!(rel["correctness"].as_array().unwrap().len(), 10);

@@ -195,6 +195,8 @@ pub struct TrainReport {
     pub best_adapter: HashMap<String, Tensor>,
     /// Task metrics of the model before training.
     pub initial_task: BTreeMap<String, f64>,
+    /// The task evaluation's larger data before training.
+    pub initial_task_details: serde_json::Map<String, serde_json::Value>,
     /// The best adapter of each `keep_best` metric, in the order given.
     #[serde(skip)]
     pub kept: Vec<KeptBest>,
@@ -211,6 +213,8 @@ struct State {
     history: Vec<StepMetrics>,
     #[serde(default)]
     initial_task: BTreeMap<String, f64>,
+    #[serde(default)]
+    initial_task_details: serde_json::Map<String, serde_json::Value>,
     /// Per `keep_best` entry: its best value and step so far.
     #[serde(default)]
     kept: Vec<Option<(f64, u64)>>,
@@ -274,6 +278,7 @@ pub fn train(
         best_step: None,
         history: vec![],
         initial_task: BTreeMap::new(),
+        initial_task_details: serde_json::Map::new(),
         kept: vec![None; s.keep_best.len()],
     };
     let mut best_adapter = adapter.tensors()?;
@@ -318,6 +323,7 @@ pub fn train(
         }
         if let Some(t) = observer.evaluate(model, 0)? {
             st.initial_task = t.metrics.clone();
+            st.initial_task_details = t.details;
             scores.extend(t.metrics);
         }
         keep(
@@ -465,6 +471,7 @@ pub fn train(
         history: st.history,
         best_adapter,
         initial_task: st.initial_task,
+        initial_task_details: st.initial_task_details,
         kept: s
             .keep_best
             .iter()
@@ -484,8 +491,7 @@ pub fn train(
     })
 }
 
-/// Updates the kept bests with this evaluation's `scores`. A kept metric the
-/// evaluation did not report is an error that names the ones it did.
+/// Updates the kept bests with this evaluation's `scores`.
 fn keep(
     keep_best: &[(String, Goal)],
     scores: &BTreeMap<String, f64>,
@@ -495,18 +501,11 @@ fn keep(
     adapters: &mut [Option<HashMap<String, Tensor>>],
 ) -> Result<()> {
     for (i, (metric, goal)) in keep_best.iter().enumerate() {
+        // A metric an evaluation leaves out (undefined there, e.g. AUROC when every
+        // answer is wrong) keeps its best so far; one never reported has no entry in
+        // the report (`sft` checks the names before training).
         let Some(&v) = scores.get(metric) else {
-            if scores.is_empty() {
-                continue;
-            }
-            return Err(Error::Invalid(format!(
-                "keep_best: `{metric}` is not a metric of this run's evaluation; it reports {}",
-                scores
-                    .keys()
-                    .map(|k| format!("`{k}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
+            continue;
         };
         if goal.better(v, kept[i].map(|k| k.0)) {
             kept[i] = Some((v, step));

@@ -464,10 +464,10 @@ impl<'a> TaskEvaluator<'a> {
             "debiased_calibration_error".into(),
             debiased_l2_ece_equal_mass(&all.p, &all.right, bins),
         );
-        m.insert(
-            "auroc".into(),
-            roc_auc(&all.p, &all.right).unwrap_or(f64::NAN),
-        );
+        // Undefined when every answer is right or every one wrong: then not reported.
+        if let Some(auc) = roc_auc(&all.p, &all.right) {
+            m.insert("auroc".into(), auc);
+        }
         m.insert("routing_auc".into(), routing_curve(&all.p, &all.right).1);
         m.insert("answer_accuracy".into(), share(&all.right));
         m.insert(

@@ -349,6 +349,89 @@ impl Observer for Progress<'_> {
     }
 }
 
+/// `task_curve.png`: every task metric at every evaluation (step 0 is the model
+/// before training). With a reliability table (the confidence task), also
+/// `reliability.png` and `routing.png`: the first evaluation against the last.
+fn task_figures(
+    ctx: &StageContext,
+    report: &trainer::TrainReport,
+    tasks: &[crate::lm::eval_tasks::TaskKind],
+) -> std::io::Result<()> {
+    use crate::figure::Figure;
+    // The tasks' headline metrics (per-dataset ones are in metrics.jsonl).
+    let shown: Vec<&str> = tasks
+        .iter()
+        .flat_map(|t| t.metrics().iter().copied())
+        .collect();
+    let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    let steps = std::iter::once((0u64, &report.initial_task))
+        .chain(report.history.iter().map(|m| (m.step, &m.task)));
+    for (step, task) in steps {
+        for (k, v) in task {
+            if shown.contains(&k.as_str()) {
+                series.entry(k.clone()).or_default().push((step as f64, *v));
+            }
+        }
+    }
+    Figure::Lines {
+        title: "Task metrics at each evaluation (step 0: before training)".into(),
+        x: "step".into(),
+        y: "value".into(),
+        series: series.into_iter().collect(),
+    }
+    .save(&ctx.out_dir.join("task_curve.png"))?;
+    let table = |d: &serde_json::Map<String, Value>| -> Option<Vec<(f64, bool)>> {
+        let r = d.get("reliability")?;
+        let p = r.get("confidence_scores")?.as_array()?;
+        let c = r.get("correctness")?.as_array()?;
+        Some(
+            p.iter()
+                .zip(c)
+                .map(|(p, c)| (p.as_f64().unwrap_or(f64::NAN), c.as_bool().unwrap_or(false)))
+                .collect(),
+        )
+    };
+    let evals: Vec<(u64, Vec<(f64, bool)>)> = table(&report.initial_task_details)
+        .map(|t| (0, t))
+        .into_iter()
+        .chain(
+            report
+                .history
+                .iter()
+                .filter_map(|m| table(&m.task_details).map(|t| (m.step, t))),
+        )
+        .collect();
+    if let (Some(first), Some(last)) = (evals.first(), evals.last()) {
+        let named = |(step, t): &(u64, Vec<(f64, bool)>)| match step {
+            0 => ("before training".to_string(), t.clone()),
+            s => (format!("step {s}"), t.clone()),
+        };
+        let mut both = vec![named(first)];
+        if last.0 != first.0 {
+            both.push(named(last));
+        }
+        crate::figure::reliability(&ctx.out_dir.join("reliability.png"), &both, 10)?;
+        let curves = both
+            .iter()
+            .map(|(name, t)| {
+                let (p, c): (Vec<f64>, Vec<bool>) = t.iter().copied().unzip();
+                (
+                    name.clone(),
+                    crate::metrics::ranking::routing_curve(&p, &c).0,
+                )
+            })
+            .collect();
+        Figure::Lines {
+            title: "Accuracy of the answers kept when the least confident are routed away".into(),
+            x: "routing rate (share routed away)".into(),
+            y: "accuracy of the kept answers".into(),
+            series: curves,
+        }
+        .save(&ctx.out_dir.join("routing.png"))?;
+    }
+    Ok(())
+}
+
 /// LoRA supervised fine-tuning.
 pub struct SftStage;
 
@@ -388,6 +471,22 @@ impl Stage for SftStage {
             .chain(
                 (!p.keep_best.is_empty() || !p.eval_tasks.is_empty())
                     .then(|| OutputDecl::staged("final", "final")),
+            )
+            .chain(
+                (!p.eval_tasks.is_empty())
+                    .then(|| OutputDecl::staged("task_curve", "task_curve.png")),
+            )
+            .chain(
+                p.eval_tasks
+                    .contains(&crate::lm::eval_tasks::TaskKind::Confidence)
+                    .then(|| {
+                        [
+                            OutputDecl::staged("reliability", "reliability.png"),
+                            OutputDecl::staged("routing", "routing.png"),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
             )
             .chain(
                 p.keep_best
@@ -600,6 +699,22 @@ impl Stage for SftStage {
             adapter
                 .save(&dir, &loaded.name)
                 .map_err(model::failed("saving the final adapter"))?;
+            for metric in p.keep_best.keys() {
+                if !report.kept.iter().any(|k| &k.metric == metric) {
+                    // Never defined in any evaluation (AUROC with every answer wrong):
+                    // the output still exists, holding the final adapter.
+                    ctx.log(&format!(
+                        "keep_best.{metric}: no evaluation reported it; best_{metric}/ holds the final adapter"
+                    ));
+                    let dir = ctx.out_dir.join(format!("best_{metric}"));
+                    std::fs::create_dir_all(&dir)
+                        .map_err(StageError::io(format!("creating best_{metric}/")))?;
+                    adapter
+                        .save(&dir, &loaded.name)
+                        .map_err(model::failed("saving a kept adapter"))?;
+                    kept_metrics.insert(format!("kept_{metric}"), Value::Null);
+                }
+            }
             for k in &report.kept {
                 adapter
                     .restore(&k.adapter, &ctx.checkpoint_dir)
@@ -653,6 +768,10 @@ impl Stage for SftStage {
         crate::figure::loss_curve(&ctx.out_dir.join("loss_curve.png"), &train_pts, &eval_pts)
             .map_err(StageError::io("writing loss_curve.png"))?;
 
+        if !p.eval_tasks.is_empty() {
+            task_figures(ctx, &report, &p.eval_tasks)
+                .map_err(StageError::io("writing the task figures"))?;
+        }
         let mut metrics = BTreeMap::new();
         metrics.insert("steps".into(), json!(report.steps));
         metrics.insert("resumed_from_step".into(), json!(report.resumed_from));
