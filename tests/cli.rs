@@ -774,7 +774,7 @@ fn error_unknown_stage_key() {
 fn error_unknown_stage_kind() {
     assert_eq!(
         check_error("stages:\n  a:\n    uses: splt\n", &[]),
-        "error: p.yaml:3:11: unknown stage kind `splt`; built-in kinds are `batch_label`, `build_data`, `calibrate`, `dot_check`, `evaluate`, `generate`, `merge`, `prefs_generate`, `prefs_judge`, `reward_train`, `sft`, `split`, `validate`\n  help: did you mean `split`?\n"
+        "error: p.yaml:3:11: unknown stage kind `splt`; built-in kinds are `batch_label`, `build_data`, `calibrate`, `dot_check`, `evaluate`, `generate`, `merge`, `prefs_generate`, `prefs_judge`, `reward_train`, `sft`, `split`, `tag_confidence`, `validate`\n  help: did you mean `split`?\n"
     );
 }
 
@@ -2015,4 +2015,122 @@ fn lines_with_bad_gold() -> String {
     .iter()
     .map(|v| v.to_string() + "\n")
     .collect()
+}
+
+#[test]
+fn tag_confidence_tags_base_answers_and_feeds_sft_with_the_same_prompts() {
+    let p = Project::new();
+    let medqa: String = (0..5)
+        .map(|i| {
+            serde_json::json!({"question": format!("Patient {i} has a fever. Which drug?"),
+                "options": {"A": "aspirin", "B": "warfarin", "C": "rest", "D": "surgery"},
+                "answer": "aspirin", "answer_idx": "A", "meta_info": "step1"})
+            .to_string()
+                + "\n"
+        })
+        .chain(std::iter::once(
+            r#"{"question": "Bad", "options": {"A": "x", "B": "y"}, "answer_idx": "E"}"#
+                .to_string()
+                + "\n",
+        ))
+        .collect();
+    let boolq: String = (0..5)
+        .map(|i| {
+            serde_json::json!({"question": format!("is {i} a number"), "passage": "Numbers are numbers.",
+                "answer": i % 2 == 0, "title": "Numbers"})
+            .to_string()
+                + "\n"
+        })
+        .chain(std::iter::once(
+            r#"{"question": "is it", "passage": "p", "answer": "yes"}"#.to_string() + "\n",
+        ))
+        .collect();
+    p.file("medqa.jsonl", &medqa)
+        .file("boolq.jsonl", &boolq)
+        .file(
+            "p.yaml",
+            r#"
+name: tag
+stages:
+  data:
+    run: cp medqa.jsonl out/medqa.jsonl && cp boolq.jsonl out/boolq.jsonl
+    deps: [medqa.jsonl, boolq.jsonl]
+    outs: [out/medqa.jsonl, out/boolq.jsonl]
+  tag:
+    uses: tag_confidence
+    inputs: {medqa: data.medqa, boolq: data.boolq}
+    with: {model: "tiny:qwen2:3", max_new_tokens: 4, batch_size: 4}
+  sft:
+    uses: sft
+    inputs: {train: tag.tagged, val: tag.tagged}
+    with:
+      model: "tiny:qwen2:3"
+      lora: {r: 4, alpha: 8}
+      steps: 2
+      batch_size: 2
+      new_special_tokens: ["<C_READ>", "<U_READ>", "<C_MED>", "<U_MED>"]
+      loss_mask: label-token
+      loss_tokens: ["<C_READ>", "<U_READ>", "<C_MED>", "<U_MED>"]
+      eval_tasks: [confidence]
+      eval_decoding: {max_new_tokens: 4}
+      confidence: {calib_beta: 5}
+"#,
+        );
+    p.ok(&["run", "p.yaml", "--no-progress"]);
+    let show: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "tag", "--json"]).stdout).unwrap();
+    let m = &show["metrics"];
+    assert_eq!(m["rejects"], 2);
+    assert_eq!(m["medqa_questions"], 5);
+    assert_eq!(m["boolq_questions"], 5);
+    let tagged: Vec<serde_json::Value> =
+        std::fs::read_to_string(p.join(show["outputs"]["tagged"]["path"].as_str().unwrap()))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(tagged.len(), 10);
+    for t in &tagged {
+        let r = t["tagged_response"].as_str().unwrap();
+        let right = t["correct"].as_bool().unwrap();
+        let want = match (t["dataset"].as_str().unwrap(), right) {
+            ("boolq", true) => "<C_READ>",
+            ("boolq", false) => "<U_READ>",
+            (_, true) => "<C_MED>",
+            (_, false) => "<U_MED>",
+        };
+        assert!(r.ends_with(want), "{t}");
+        // The prompt keeps the options / the passage.
+        let prompt = t["prompt"].as_str().unwrap();
+        assert!(
+            prompt.contains("A. aspirin") || prompt.contains("Numbers: Numbers are numbers."),
+            "{prompt}"
+        );
+    }
+    let rejects =
+        std::fs::read_to_string(p.join(show["outputs"]["rejects"]["path"].as_str().unwrap()))
+            .unwrap();
+    let rejects: Vec<serde_json::Value> = rejects
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rejects[0]["input"], "medqa");
+    assert!(rejects[0]["at"].as_str().unwrap().ends_with(":6"));
+    assert!(rejects[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("`E` is not among the options"));
+    assert_eq!(rejects[1]["input"], "boolq");
+    assert!(rejects[1]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("must be a boolean"));
+    let sft: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "sft", "--json"]).stdout).unwrap();
+    assert_eq!(sft["metrics"]["train_examples"], 10);
+    assert!(
+        sft["metrics"]["final_accuracy"].is_f64(),
+        "{}",
+        sft["metrics"]
+    );
 }

@@ -58,6 +58,7 @@ pub fn builtin() -> Registry {
     registry.register(data::split::SplitStage);
     registry.register(data::build_data::BuildDataStage);
     registry.register(lm::sft::SftStage);
+    registry.register(lm::tag_confidence::TagConfidenceStage);
     registry.register(lm::generate::GenerateStage);
     registry.register(lm::merge::MergeStage);
     registry.register(label::calibrate::CalibrateStage);

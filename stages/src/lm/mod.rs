@@ -8,3 +8,4 @@ pub mod eval_tasks;
 pub mod generate;
 pub mod merge;
 pub mod sft;
+pub mod tag_confidence;
