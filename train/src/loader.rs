@@ -195,6 +195,17 @@ fn hf_files(
     Ok(files)
 }
 
+impl Loaded {
+    /// Every id that ends a reply: the config's EOS ids and the tokenizer's, sorted.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        let mut eos = self.config.eos_ids();
+        eos.extend(self.tokenizer.eos_id());
+        eos.sort();
+        eos.dedup();
+        eos
+    }
+}
+
 /// A loaded model with everything a stage needs.
 pub struct Loaded {
     /// The configuration.

@@ -389,14 +389,14 @@ impl<'a> TaskEvaluator<'a> {
             .zip(verdicts.iter_mut())
         {
             let reply = confidence::split_reply(text, gold.dataset);
-            let right = match gold.dataset {
-                confidence::Dataset::Boolq => {
-                    confidence::boolq_answer(reply.answer).is_some()
-                        && confidence::boolq_answer(reply.answer) == gold.yes
+            let right = match (gold.dataset, gold.yes, &gold.letter) {
+                (confidence::Dataset::Boolq, Some(yes), _) => {
+                    confidence::boolq_correct(reply.answer, yes)
                 }
-                confidence::Dataset::Medqa => {
-                    confidence::medqa_answer(reply.answer, &gold.options) == gold.letter
+                (_, _, Some(letter)) => {
+                    confidence::medqa_correct(reply.answer, &gold.options, letter)
                 }
+                _ => false,
             };
             let (c, u) = gold.dataset.tokens();
             let (c_id, u_id) = (

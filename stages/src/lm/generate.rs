@@ -167,10 +167,7 @@ impl Stage for GenerateStage {
                     .map_err(model::failed(&where_))?,
             );
         }
-        let mut eos = loaded.config.eos_ids();
-        eos.extend(loaded.tokenizer.eos_id());
-        eos.sort();
-        eos.dedup();
+        let eos = loaded.eos_ids();
 
         // Resume: lines already in the partial file are done.
         let partial = model::ckpt(ctx, "generations.partial.jsonl");

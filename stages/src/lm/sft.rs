@@ -663,10 +663,7 @@ impl Stage for SftStage {
         let evaluator = if p.eval_tasks.is_empty() {
             None
         } else {
-            let mut eos = loaded.config.eos_ids();
-            eos.extend(loaded.tokenizer.eos_id());
-            eos.sort();
-            eos.dedup();
+            let eos = loaded.eos_ids();
             Some(
                 crate::lm::eval_tasks::TaskEvaluator::new(
                     &loaded.tokenizer,

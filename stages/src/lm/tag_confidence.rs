@@ -175,10 +175,7 @@ impl Stage for TagConfidenceStage {
                     .map_err(model::failed(&q.id))?,
             );
         }
-        let mut eos = loaded.config.eos_ids();
-        eos.extend(loaded.tokenizer.eos_id());
-        eos.sort();
-        eos.dedup();
+        let eos = loaded.eos_ids();
         let sampling = Sampling {
             max_new_tokens: p.max_new_tokens,
             temperature: p.temperature,
@@ -221,12 +218,10 @@ impl Stage for TagConfidenceStage {
             } else {
                 Dataset::Medqa
             };
-            let right = match dataset {
-                Dataset::Boolq => {
-                    confidence::boolq_answer(answer).is_some()
-                        && confidence::boolq_answer(answer) == q.answer
-                }
-                Dataset::Medqa => confidence::medqa_answer(answer, &q.options) == q.answer_idx,
+            let right = match (dataset, q.answer, &q.answer_idx) {
+                (Dataset::Boolq, Some(yes), _) => confidence::boolq_correct(answer, yes),
+                (_, _, Some(letter)) => confidence::medqa_correct(answer, &q.options, letter),
+                _ => false,
             };
             let c = counts.entry(q.dataset.clone()).or_default();
             c[0] += 1;

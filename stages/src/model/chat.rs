@@ -108,10 +108,7 @@ impl ChatModel {
                 "`{spec}` has no chat template; a chat model needs one (tokenizer_config.json or GGUF metadata)"
             ));
         }
-        let mut eos = loaded.config.eos_ids();
-        eos.extend(loaded.tokenizer.eos_id());
-        eos.sort();
-        eos.dedup();
+        let eos = loaded.eos_ids();
         Ok(ChatModel {
             loaded,
             eos,

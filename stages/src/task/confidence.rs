@@ -88,6 +88,16 @@ pub fn boolq_answer(answer: &str) -> Option<bool> {
     }
 }
 
+/// Whether a BoolQ answer is the gold one (an ungraded answer is wrong).
+pub fn boolq_correct(answer: &str, gold: bool) -> bool {
+    boolq_answer(answer) == Some(gold)
+}
+
+/// Whether a MedQA answer picks the gold letter (an ungraded answer is wrong).
+pub fn medqa_correct(answer: &str, options: &[(String, String)], gold: &str) -> bool {
+    medqa_answer(answer, options).as_deref() == Some(gold)
+}
+
 /// The option letter a MedQA answer picks, given the options `(letter, text)`;
 /// `None` when it picks none or several.
 pub fn medqa_answer(answer: &str, options: &[(String, String)]) -> Option<String> {
