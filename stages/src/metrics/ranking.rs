@@ -32,22 +32,34 @@ pub fn roc_auc(scores: &[f64], labels: &[bool]) -> Option<f64> {
 
 /// The routing view of confidence scores: route the least confident `k` of `n` items
 /// to another model and keep the rest. Returns, for k = 0 … n − 1, `(k / n, accuracy of
-/// the kept n − k)`, items ordered by confidence (ties in input order, the earlier
-/// routed first), and the area under that curve (trapezoids over the routing rate, from
-/// 0 to (n − 1)/n). Scores that order correct answers above wrong ones make the curve
-/// rise; a flat curve means the scores say nothing. Empty input: no points, area 0.
+/// the kept n − k)`, and the area under that curve (trapezoids over the routing rate,
+/// from 0 to (n − 1)/n). Items of equal confidence are routed in no particular order:
+/// within a tie group the kept accuracy is its expectation (each routed item of the
+/// group is right with the group's share of right answers), so the curve does not
+/// depend on the input order. Scores that order right answers above wrong ones make it
+/// rise; all-equal scores give a flat curve. Empty input: no points, area 0.
 pub fn routing_curve(confidence: &[f64], correct: &[bool]) -> (Vec<(f64, f64)>, f64) {
     assert_eq!(confidence.len(), correct.len());
     let n = confidence.len();
     let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| confidence[a].total_cmp(&confidence[b]).then(a.cmp(&b)));
-    let mut right = correct.iter().filter(|&&c| c).count();
+    order.sort_by(|&a, &b| confidence[a].total_cmp(&confidence[b]));
+    let mut right = correct.iter().filter(|&&c| c).count() as f64;
     let mut points = Vec::with_capacity(n);
-    for (k, &i) in order.iter().enumerate() {
-        points.push((k as f64 / n as f64, right as f64 / (n - k) as f64));
-        if correct[i] {
-            right -= 1;
+    let mut start = 0;
+    while start < n {
+        let mut end = start + 1;
+        while end < n && confidence[order[end]] == confidence[order[start]] {
+            end += 1;
         }
+        let g = (end - start) as f64;
+        let share = order[start..end].iter().filter(|&&i| correct[i]).count() as f64 / g;
+        for j in 0..end - start {
+            let k = start + j;
+            let kept_right = right - j as f64 * share;
+            points.push((k as f64 / n as f64, kept_right / (n - k) as f64));
+        }
+        right -= share * g;
+        start = end;
     }
     let area = points
         .windows(2)
@@ -71,6 +83,15 @@ mod tests {
         let want = 0.25 * (0.5 + 2.0 / 3.0) / 2.0 + 0.25 * (2.0 / 3.0 + 1.0) / 2.0 + 0.25;
         assert!((area - want).abs() < 1e-12);
         assert_eq!(routing_curve(&[], &[]), (vec![], 0.0));
+        // All tied: flat at the overall accuracy, whatever the input order.
+        let (flat, _) = routing_curve(&[0.5; 4], &[true, false, false, true]);
+        assert!(flat.iter().all(|p| (p.1 - 0.5).abs() < 1e-12), "{flat:?}");
+        // A tie group of two (one right) between a wrong low and a right high item.
+        let (pts, _) = routing_curve(&[0.1, 0.5, 0.5, 0.9], &[false, true, false, true]);
+        let want = [2.0 / 4.0, 2.0 / 3.0, 1.5 / 2.0, 1.0];
+        for (p, w) in pts.iter().zip(want) {
+            assert!((p.1 - w).abs() < 1e-12, "{pts:?}");
+        }
     }
 
     #[test]
