@@ -2,7 +2,7 @@
 //! is tagged with the confidence token its correctness earns (Self-REF's data step):
 //! `<C_…>` when right, `<U_…>` when wrong, `READ` for BoolQ and `MED` for MedQA.
 //!
-//! Inputs `medqa` and/or `boolq` are the datasets' JSONL ([`crate::data::readers::choice`]);
+//! Inputs `medqa` and/or `boolq` are the datasets' JSONL ([`crate::task::choice`]);
 //! a malformed record goes to `rejects.jsonl` with its file:line and is counted, never
 //! tagged. The prompt is the question's one rendering (options and passage included),
 //! so `sft` trains and validates on what tagging showed. Output `tagged` holds, per
@@ -21,9 +21,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::contract::{InputDecl, Outcome, OutputDecl, Signature, Stage, StageContext, StageError};
-use crate::data::readers::choice::{self, ChoiceQuestion};
 use crate::model;
 use crate::params::{parse_params, ParamError};
+use crate::task::choice::{self, ChoiceQuestion};
 use crate::task::confidence::{self, Dataset};
 
 #[derive(Debug, Deserialize)]

@@ -6,6 +6,7 @@
 //! validator, a FinQA program executor) get a file here, so `evaluate`, `sft`'s
 //! evaluation during training and the preference stages can all use it.
 
+pub mod choice;
 pub mod confidence;
 pub mod dot;
 pub mod factuality;

@@ -6,16 +6,15 @@
 //! One file per format: HotpotQA (distractor JSON array), FEVER (JSONL + wiki-pages
 //! JSONL for evidence text), NQ-Open (JSONL), PopQA (TSV with header) and generic
 //! JSONL with a field mapping. A new dataset gets its own file here, re-exported
-//! below, and a `format:` name in `build_data`. [`choice`] reads the option-letter and
-//! yes/no datasets of the confidence-token workflow (MedQA, BoolQ) into questions that
-//! keep what the model must see.
+//! below, and a `format:` name in `build_data`. The option-letter and yes/no datasets
+//! of the confidence-token workflow (MedQA, BoolQ) are read by [`crate::task::choice`],
+//! shared with the stage that tags them.
 
 use std::path::Path;
 
 use serde::Serialize;
 use serde_json::Value;
 
-pub mod choice;
 mod fever;
 mod generic;
 mod hotpotqa;

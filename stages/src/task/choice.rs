@@ -14,7 +14,46 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{field_str, jsonl, kind, Reject};
+/// A record that could not be read: `file:line` and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Reject {
+    /// `file:line`.
+    pub at: String,
+    /// Why.
+    pub reason: String,
+}
+
+fn jsonl(text: &str) -> impl Iterator<Item = (usize, Result<Value, String>)> + '_ {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            (
+                i + 1,
+                serde_json::from_str::<Value>(l).map_err(|e| format!("invalid JSON: {e}")),
+            )
+        })
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn field_str(v: &Value, k: &str) -> Result<String, String> {
+    match v.get(k) {
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
+        Some(Value::String(_)) => Err(format!("`{k}` is empty")),
+        Some(other) => Err(format!("`{k}` must be a string, found {}", kind(other))),
+        None => Err(format!("missing `{k}`")),
+    }
+}
 
 /// A question with its gold answer.
 #[derive(Debug, Clone, PartialEq, Serialize)]
