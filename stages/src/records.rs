@@ -98,3 +98,29 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Value>, StageError> {
     }
     Ok(out)
 }
+
+/// Non-blank lines of JSONL text with their 1-based line numbers, each parsed or the
+/// parse error (readers turn an error into a reject naming the line).
+pub fn jsonl_lines(text: &str) -> impl Iterator<Item = (usize, Result<Value, String>)> + '_ {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            (
+                i + 1,
+                serde_json::from_str::<Value>(l).map_err(|e| format!("invalid JSON: {e}")),
+            )
+        })
+}
+
+/// What kind of JSON value `v` is, for error messages.
+pub fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}

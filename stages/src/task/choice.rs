@@ -14,6 +14,8 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::records::{jsonl_lines as jsonl, kind};
+
 /// A record that could not be read: `file:line` and why.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Reject {
@@ -21,29 +23,6 @@ pub struct Reject {
     pub at: String,
     /// Why.
     pub reason: String,
-}
-
-fn jsonl(text: &str) -> impl Iterator<Item = (usize, Result<Value, String>)> + '_ {
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            (
-                i + 1,
-                serde_json::from_str::<Value>(l).map_err(|e| format!("invalid JSON: {e}")),
-            )
-        })
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
 }
 
 fn field_str(v: &Value, k: &str) -> Result<String, String> {

@@ -94,16 +94,7 @@ pub(super) fn field_str(v: &Value, k: &str) -> Result<String, String> {
     }
 }
 
-pub(super) fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
-}
+pub(super) use crate::records::kind;
 
 pub(super) fn string_list(v: &Value, k: &str) -> Result<Vec<String>, String> {
     match v.get(k) {
@@ -130,17 +121,7 @@ pub(super) fn string_list(v: &Value, k: &str) -> Result<Vec<String>, String> {
 }
 
 /// JSONL lines as `(line number, parsed value or error)`, blank lines skipped.
-pub(super) fn jsonl(text: &str) -> impl Iterator<Item = (usize, Result<Value, String>)> + '_ {
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            (
-                i + 1,
-                serde_json::from_str::<Value>(l).map_err(|e| format!("invalid JSON: {e}")),
-            )
-        })
-}
+pub(super) use crate::records::jsonl_lines as jsonl;
 
 #[cfg(test)]
 mod tests {
