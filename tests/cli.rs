@@ -774,7 +774,7 @@ fn error_unknown_stage_key() {
 fn error_unknown_stage_kind() {
     assert_eq!(
         check_error("stages:\n  a:\n    uses: splt\n", &[]),
-        "error: p.yaml:3:11: unknown stage kind `splt`; built-in kinds are `batch_label`, `build_data`, `calibrate`, `dot_check`, `evaluate`, `generate`, `merge`, `prefs_generate`, `prefs_judge`, `reward_train`, `sft`, `split`, `tag_confidence`, `validate`\n  help: did you mean `split`?\n"
+        "error: p.yaml:3:11: unknown stage kind `splt`; built-in kinds are `batch_label`, `build_data`, `calibrate`, `dot_check`, `dot_pairs`, `evaluate`, `generate`, `merge`, `prefs_generate`, `prefs_judge`, `reward_train`, `sft`, `split`, `tag_confidence`, `validate`\n  help: did you mean `split`?\n"
     );
 }
 
@@ -1686,6 +1686,92 @@ stages:
     );
 }
 
+#[test]
+fn dot_check_scores_against_references_and_compares_with_a_baseline() {
+    let p = Project::new();
+    let rec = |id: &str, text: &str, reference: &str| {
+        serde_json::json!({"id": id, "generation": text, "reference": reference}).to_string() + "\n"
+    };
+    let reference = "```dot\ndigraph { a -> b -> c }\n```";
+    // Tuned: 3 of 4 valid; item 1 matches the reference, item 2 has one of its two edges.
+    let tuned = [
+        rec("q1", "digraph { A -> B; B -> C }", reference),
+        rec("q2", "digraph { a -> b; a -> c }", reference),
+        rec("q3", "digraph { x -> y }", "graph { x -- y }"),
+        rec("q4", "digraph { a -> }", reference),
+    ];
+    // Base: 1 of 4 valid.
+    let base = [
+        rec("q1", "no graph here", reference),
+        rec("q2", "digraph { a -- b }", reference),
+        rec("q3", "graph { x -- y }", "graph { x -- y }"),
+        rec("q4", "digraph {", reference),
+    ];
+    p.file("tuned.jsonl", &tuned.concat())
+        .file("base.jsonl", &base.concat())
+        .file(
+            "p.yaml",
+            r#"
+name: dots
+stages:
+  data:
+    run: cp tuned.jsonl base.jsonl out/
+    deps: [tuned.jsonl, base.jsonl]
+    outs: [out/tuned.jsonl, out/base.jsonl]
+  check:
+    uses: dot_check
+    inputs: {records: data.tuned, baseline: data.base}
+    with: {field: generation, reference_field: reference}
+"#,
+        );
+    p.ok(&["run", "p.yaml", "--no-progress"]);
+    let show: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "check", "--json"]).stdout).unwrap();
+    let m = &show["metrics"];
+    let f = |k: &str| m[k].as_f64().unwrap_or_else(|| panic!("{k}: {m}"));
+    assert_eq!(f("validity_rate"), 0.75);
+    assert_eq!(f("baseline_validity_rate"), 0.25);
+    assert_eq!(f("validity_diff"), 0.5);
+    // Pooled 4/8: variance 0.5·0.5·2/4 = 0.125; z = 0.5/√0.125.
+    assert!((f("validity_z") - 0.5 / 0.125f64.sqrt()).abs() < 1e-12);
+    assert!(f("validity_p") > 0.15 && f("validity_p") < 0.16, "{m}");
+    assert_eq!(
+        (
+            f("both_valid"),
+            f("only_records_valid"),
+            f("only_baseline_valid")
+        ),
+        (1.0, 2.0, 0.0)
+    );
+    // Node F1: 1 (names canonicalised), 1, 1, 0 (invalid).
+    assert_eq!(f("node_f1"), 0.75);
+    // Edge F1: 1, 0.5 ({a→b, a→c} vs {a→b, b→c}), 1 (a directed reply to an
+    // undirected reference is compared by connections: x→y is x—y), 0.
+    assert_eq!(f("edge_f1"), 0.625);
+    assert_eq!(f("baseline_node_f1"), 0.25);
+    assert_eq!(f("baseline_edge_f1"), 0.25);
+    // Items out of order are refused, naming both lines.
+    p.file(
+        "base.jsonl",
+        &[
+            base[1].clone(),
+            base[0].clone(),
+            base[2].clone(),
+            base[3].clone(),
+        ]
+        .concat(),
+    );
+    let out = p.pipe(&["run", "p.yaml", "--no-progress"]);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains(
+            "record 1 of input `records` has id `q1` but record 1 of input `baseline` has `q2`"
+        ),
+        "{}",
+        out.stderr
+    );
+}
+
 fn json_line(text: &str) -> String {
     serde_json::json!({ "text": text }).to_string() + "\n"
 }
@@ -1994,6 +2080,52 @@ stages:
         let v = s.as_f64().unwrap();
         assert!(v > 0.0 && v < 1.0, "{v}");
     }
+    // Another LoRA rank: `pipe diff` names the param and shows the task metrics that
+    // moved with their deltas (nested ones flattened into dotted names).
+    p.ok(&[
+        "run",
+        "p.yaml",
+        "--no-progress",
+        "--set",
+        "sft.with.lora.r=2",
+    ]);
+    let diff = p.ok(&["diff", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&diff.stdout).unwrap();
+    let sft = v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == "sft")
+        .unwrap();
+    let moved: Vec<&serde_json::Value> = sft["metrics"].as_array().unwrap().iter().collect();
+    let delta_of = |name: &str| {
+        moved.iter().find(|m| m["name"] == name).map(|m| {
+            (
+                m["a"].as_f64().unwrap(),
+                m["b"].as_f64().unwrap(),
+                m["delta"].as_f64().unwrap(),
+            )
+        })
+    };
+    let (a, b, d) = delta_of("final_calibration_error")
+        .unwrap_or_else(|| panic!("no calibration error delta: {}", sft["metrics"]));
+    assert_eq!(a, m["final_calibration_error"].as_f64().unwrap());
+    assert!((b - a - d).abs() < 1e-12 && d != 0.0);
+    for m in &moved {
+        assert!(
+            !m["a"].is_object() && !m["b"].is_object(),
+            "not flattened: {m}"
+        );
+    }
+    // The initial evaluation (LoRA B = 0, whatever the rank) did not move: not listed.
+    assert!(
+        delta_of("initial_calibration_error").is_none(),
+        "{}",
+        sft["metrics"]
+    );
+    let text = p.ok(&["diff"]).stdout;
+    assert!(text.contains("lora.r: 4 → 2"), "{text}");
+    assert!(text.contains("metric final_calibration_error: "), "{text}");
     // A MedQA record whose gold letter is not an option: an error naming the record.
     p.file("qa.jsonl", &lines_with_bad_gold());
     let out = p.pipe(&["run", "p.yaml", "--no-progress"]);

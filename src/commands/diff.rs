@@ -197,9 +197,10 @@ fn fill(store: &Store, d: &mut StageDiff, ra: &StageRecord, rb: &StageRecord, ar
             d.changes.push(c.to_string());
         }
     }
-    let keys: BTreeSet<&String> = ra.metrics.keys().chain(rb.metrics.keys()).collect();
+    let (ma, mb) = (flat_metrics(&ra.metrics), flat_metrics(&rb.metrics));
+    let keys: BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
     for k in keys {
-        let (x, y) = (ra.metrics.get(k), rb.metrics.get(k));
+        let (x, y) = (ma.get(k), mb.get(k));
         if x == y {
             continue;
         }
@@ -440,4 +441,27 @@ fn print(r: &Report) {
         }
     }
     println!("{same} stages same, {changed} changed");
+}
+
+/// A stage's metrics with nested objects spread into dotted names (`kept_accuracy:
+/// {value, step}` → `kept_accuracy.value`, `kept_accuracy.step`), so each number gets
+/// its own delta; lists and scalars stay as they are.
+fn flat_metrics(metrics: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
+    fn walk(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
+        match v {
+            Value::Object(m) if !m.is_empty() => {
+                for (k, x) in m {
+                    walk(&format!("{prefix}.{k}"), x, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.clone());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (k, v) in metrics {
+        walk(k, v, &mut out);
+    }
+    out
 }

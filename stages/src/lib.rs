@@ -57,6 +57,7 @@ pub fn builtin() -> Registry {
     registry.register(command::CommandStage);
     registry.register(data::split::SplitStage);
     registry.register(data::build_data::BuildDataStage);
+    registry.register(data::dot_pairs::DotPairsStage);
     registry.register(lm::sft::SftStage);
     registry.register(lm::tag_confidence::TagConfidenceStage);
     registry.register(lm::generate::GenerateStage);

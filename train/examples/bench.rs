@@ -7,7 +7,7 @@
 //! bench train MODEL --steps N --batch 4 --seq 256 --r 16 [--targets attn|all]
 //!       [--warmup 1] [--save-init DIR]
 //! bench generate MODEL --batch B --new 128 [--prompt-len 32] [--schema FILE.json]
-//! bench prefill MODEL --prompts 16 --prompt-len 256 [--repeat 2]
+//! bench prefill MODEL --prompts 16 --prompt-len 256 [--repeat 5]
 //! ```
 //! Prints one JSON object. `train` reports the loss of every timed step and its
 //! throughput from the second timed step on (the first one loads kernels). With
@@ -283,15 +283,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .map(|p| pipe_train::model::Prefill { ids: p, past: None })
                 .collect();
             m.model.prefill_packed(&parts[..1])?;
-            let t = Instant::now();
-            let reps = arg(&args, "--repeat", 2);
-            for _ in 0..reps {
-                m.model.prefill_packed(&parts)?;
-            }
-            let secs = t.elapsed().as_secs_f64() / reps as f64;
-            let tokens = (n * plen) as f64;
             // FLOPs: 2 per weight per token in the projections (lm_head not run on every
             // token), plus QKᵀ and PV: 4 · heads · head_dim per (query, key) pair, causal.
+            let tokens = (n * plen) as f64;
             let c = &m.config;
             let hd = c.head_size();
             let proj = c.num_hidden_layers
@@ -301,24 +295,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let pairs = (plen * (plen + 1) / 2 * n) as f64;
             let flops = 2.0 * proj as f64 * tokens
                 + 4.0 * (c.num_hidden_layers * c.num_attention_heads * hd) as f64 * pairs;
-            let size = 2048;
-            let a = candle_core::Tensor::randn(0f32, 1.0, (size, size), &candle_core::Device::Cpu)?;
-            a.matmul(&a)?;
-            let t = Instant::now();
-            for _ in 0..3 {
-                a.matmul(&a)?;
+            // A shared VM's speed drifts by tens of percent within a minute, so each
+            // repetition's prefill is measured between two peak measurements and its
+            // share is against their mean; the medians are reported.
+            let threads = candle_core::utils::get_num_threads();
+            let reps = arg(&args, "--repeat", 5).max(1);
+            let (mut secs, mut peaks, mut shares) = (Vec::new(), Vec::new(), Vec::new());
+            let mut isa = "";
+            let mut before = fma_peak_gflops(threads);
+            for _ in 0..reps {
+                let t = Instant::now();
+                m.model.prefill_packed(&parts)?;
+                let s = t.elapsed().as_secs_f64();
+                let after = fma_peak_gflops(threads);
+                let peak = (before.0 + after.0) / 2.0;
+                isa = after.1;
+                shares.push(flops / s / 1e9 / peak);
+                secs.push(s);
+                peaks.push(peak);
+                before = after;
             }
-            let mm_secs = t.elapsed().as_secs_f64() / 3.0;
-            let mm = 2.0 * (size as f64).powi(3) / mm_secs / 1e9;
-            let peak = fma_peak_gflops(candle_core::utils::get_num_threads());
+            let med = |v: &[f64]| {
+                let mut v = v.to_vec();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let secs_med = med(&secs);
             println!(
                 "{}",
                 serde_json::json!({"impl": "pipe", "what": "prefill", "prompts": n, "prompt_len": plen,
-                    "tokens_per_s": tokens / secs, "gflops": flops / secs / 1e9,
-                    "flops_per_token": flops / tokens, "seconds": secs,
-                    "matmul_2048_gflops": mm, "fma_peak_gflops": peak.0, "fma_peak_isa": peak.1,
-                    "share_of_peak": flops / secs / 1e9 / peak.0,
-                    "threads": candle_core::utils::get_num_threads()})
+                    "repeats": reps, "tokens_per_s": tokens / secs_med, "gflops": flops / secs_med / 1e9,
+                    "flops_per_token": flops / tokens, "seconds": secs_med,
+                    "fma_peak_gflops": med(&peaks), "fma_peak_isa": isa,
+                    "share_of_peak": med(&shares), "shares": shares,
+                    "threads": threads})
             );
         }
         other => return Err(format!("unknown mode {other}").into()),

@@ -31,7 +31,9 @@ pub enum Record {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LossMask {
-    /// Answer tokens only; the prompt is context.
+    /// Answer tokens only; the prompt is context. An example whose answer does not
+    /// fit in `max_len` whole (its end-of-turn token included) is dropped, not cut:
+    /// a cut answer teaches the model to stop mid-answer, or never to stop.
     AnswerOnly,
     /// Only the last answer token (classification-style labels).
     LastToken,
@@ -40,7 +42,7 @@ pub enum LossMask {
     /// whatever end-of-turn tokens follow); an example whose answer has none within
     /// `max_len` is dropped.
     LabelToken,
-    /// Every token.
+    /// Every token (plain text: a sequence longer than `max_len` is cut at the end).
     Full,
 }
 
@@ -110,7 +112,8 @@ impl Formatter<'_> {
         Ok((prompt, answer.to_string()))
     }
 
-    /// Tokenises a record; `None` when truncation leaves no token with a loss.
+    /// Tokenises a record; `None` when truncation leaves no token with a loss, or
+    /// (answer-only loss) would cut the answer.
     pub fn example(&self, record: &Record) -> Result<Option<Example>> {
         let (prompt, answer) = self.texts(record)?;
         let p = self.tokenizer.encode(&prompt)?;
@@ -139,6 +142,9 @@ impl Formatter<'_> {
                 l
             }
         };
+        if self.mask == LossMask::AnswerOnly && ids.len() > self.max_len {
+            return Ok(None);
+        }
         ids.truncate(self.max_len);
         labels.truncate(self.max_len);
         // The first token is never predicted; an example needs a label after it.
@@ -283,6 +289,14 @@ mod tests {
             })
             .unwrap()
             .is_none());
+        // An answer that fits only in part is dropped too, and kept once it fits.
+        let cut = Record::Pair {
+            prompt: "p".into(),
+            response: "a long answer".into(),
+        };
+        assert!(f.example(&cut).unwrap().is_none());
+        let roomy = Formatter { max_len: 200, ..f };
+        assert!(roomy.example(&cut).unwrap().is_some());
         let bad = Record::Chat {
             messages: vec![Message {
                 role: "user".into(),

@@ -140,9 +140,12 @@ pub struct TokenRows {
     pub resized: Option<(Tensor, Option<Tensor>)>,
 }
 
-const TOKENS_KEY: &str = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
+/// The adapter key of the trained input-embedding rows (PEFT's trainable tokens).
+pub const TOKENS_KEY: &str =
+    "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
 const TOKENS_BASE_KEY: &str = "base_model.model.model.embed_tokens.token_adapter.base_layer.weight";
-const HEAD_TOKENS_KEY: &str = "base_model.model.lm_head.token_adapter.trainable_tokens_delta";
+/// The adapter key of the trained output rows of an untied model.
+pub const HEAD_TOKENS_KEY: &str = "base_model.model.lm_head.token_adapter.trainable_tokens_delta";
 const HEAD_TOKENS_BASE_KEY: &str = "base_model.model.lm_head.token_adapter.base_layer.weight";
 const HEAD_KEY: &str = "base_model.model.lm_head.weight";
 

@@ -28,6 +28,12 @@ pub struct AdamWConfig {
     /// Decoupled weight decay.
     #[serde(default)]
     pub weight_decay: f64,
+    /// Peak learning rate of the trainable token rows (new special tokens), when it
+    /// should differ from `lr` (Unsloth's `embedding_learning_rate`): rows that start at
+    /// the vocabulary's mean need to move much further than a LoRA update does. It
+    /// follows the same warmup and decay, scaled by `token_lr / lr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_lr: Option<f64>,
 }
 
 fn default_lr() -> f64 {
@@ -51,6 +57,7 @@ impl Default for AdamWConfig {
             beta2: default_beta2(),
             eps: default_eps(),
             weight_decay: 0.0,
+            token_lr: None,
         }
     }
 }
@@ -61,6 +68,8 @@ pub struct AdamW {
     vars: Vec<(String, Var)>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// Per variable, its learning rate as a multiple of the scheduled one.
+    lr_scale: Vec<f64>,
     step: u64,
 }
 
@@ -72,13 +81,27 @@ impl AdamW {
             .map(|(_, v)| v.zeros_like())
             .collect::<candle_core::Result<Vec<_>>>()?;
         let v = m.clone();
+        let lr_scale = vec![1.0; vars.len()];
         Ok(AdamW {
             cfg,
             vars,
             m,
             v,
+            lr_scale,
             step: 0,
         })
+    }
+
+    /// Runs the variable `name` at `scale` × the scheduled learning rate (weight decay
+    /// scaled alike). Returns whether there is such a variable.
+    pub fn scale_lr(&mut self, name: &str, scale: f64) -> bool {
+        match self.vars.iter().position(|(n, _)| n == name) {
+            Some(i) => {
+                self.lr_scale[i] = scale;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Applies one update with learning rate `lr`; `grads` are keyed like the variables.
@@ -89,6 +112,7 @@ impl AdamW {
         let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
         for (i, (name, var)) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(name) else { continue };
+            let lr = lr * self.lr_scale[i];
             let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let p = var.as_tensor();
@@ -223,6 +247,32 @@ mod tests {
         let got = p.as_tensor().to_vec1::<f32>().unwrap();
         for (a, b) in got.iter().zip([0.804_883_06_f32, -1.932_712_4]) {
             assert!((a - b).abs() < 1e-6, "{got:?}");
+        }
+    }
+
+    /// A scaled variable's update is the same Adam step at `scale × lr`: on the first
+    /// step Adam moves every coordinate by `lr · g/|g|` (ε aside), so 10× here.
+    #[test]
+    fn a_scaled_variable_moves_at_its_own_rate() {
+        let a = Var::new(&[1.0f32, 1.0], &Device::Cpu).unwrap();
+        let b = Var::new(&[1.0f32, 1.0], &Device::Cpu).unwrap();
+        let mut opt = AdamW::new(
+            vec![("a".into(), a.clone()), ("tok".into(), b.clone())],
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        assert!(opt.scale_lr("tok", 10.0));
+        assert!(!opt.scale_lr("missing", 10.0));
+        let g = Tensor::new(&[0.5f32, -2.0], &Device::Cpu).unwrap();
+        let grads = HashMap::from([("a".to_string(), g.clone()), ("tok".to_string(), g)]);
+        opt.step(&grads, 1e-3).unwrap();
+        let da: Vec<f32> = a.as_tensor().to_vec1().unwrap();
+        let db: Vec<f32> = b.as_tensor().to_vec1().unwrap();
+        for (x, want) in da.iter().zip([1.0 - 1e-3, 1.0 + 1e-3]) {
+            assert!((x - want).abs() < 1e-6, "{da:?}");
+        }
+        for (x, want) in db.iter().zip([1.0 - 1e-2, 1.0 + 1e-2]) {
+            assert!((x - want).abs() < 1e-6, "{db:?}");
         }
     }
 

@@ -269,6 +269,17 @@ pub fn train(
         ));
     }
     let mut opt = AdamW::new(adapter.vars.clone(), s.optimizer.clone())?;
+    if let Some(token_lr) = s.optimizer.token_lr {
+        if !(token_lr > 0.0 && s.optimizer.lr > 0.0) {
+            return Err(Error::Invalid(format!(
+                "optimizer.token_lr {token_lr} and lr {} must both be positive",
+                s.optimizer.lr
+            )));
+        }
+        for key in [crate::lora::TOKENS_KEY, crate::lora::HEAD_TOKENS_KEY] {
+            opt.scale_lr(key, token_lr / s.optimizer.lr);
+        }
+    }
     let mut st = State {
         step: 0,
         rng: Rng::new(s.seed).fork(0xD20).state(),

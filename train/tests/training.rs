@@ -854,3 +854,64 @@ fn new_label_tokens_start_equal_and_separate_with_the_loss_on_them_alone() {
         }
     }
 }
+
+/// The gradient check of the label-token loss: with the loss on the confidence token
+/// alone, the loss's gradient with respect to the final hidden states is non-zero at
+/// exactly one position, the one that predicts the token (and zero at the answer's
+/// other tokens and at `<|im_end|>` after it), where the answer-only loss of the same
+/// record spreads it over every answer position.
+#[test]
+fn label_token_loss_has_a_gradient_at_the_token_position_alone() {
+    use pipe_train::loss::loss_from_hidden;
+    for arch in ["tiny:qwen2:5", "tiny:llama:5"] {
+        let mut m = loader::load(arch, DType::F32, &Device::Cpu).unwrap();
+        let ids = m
+            .tokenizer
+            .add_special_tokens(&["<C>".into(), "<U>".into()])
+            .unwrap();
+        let mut adapter = lora::attach(&mut m.model, &all_linear(0.0), &mut Rng::new(3)).unwrap();
+        lora::add_trainable_tokens(&mut m.model, &mut adapter, ids.clone()).unwrap();
+        let record = Record::Pair {
+            prompt: "is the sky green".into(),
+            response: "no, it is blue <U>".into(),
+        };
+        let grad_rows = |mask: LossMask| -> (Vec<usize>, Vec<u32>) {
+            let f = Formatter {
+                tokenizer: &m.tokenizer,
+                chat: true,
+                mask,
+                max_len: 128,
+                label_tokens: &ids,
+            };
+            let e = f.example(&record).unwrap().unwrap();
+            let t = Tensor::new(e.ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let keys = KeyMask::full(1, e.ids.len());
+            let h = m.model.hidden(&t, &keys, None, None).unwrap().detach();
+            let h = candle_core::Var::from_tensor(&h).unwrap();
+            let loss = loss_from_hidden(&m.model, h.as_tensor(), &[e.labels.clone()]).unwrap();
+            let grads = loss.sum.backward().unwrap();
+            let g = grads.get(h.as_tensor()).unwrap().squeeze(0).unwrap();
+            let per: Vec<f32> = g.abs().unwrap().sum(1).unwrap().to_vec1().unwrap();
+            ((0..per.len()).filter(|&i| per[i] > 0.0).collect(), e.ids)
+        };
+        let (rows, tokens) = grad_rows(LossMask::LabelToken);
+        let at = tokens.iter().rposition(|t| ids.contains(t)).unwrap();
+        assert_eq!(
+            rows,
+            vec![at - 1],
+            "{arch}: gradient rows {rows:?}, token at {at}"
+        );
+        assert!(
+            at + 1 < tokens.len(),
+            "{arch}: the end-of-turn follows the token"
+        );
+        let (answer_rows, _) = grad_rows(LossMask::AnswerOnly);
+        assert!(
+            answer_rows.len() > 3 && answer_rows.contains(&(at - 1)),
+            "{answer_rows:?}"
+        );
+    }
+}

@@ -7,6 +7,7 @@
 
 pub mod bm25;
 pub mod build_data;
+pub mod dot_pairs;
 pub mod hub;
 pub mod readers;
 pub mod split;

@@ -509,8 +509,7 @@ impl<'a> TaskEvaluator<'a> {
             if let Some(r) = reference {
                 scored += 1;
                 if let Some(Ok(g)) = &got {
-                    let (_, _, nf) = dot::prf(&g.nodes, &r.nodes);
-                    let (_, _, ef) = dot::prf(&g.edges, &r.edges);
+                    let [_, _, nf, _, _, ef] = dot::compare(g, &r);
                     node_f1 += nf;
                     edge_f1 += ef;
                     v.insert("node_f1".into(), json!(nf));

@@ -654,7 +654,7 @@ impl Stage for SftStage {
             ));
         }
         ctx.log(&format!(
-            "{} train / {} val examples ({dropped} dropped: no labelled token within max_len {}), {steps} steps, {} trainable parameters",
+            "{} train / {} val examples ({dropped} dropped: the answer, or its labelled token, does not fit in max_len {}), {steps} steps, {} trainable parameters",
             train_set.len(),
             val_set.len(),
             p.max_len,

@@ -670,6 +670,34 @@ fn offset_of(s: &str, line: usize, col: usize) -> usize {
     s.len()
 }
 
+/// Node and edge precision, recall and F1 of `pred` against `reference`:
+/// `[node P, R, F1, edge P, R, F1]`. Names are canonical and edge chains expanded
+/// already ([`Graph`]); when one graph is directed and the other not, edges are
+/// compared as connections (each pair's ends in sorted order), so a reply that draws
+/// the right links with the wrong graph type keeps its edge credit and loses only
+/// its validity where Graphviz would refuse it.
+pub fn compare(pred: &Graph, reference: &Graph) -> [f64; 6] {
+    let (np, nr, nf) = prf(&pred.nodes, &reference.nodes);
+    let (ep, er, ef) = if pred.directed == reference.directed {
+        prf(&pred.edges, &reference.edges)
+    } else {
+        let undirected = |g: &Graph| -> BTreeSet<(String, String)> {
+            g.edges
+                .iter()
+                .map(|(a, b)| {
+                    if a <= b {
+                        (a.clone(), b.clone())
+                    } else {
+                        (b.clone(), a.clone())
+                    }
+                })
+                .collect()
+        };
+        prf(&undirected(pred), &undirected(reference))
+    };
+    [np, nr, nf, ep, er, ef]
+}
+
 /// Precision, recall and F1 of a predicted set against a reference set. Both empty:
 /// all 1; a side empty and the other not: all 0.
 pub fn prf<T: Ord>(pred: &BTreeSet<T>, reference: &BTreeSet<T>) -> (f64, f64, f64) {
@@ -763,6 +791,24 @@ mod tests {
             (1.0, 1.0, 1.0)
         );
         assert_eq!(prf(&BTreeSet::new(), &set(&["a"])), (0.0, 0.0, 0.0));
+    }
+
+    #[test]
+    fn compare_reads_a_graph_type_mismatch_as_connections() {
+        let r = parse("graph { b -- a; b -- c }").unwrap();
+        // Same type: ends sorted on both sides, so `c -- b` is `b -- c`.
+        let same = compare(&parse("graph { a -- b; c -- b; c -- d }").unwrap(), &r);
+        // Nodes {a, b, c, d} against {a, b, c}; edges {a–b, b–c, c–d} against {a–b, b–c}.
+        assert_eq!(same[..2], [0.75, 1.0]);
+        assert!((same[2] - 6.0 / 7.0).abs() < 1e-12);
+        assert_eq!(same[3..5], [2.0 / 3.0, 1.0]);
+        assert!((same[5] - 0.8).abs() < 1e-12);
+        // A digraph drawing `c -> b` and `a -> b`: both links are there.
+        let mixed = compare(&parse("digraph { c -> b; a -> b }").unwrap(), &r);
+        assert_eq!(mixed, [1.0; 6]);
+        // Within digraphs direction counts.
+        let d = parse("digraph { a -> b }").unwrap();
+        assert_eq!(compare(&parse("digraph { b -> a }").unwrap(), &d)[5], 0.0);
     }
 
     #[test]
