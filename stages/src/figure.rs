@@ -143,7 +143,12 @@ impl Figure {
                 let (x0, x1) = bounds(series.iter().flat_map(|s| s.1.iter().map(|p| p.0)));
                 let (y0, y1) = bounds(series.iter().flat_map(|s| s.1.iter().map(|p| p.1)));
                 let (x0, x1) = padded(x0, x1);
-                let (y0, y1) = padded(y0, y1);
+                let (y0, mut y1) = padded(y0, y1);
+                if series.len() >= 2 {
+                    // Headroom for the legend (upper right), so it never hides a line
+                    // that ends high, as a metric rising to its best does.
+                    y1 += (y1 - y0) * (0.07 * series.len() as f64 + 0.05);
+                }
                 let mut chart = builder.build_cartesian_2d(x0..x1, y0..y1)?;
                 let whole = series
                     .iter()
