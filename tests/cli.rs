@@ -2191,7 +2191,7 @@ stages:
   tag:
     uses: tag_confidence
     inputs: {medqa: data.medqa, boolq: data.boolq}
-    with: {model: "tiny:qwen2:3", max_new_tokens: 4, batch_size: 4}
+    with: {model: "tiny:qwen2:3", max_new_tokens: 4, batch_size: 4, keep_cut_answers: true}
   sft:
     uses: sft
     inputs: {train: tag.tagged, val: tag.tagged}
@@ -2215,6 +2215,33 @@ stages:
     assert_eq!(m["rejects"], 2);
     assert_eq!(m["medqa_questions"], 5);
     assert_eq!(m["boolq_questions"], 5);
+    // By default an answer the token budget cut is dropped and counted: every question
+    // is either tagged or counted as cut (a 1-token budget cuts every answer that
+    // does not end at once).
+    let cut_run = p.ok(&[
+        "run",
+        "p.yaml",
+        "--no-progress",
+        "--until",
+        "tag",
+        "--set",
+        "tag.with.keep_cut_answers=false",
+        "--set",
+        "tag.with.max_new_tokens=1",
+    ]);
+    assert!(cut_run.stdout.contains("ran"), "{}", cut_run.stdout);
+    let cut_show: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "tag", "--json"]).stdout).unwrap();
+    let cm = &cut_show["metrics"];
+    let cut = cm["medqa_cut_answers_dropped"].as_u64().unwrap()
+        + cm["boolq_cut_answers_dropped"].as_u64().unwrap();
+    let kept =
+        std::fs::read_to_string(p.join(cut_show["outputs"]["tagged"]["path"].as_str().unwrap()))
+            .unwrap()
+            .lines()
+            .count() as u64;
+    assert!(cut > 0, "{cm}");
+    assert_eq!(cut + kept, 10, "{cm}");
     let tagged: Vec<serde_json::Value> =
         std::fs::read_to_string(p.join(show["outputs"]["tagged"]["path"].as_str().unwrap()))
             .unwrap()

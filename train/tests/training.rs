@@ -891,7 +891,8 @@ fn label_token_loss_has_a_gradient_at_the_token_position_alone() {
             let keys = KeyMask::full(1, e.ids.len());
             let h = m.model.hidden(&t, &keys, None, None).unwrap().detach();
             let h = candle_core::Var::from_tensor(&h).unwrap();
-            let loss = loss_from_hidden(&m.model, h.as_tensor(), &[e.labels.clone()]).unwrap();
+            let loss =
+                loss_from_hidden(&m.model, h.as_tensor(), std::slice::from_ref(&e.labels)).unwrap();
             let grads = loss.sum.backward().unwrap();
             let g = grads.get(h.as_tensor()).unwrap().squeeze(0).unwrap();
             let per: Vec<f32> = g.abs().unwrap().sum(1).unwrap().to_vec1().unwrap();
@@ -913,5 +914,66 @@ fn label_token_loss_has_a_gradient_at_the_token_position_alone() {
             answer_rows.len() > 3 && answer_rows.contains(&(at - 1)),
             "{answer_rows:?}"
         );
+    }
+}
+
+/// New special tokens start at the mean of the existing rows (input embedding, and the
+/// output rows of an untied model), as `resize_token_embeddings(mean_resizing=True)`
+/// does, and the trainable rows handed to the optimizer start from those values.
+#[test]
+fn new_token_rows_start_at_the_mean_of_the_existing_rows() {
+    for arch in ["tiny:qwen2:6", "tiny:llama:6"] {
+        let mut m = loader::load(arch, DType::F32, &Device::Cpu).unwrap();
+        let old_vocab = m.model.embed_tokens.dim(0).unwrap();
+        let mean_embed = m.model.embed_tokens.mean(0).unwrap();
+        let mean_head = m.model.lm_head.weight.mean(0).unwrap();
+        let ids = m
+            .tokenizer
+            .add_special_tokens(&["<A>".into(), "<B>".into()])
+            .unwrap();
+        let mut adapter = lora::attach(&mut m.model, &all_linear(0.0), &mut Rng::new(1)).unwrap();
+        lora::add_trainable_tokens(&mut m.model, &mut adapter, ids.clone()).unwrap();
+        assert!(
+            ids.iter().all(|&i| i as usize >= old_vocab),
+            "{ids:?} vs {old_vocab}"
+        );
+        let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let start = adapter
+            .vars
+            .iter()
+            .find(|(k, _)| k == lora::TOKENS_KEY)
+            .map(|(_, v)| v.as_tensor().clone())
+            .unwrap();
+        for r in 0..ids.len() {
+            let row = start.get(r).unwrap();
+            assert!(
+                max_diff(&row, &mean_embed) < 1e-6,
+                "{arch}: embedding row {r}"
+            );
+        }
+        let head = adapter
+            .vars
+            .iter()
+            .find(|(k, _)| k == lora::HEAD_TOKENS_KEY);
+        assert_eq!(
+            head.is_some(),
+            !m.model.config().tie_word_embeddings,
+            "{arch}"
+        );
+        if let Some((_, h)) = head {
+            for r in 0..ids.len() {
+                let row = h.as_tensor().get(r).unwrap();
+                assert!(max_diff(&row, &mean_head) < 1e-6, "{arch}: output row {r}");
+            }
+        }
     }
 }

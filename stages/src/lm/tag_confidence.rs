@@ -10,7 +10,10 @@
 //! `prompt`) plus `response` / `tagged_response` (the answer, a space, the token),
 //! `base_answer` and `correct`. `unconfident_ratio` keeps that share of the U-tagged
 //! questions (a seeded draw), Self-REF's knob for the balance of the two tokens.
-//! Decoding is greedy by default; item `k` samples with `fork(k)` of `seed`.
+//! Decoding is greedy by default; item `k` samples with `fork(k)` of `seed`. An answer
+//! that `max_new_tokens` cut is dropped and counted (`<dataset>_cut_answers_dropped`)
+//! unless `keep_cut_answers` is set: its token would sit after a half sentence, where
+//! the model writing freely never is, so training on it teaches nothing it can use.
 
 use std::collections::BTreeMap;
 
@@ -43,6 +46,10 @@ struct TagParams {
     /// Share of the U-tagged questions kept (1: all).
     #[serde(default = "one")]
     unconfident_ratio: f64,
+    /// Keep answers that `max_new_tokens` cut (default: drop and count them; a token
+    /// put after a cut answer sits where the model, writing freely, never is).
+    #[serde(default)]
+    keep_cut_answers: bool,
     #[serde(default = "auto")]
     device: String,
     #[serde(default = "auto")]
@@ -77,7 +84,7 @@ impl Stage for TagConfidenceStage {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn summary(&self) -> &'static str {
@@ -201,7 +208,12 @@ impl Stage for TagConfidenceStage {
                 &mut rngs,
             )
             .map_err(model::failed("generating"))?;
-            answers.extend(gens.into_iter().map(|g| g.text.trim().to_string()));
+            answers.extend(gens.into_iter().map(|g| {
+                (
+                    g.text.trim().to_string(),
+                    g.finish == pipe_train::generate::Finish::Length,
+                )
+            }));
             ctx.progress(
                 answers.len() as u64,
                 Some(questions.len() as u64),
@@ -212,7 +224,8 @@ impl Stage for TagConfidenceStage {
         let mut keep_rng = Rng::new(p.seed).fork(0x55);
         let mut out = String::new();
         let mut counts: BTreeMap<String, [usize; 4]> = BTreeMap::new(); // n, right, C, U kept
-        for (q, answer) in questions.iter().zip(&answers) {
+        let mut cut: BTreeMap<String, usize> = BTreeMap::new();
+        for (q, (answer, was_cut)) in questions.iter().zip(&answers) {
             let dataset = if q.dataset == "boolq" {
                 Dataset::Boolq
             } else {
@@ -226,6 +239,10 @@ impl Stage for TagConfidenceStage {
             let c = counts.entry(q.dataset.clone()).or_default();
             c[0] += 1;
             c[1] += usize::from(right);
+            if *was_cut && !p.keep_cut_answers {
+                *cut.entry(q.dataset.clone()).or_default() += 1;
+                continue;
+            }
             if !right && keep_rng.uniform() >= p.unconfident_ratio {
                 continue;
             }
@@ -254,6 +271,10 @@ impl Stage for TagConfidenceStage {
         metrics.insert("rejects".into(), json!(rejects.len()));
         for (d, [n, right, c, u]) in &counts {
             metrics.insert(format!("{d}_questions"), json!(n));
+            metrics.insert(
+                format!("{d}_cut_answers_dropped"),
+                json!(cut.get(d).copied().unwrap_or(0)),
+            );
             metrics.insert(
                 format!("{d}_base_accuracy"),
                 json!(*right as f64 / (*n).max(1) as f64),
