@@ -7,7 +7,7 @@
 //! tagged. The prompt is the question's one rendering (options and passage included),
 //! so `sft` trains and validates on what tagging showed. Output `tagged` holds, per
 //! question, the record `sft`'s confidence task reads (`dataset`, gold, `options`,
-//! `prompt`) plus `response` / `tagged_response` (the answer, a space, the token),
+//! `prompt`) plus `response` / `tagged_response` (the answer, then the token at once),
 //! `base_answer` and `correct`. `unconfident_ratio` keeps that share of the U-tagged
 //! questions (a seeded draw), Self-REF's knob for the balance of the two tokens.
 //! Decoding is greedy by default; item `k` samples with `fork(k)` of `seed`. An answer
@@ -84,7 +84,7 @@ impl Stage for TagConfidenceStage {
     }
 
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn summary(&self) -> &'static str {
@@ -248,7 +248,10 @@ impl Stage for TagConfidenceStage {
             }
             c[if right { 2 } else { 3 }] += 1;
             let (ct, ut) = dataset.tokens();
-            let tagged = format!("{answer} {}", if right { ct } else { ut });
+            // The token right after the answer's last token, no space between: a space
+            // would be a token of its own that the label-token loss never trains, so a
+            // model writing freely would end its turn where training put the space.
+            let tagged = format!("{answer}{}", if right { ct } else { ut });
             let mut rec = q.to_record();
             rec["base_answer"] = json!(answer);
             rec["correct"] = json!(right);
