@@ -80,6 +80,15 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Value>, StageError> {
     if is_parquet_file(path)? {
         return read_parquet(path);
     }
+    Ok(read_jsonl_numbered(path)?
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect())
+}
+
+/// Reads a JSONL file into values with their 1-based line numbers (blank lines
+/// skipped), naming file and line on bad JSON.
+pub fn read_jsonl_numbered(path: &Path) -> Result<Vec<(usize, Value)>, StageError> {
     let f =
         std::fs::File::open(path).map_err(StageError::io(format!("opening {}", path.display())))?;
     let mut out = Vec::new();
@@ -88,13 +97,14 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Value>, StageError> {
         if line.trim().is_empty() {
             continue;
         }
-        out.push(serde_json::from_str(&line).map_err(|e| {
+        let v = serde_json::from_str(&line).map_err(|e| {
             StageError::Failed(format!(
                 "{}:{}: invalid JSON record: {e}",
                 path.display(),
                 i + 1
             ))
-        })?);
+        })?;
+        out.push((i + 1, v));
     }
     Ok(out)
 }

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::contract::{Outcome, OutputDecl, Signature, Stage, StageContext, StageError};
+use crate::data::readers::Reject;
 use crate::params::{parse_params, ParamError};
 use crate::records::{jsonl_lines, kind};
 use crate::task::dot;
@@ -66,32 +67,22 @@ fn default_max_reject() -> f64 {
     0.1
 }
 
-/// One refused line.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PairReject {
-    /// `file:line`.
-    pub at: String,
-    /// Why, naming the field.
-    pub reason: String,
-}
-
 /// What [`read_pairs`] found.
 #[derive(Debug, Default)]
 pub struct Pairs {
     /// Kept records, each with `prompt` and `response` added.
     pub records: Vec<Value>,
     /// Refused lines, in file order.
-    pub rejects: Vec<PairReject>,
+    pub rejects: Vec<Reject>,
 }
 
 /// Reads the pairs in `text` (the contents of `file`, named in rejects).
-#[allow(clippy::too_many_arguments)]
 fn read_pairs(file: &str, text: &str, p: &DotPairsParams) -> Pairs {
     let mut out = Pairs::default();
     let mut ids = BTreeSet::new();
     for (line, parsed) in jsonl_lines(text) {
         let at = format!("{file}:{line}");
-        let reject = |reason: String| PairReject {
+        let reject = |reason: String| Reject {
             at: at.clone(),
             reason,
         };
@@ -222,7 +213,7 @@ impl Stage for DotPairsStage {
         let rej: String = read
             .rejects
             .iter()
-            .map(|r| json!({"at": r.at, "reason": r.reason}).to_string() + "\n")
+            .map(|r| json!(r).to_string() + "\n")
             .collect();
         crate::fsio::write_atomic(&ctx.out_dir.join("rejects.jsonl"), rej.as_bytes())
             .map_err(StageError::io("writing rejects.jsonl"))?;

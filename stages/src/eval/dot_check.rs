@@ -25,7 +25,6 @@
 //! give the discordant counts for a paired (McNemar) reading.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -194,21 +193,14 @@ impl Stage for DotCheckStage {
 
 /// The JSONL records of one input, each with its `file:line`.
 fn read_records(path: &std::path::Path, input: &str) -> Result<Vec<(String, Value)>, StageError> {
-    let f =
-        std::fs::File::open(path).map_err(StageError::io(format!("opening {}", path.display())))?;
-    let mut out = Vec::new();
-    for (i, line) in BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(StageError::io(format!("reading {}", path.display())))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = format!("{}:{}", path.display(), i + 1);
-        let rec: Value = serde_json::from_str(&line).map_err(|e| {
-            StageError::Failed(format!("{at} (input `{input}`): invalid JSON record: {e}"))
-        })?;
-        out.push((at, rec));
-    }
-    Ok(out)
+    let rows = crate::records::read_jsonl_numbered(path).map_err(|e| match e {
+        StageError::Failed(m) => StageError::Failed(format!("input `{input}`: {m}")),
+        other => other,
+    })?;
+    Ok(rows
+        .into_iter()
+        .map(|(line, v)| (format!("{}:{line}", path.display()), v))
+        .collect())
 }
 
 /// Counts over one input's records.

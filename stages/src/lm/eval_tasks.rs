@@ -355,10 +355,18 @@ impl<'a> TaskEvaluator<'a> {
                 }
             }
         }
-        for (k, (item, reply)) in self.items.iter().zip(&texts).take(self.samples).enumerate() {
+        for (k, (item, (_, ids))) in self
+            .items
+            .iter()
+            .zip(&replies)
+            .take(self.samples)
+            .enumerate()
+        {
+            // With its special tokens (a confidence token is one), EOS excluded.
+            let generation = self.tokenizer.decode(ids, false)?;
             scores.samples.push(json!({
                 "item": k, "prompt": item.prompt, "reference": item.reference,
-                "generation": reply, "verdict": verdicts[k],
+                "generation": generation, "verdict": verdicts[k],
             }));
         }
         Ok(scores)
@@ -388,7 +396,24 @@ impl<'a> TaskEvaluator<'a> {
             .zip(&self.golds)
             .zip(verdicts.iter_mut())
         {
-            let reply = confidence::split_reply(text, gold.dataset);
+            let (c, u) = gold.dataset.tokens();
+            let (c_id, u_id) = (
+                self.tokenizer.token_id(c).expect("checked in new"),
+                self.tokenizer.token_id(u).expect("checked in new"),
+            );
+            // The token is found by id: the reply's text is decoded without special
+            // tokens, so it never shows one. The answer is what comes before it (or
+            // the whole reply without one).
+            let found = ids.iter().position(|t| *t == c_id || *t == u_id);
+            let at = found.unwrap_or(ids.len());
+            let answer = match found {
+                Some(j) => self.tokenizer.decode(&ids[..j], true)?,
+                None => text.clone(),
+            };
+            let reply = confidence::Reply {
+                answer: answer.trim(),
+                confident: found.map(|j| ids[j] == c_id),
+            };
             let right = match (gold.dataset, gold.yes, &gold.letter) {
                 (confidence::Dataset::Boolq, Some(yes), _) => {
                     confidence::boolq_correct(reply.answer, yes)
@@ -398,16 +423,6 @@ impl<'a> TaskEvaluator<'a> {
                 }
                 _ => false,
             };
-            let (c, u) = gold.dataset.tokens();
-            let (c_id, u_id) = (
-                self.tokenizer.token_id(c).expect("checked in new"),
-                self.tokenizer.token_id(u).expect("checked in new"),
-            );
-            // Where the token is (or the end of the reply without one).
-            let at = ids
-                .iter()
-                .position(|t| *t == c_id || *t == u_id)
-                .unwrap_or(ids.len());
             let mut seq = item.ids.clone();
             seq.extend(&ids[..at]);
             let t = candle_core::Tensor::new(seq.as_slice(), model.device())?.unsqueeze(0)?;
@@ -528,6 +543,82 @@ impl<'a> TaskEvaluator<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Generated text is decoded without special tokens, so the confidence token must
+    /// be read from the ids: a reply that wrote `<C_READ>` counts as confident, with
+    /// the answer before it graded, and p_confident taken where the token is.
+    #[test]
+    fn the_confidence_token_is_read_from_the_ids_not_the_text() {
+        use candle_core::{DType, Device};
+        let mut m = pipe_train::loader::load("tiny:qwen2:3", DType::F32, &Device::Cpu).unwrap();
+        let toks: Vec<String> = confidence::TOKENS.iter().map(|t| t.to_string()).collect();
+        let new = m.tokenizer.add_special_tokens(&toks).unwrap();
+        m.model
+            .resize_vocab(*new.iter().max().unwrap() as usize + 1)
+            .unwrap();
+        let records = vec![
+            Record::Pair {
+                prompt: "Is it? Answer yes or no.".into(),
+                response: "Yes<C_READ>".into(),
+            };
+            3
+        ];
+        let raw: Vec<(String, serde_json::Value)> = (1..=3)
+            .map(|i| {
+                (
+                    format!("val.jsonl:{i}"),
+                    json!({"dataset": "boolq", "answer": true}),
+                )
+            })
+            .collect();
+        let settings = ConfidenceSettings {
+            calib_beta: 3,
+            ..ConfidenceSettings::default()
+        };
+        let tok = &m.tokenizer;
+        let ev = TaskEvaluator::new(
+            tok,
+            true,
+            &records,
+            &raw,
+            vec![TaskKind::Confidence],
+            EvalDecoding::default(),
+            3,
+            vec![],
+            settings,
+        )
+        .unwrap();
+        let (c, u) = (
+            tok.token_id("<C_READ>").unwrap(),
+            tok.token_id("<U_READ>").unwrap(),
+        );
+        let yes = tok.encode("Yes").unwrap();
+        let no = tok.encode("No").unwrap();
+        let with = |answer: &[u32], t: u32| -> Vec<u32> {
+            let mut v = answer.to_vec();
+            v.push(t);
+            v
+        };
+        let replies: Vec<(String, Vec<u32>)> = [with(&yes, c), with(&no, u), yes.clone()]
+            .into_iter()
+            .map(|ids| (tok.decode(&ids, true).unwrap(), ids))
+            .collect();
+        assert!(!replies[0].0.contains("<C_READ>"), "the text hides it");
+        let mut scores = TaskScores::default();
+        let mut verdicts = vec![BTreeMap::new(); 3];
+        ev.confidence(&m.model, &replies, &mut scores, &mut verdicts)
+            .unwrap();
+        // Right and confident; wrong and unconfident (both the expected token); no token.
+        assert_eq!(verdicts[0]["confident_token"], json!(true));
+        assert_eq!(verdicts[0]["answer_correct"], json!(true));
+        assert_eq!(verdicts[1]["confident_token"], json!(false));
+        assert_eq!(verdicts[1]["answer_correct"], json!(false));
+        assert_eq!(verdicts[2]["confident_token"], serde_json::Value::Null);
+        let metric = |k: &str| scores.metrics[k];
+        assert!((metric("token_rate") - 2.0 / 3.0).abs() < 1e-12);
+        assert!((metric("accuracy") - 2.0 / 3.0).abs() < 1e-12);
+        assert!((metric("answer_accuracy") - 2.0 / 3.0).abs() < 1e-12);
+    }
 
     #[test]
     fn bad_gold_fields_are_named() {
