@@ -69,7 +69,7 @@ fn default_max_reject() -> f64 {
 
 /// What [`read_pairs`] found.
 #[derive(Debug, Default)]
-pub struct Pairs {
+struct Pairs {
     /// Kept records, each with `prompt` and `response` added.
     pub records: Vec<Value>,
     /// Refused lines, in file order.
