@@ -441,7 +441,7 @@ impl Stage for SftStage {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn summary(&self) -> &'static str {
