@@ -57,21 +57,28 @@ fn yes() -> bool {
     true
 }
 
-/// The verdict on one text, as written into the record.
-pub fn verdict(text: &str, extract: bool) -> Value {
+/// The DOT in `text` parsed: `None` when there is none to check.
+fn graph_of(text: &str, extract: bool) -> Option<Result<dot::Graph, dot::DotError>> {
     let src = if extract {
         dot::extract(text)
     } else {
         Some(text.to_string())
     };
-    match src {
+    src.map(|s| dot::parse(&s))
+}
+
+/// The verdict on one text, as written into the record.
+pub fn verdict(text: &str, extract: bool) -> Value {
+    verdict_of(&graph_of(text, extract))
+}
+
+fn verdict_of(parsed: &Option<Result<dot::Graph, dot::DotError>>) -> Value {
+    match parsed {
         None => json!({"valid": false, "found": false, "message": "no DOT graph in the text"}),
-        Some(src) => match dot::parse(&src) {
-            Ok(g) => json!({"valid": true, "found": true, "directed": g.directed,
-                "nodes": g.nodes.len(), "edges": g.edges.len()}),
-            Err(e) => json!({"valid": false, "found": true, "line": e.line, "col": e.col,
-                "message": e.message}),
-        },
+        Some(Ok(g)) => json!({"valid": true, "found": true, "directed": g.directed,
+            "nodes": g.nodes.len(), "edges": g.edges.len()}),
+        Some(Err(e)) => json!({"valid": false, "found": true, "line": e.line, "col": e.col,
+            "message": e.message}),
     }
 }
 
@@ -261,7 +268,8 @@ fn check(
             p.field
         ))
     })?;
-    let mut v = verdict(text, p.extract);
+    let reply = graph_of(text, p.extract);
+    let mut v = verdict_of(&reply);
     tally.n += 1;
     let ok = v["valid"] == true;
     tally.valid_at.push(ok);
@@ -283,13 +291,10 @@ fn check(
                 v["reference_valid"] = json!(false);
             }
             Some(r) => {
-                let src = if p.extract {
-                    dot::extract(text)
-                } else {
-                    Some(text.to_string())
+                let [np, nr, nf, ep, er, ef] = match &reply {
+                    Some(Ok(g)) => dot::compare(g, &r),
+                    _ => [0.0; 6],
                 };
-                let g = src.and_then(|s| dot::parse(&s).ok()).unwrap_or_default();
-                let [np, nr, nf, ep, er, ef] = if ok { dot::compare(&g, &r) } else { [0.0; 6] };
                 tally.scored += 1;
                 for (s, x) in tally.sums.iter_mut().zip([np, nr, nf, ep, er, ef]) {
                     *s += x;
