@@ -20,6 +20,7 @@ pub mod fastmath;
 pub mod fused;
 pub mod generate;
 pub mod ggml;
+pub mod heads;
 pub mod io;
 pub mod kernels;
 pub mod linear;

@@ -245,6 +245,20 @@ impl Adapter {
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir`.
     pub fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
+        self.save_as(dir, base_model, "CAUSAL_LM", None, HashMap::new())
+    }
+
+    /// [`Adapter::save`] for another PEFT task type (`SEQ_CLS` for a sequence head),
+    /// with `modules_to_save` named in the config and their tensors (`extra`, by
+    /// PEFT key, e.g. `base_model.model.score.weight`) saved beside the adapter's.
+    pub fn save_as(
+        &self,
+        dir: &Path,
+        base_model: &str,
+        task_type: &str,
+        modules_to_save: Option<Vec<String>>,
+        extra: HashMap<String, Tensor>,
+    ) -> Result<()> {
         let mut modules: Vec<String> = self
             .vars
             .iter()
@@ -256,7 +270,7 @@ impl Adapter {
         modules.dedup();
         let mut cfg = serde_json::json!({
             "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
+            "task_type": task_type,
             "base_model_name_or_path": base_model,
             "r": self.config.r,
             "lora_alpha": self.config.alpha,
@@ -267,10 +281,13 @@ impl Adapter {
             "fan_in_fan_out": false,
             "inference_mode": true,
             "init_lora_weights": true,
-            "modules_to_save": null,
+            "modules_to_save": modules_to_save,
             "use_dora": false,
         });
         let mut tensors = self.tensors()?;
+        for (k, v) in extra {
+            tensors.insert(k, v.to_dtype(DType::F32)?);
+        }
         if let Some(t) = &self.tokens {
             // An untied output layer's rows are trained as their own layer.
             cfg["trainable_token_indices"] = if t.tied {
