@@ -10,3 +10,4 @@ pub mod choice;
 pub mod confidence;
 pub mod dot;
 pub mod factuality;
+pub mod filter;
