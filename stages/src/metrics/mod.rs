@@ -6,3 +6,4 @@
 pub mod agreement;
 pub mod calibration;
 pub mod ranking;
+pub mod regression;
