@@ -774,7 +774,7 @@ fn error_unknown_stage_key() {
 fn error_unknown_stage_kind() {
     assert_eq!(
         check_error("stages:\n  a:\n    uses: splt\n", &[]),
-        "error: p.yaml:3:11: unknown stage kind `splt`; built-in kinds are `batch_label`, `build_data`, `calibrate`, `dot_check`, `dot_pairs`, `evaluate`, `generate`, `merge`, `prefs_generate`, `prefs_judge`, `reward_train`, `sft`, `split`, `tag_confidence`, `validate`\n  help: did you mean `split`?\n"
+        "error: p.yaml:3:11: unknown stage kind `splt`; built-in kinds are `batch_label`, `build_data`, `calibrate`, `dot_check`, `dot_pairs`, `evaluate`, `generate`, `head_eval`, `head_train`, `merge`, `prefs_generate`, `prefs_judge`, `reward_train`, `sft`, `split`, `tag_confidence`, `validate`\n  help: did you mean `split`?\n"
     );
 }
 

@@ -20,7 +20,8 @@
 //!   never on another family: [`data`] (readers, `build_data`, `split`), [`label`]
 //!   (`calibrate`, `validate`, `batch_label`), [`lm`] (`sft`, `generate`, `merge`),
 //!   [`eval`] (`evaluate`) and [`prefs`] (`prefs_generate`, `prefs_judge`,
-//!   `reward_train`). A kind lives in `FAMILY/KIND.rs` and is registered in [`builtin`].
+//!   `reward_train`) and [`heads`] (`head_train`, `head_eval`: sequence heads). A kind
+//!   lives in `FAMILY/KIND.rs` and is registered in [`builtin`].
 #![warn(missing_docs)]
 
 pub mod command;
@@ -40,6 +41,7 @@ pub mod task;
 
 pub mod data;
 pub mod eval;
+pub mod heads;
 pub mod label;
 pub mod lm;
 pub mod prefs;
@@ -70,6 +72,8 @@ pub fn builtin() -> Registry {
     registry.register(prefs::prefs_generate::PrefsGenerateStage);
     registry.register(prefs::prefs_judge::PrefsJudgeStage);
     registry.register(prefs::reward_train::RewardTrainStage);
+    registry.register(heads::head_train::HeadTrainStage);
+    registry.register(heads::head_eval::HeadEvalStage);
     registry
 }
 

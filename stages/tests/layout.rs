@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-const FAMILIES: &[&str] = &["data", "label", "lm", "eval", "prefs"];
+const FAMILIES: &[&str] = &["data", "label", "lm", "eval", "prefs", "heads"];
 const SHARED: &[&str] = &[
     "records", "prompt", "model", "oracle", "metrics", "task", "figure", "scalars",
 ];

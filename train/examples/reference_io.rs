@@ -154,7 +154,15 @@ fn head(
         gradient_checkpointing: false,
         keep_best: ("eval_loss".into(), pipe_train::trainer::Goal::Min),
     };
-    let report = heads::train(&model, Some(&adapter), &units, &[], &settings, None, &mut ())?;
+    let report = heads::train(
+        &model,
+        Some(&adapter),
+        &units,
+        &[],
+        &settings,
+        None,
+        &mut (),
+    )?;
     let meta = heads::SavedHead {
         head: head.config.clone(),
         objective,
@@ -164,7 +172,13 @@ fn head(
         base_model: spec.to_string(),
         lora: true,
     };
-    heads::save(&out.join("model"), Some(&adapter), &head, &report.best_tensors, &meta)?;
+    heads::save(
+        &out.join("model"),
+        Some(&adapter),
+        &head,
+        &report.best_tensors,
+        &meta,
+    )?;
     let probes: Vec<Vec<u32>> = (0..5).map(|_| seq(&mut rng)).collect();
     let refs: Vec<&[u32]> = probes.iter().map(Vec::as_slice).collect();
     let mut scores = serde_json::Map::new();
@@ -175,7 +189,10 @@ fn head(
             pad_id,
             padding: side,
         };
-        scores.insert(name.into(), serde_json::json!(sm.predict(&refs, refs.len())?));
+        scores.insert(
+            name.into(),
+            serde_json::json!(sm.predict(&refs, refs.len())?),
+        );
     }
     let losses: Vec<f64> = report.history.iter().filter_map(|h| h.loss).collect();
     std::fs::write(

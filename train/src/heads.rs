@@ -182,7 +182,9 @@ impl Head {
                 .chain(
                     config
                         .out_bias
-                        .then(|| Var::zeros(d, DType::F32, device).map(|v| (MLP_KEYS[3].to_string(), v)))
+                        .then(|| {
+                            Var::zeros(d, DType::F32, device).map(|v| (MLP_KEYS[3].to_string(), v))
+                        })
                         .transpose()?,
                 )
                 .collect()
@@ -324,11 +326,7 @@ pub fn pool(hidden: &Tensor, keys: &KeyMask, pooling: Pooling) -> Result<Tensor>
                 if n == 0 {
                     return Err(Error::Invalid(format!("batch row {r} has no valid token")));
                 }
-                w.extend(
-                    row(r)
-                        .iter()
-                        .map(|&v| if v { 1.0 / n as f32 } else { 0.0 }),
-                );
+                w.extend(row(r).iter().map(|&v| if v { 1.0 / n as f32 } else { 0.0 }));
             }
             let w = Tensor::from_vec(w, (b, 1, s), hidden.device())?;
             Ok(w.matmul(&hidden)?.squeeze(1)?)
@@ -400,8 +398,7 @@ pub fn check_units(objective: Objective, outputs: usize, units: &[Unit]) -> Resu
             }
             Objective::Listwise => {
                 let sum: f32 = u.target.iter().sum();
-                if u.seqs.len() < 2 || u.target.len() != u.seqs.len() || (sum - 1.0).abs() > 1e-4
-                {
+                if u.seqs.len() < 2 || u.target.len() != u.seqs.len() || (sum - 1.0).abs() > 1e-4 {
                     return bad(format!(
                         "listwise needs 2+ candidates and a target distribution over them, got {} candidates, targets {:?}",
                         u.seqs.len(),
@@ -440,7 +437,10 @@ pub fn units_loss(
     let (_, d) = scores.dims2()?;
     match objective {
         Objective::Mse => {
-            let t: Vec<f32> = units.iter().flat_map(|u| u.target.iter().copied()).collect();
+            let t: Vec<f32> = units
+                .iter()
+                .flat_map(|u| u.target.iter().copied())
+                .collect();
             let t = Tensor::from_vec(t, (units.len(), d), device)?;
             Ok(((scores - t)?.sqr()?.sum_all()? / d as f64)?)
         }
@@ -469,8 +469,8 @@ pub fn units_loss(
             let c = s.narrow(1, 0, 1)?.squeeze(1)?;
             let r = s.narrow(1, 1, 1)?.squeeze(1)?;
             let m = Tensor::from_vec(units.iter().map(|u| u.margin).collect(), n, device)?;
-            let mut loss = crate::reward::neg_log_sigmoid(&((c.clone() - r.clone())? - m)?)?
-                .sum_all()?;
+            let mut loss =
+                crate::reward::neg_log_sigmoid(&((c.clone() - r.clone())? - m)?)?.sum_all()?;
             if center != 0.0 {
                 loss = (loss + ((c + r)?.sqr()?.sum_all()? * center)?)?;
             }
@@ -495,7 +495,11 @@ pub fn unit_loss(objective: Objective, scores: &[Vec<f32>], unit: &Unit, center:
             let s: Vec<f64> = scores.iter().map(|r| r[0] as f64).collect();
             let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let lse = s.iter().map(|v| (v - m).exp()).sum::<f64>().ln() + m;
-            lse - s.iter().zip(&unit.target).map(|(a, t)| a * *t as f64).sum::<f64>()
+            lse - s
+                .iter()
+                .zip(&unit.target)
+                .map(|(a, t)| a * *t as f64)
+                .sum::<f64>()
         }
         Objective::Pairwise => {
             let (c, r) = (scores[0][0] as f64, scores[1][0] as f64);
@@ -718,7 +722,11 @@ pub fn train(
     if let Some(dir) = checkpoints {
         if let Some((saved, path)) = latest(dir)? {
             st = saved;
-            restore(&vars, &load_map(&path.join("trainable.safetensors"))?, &path)?;
+            restore(
+                &vars,
+                &load_map(&path.join("trainable.safetensors"))?,
+                &path,
+            )?;
             opt.load_state(&load_map(&path.join("optimizer.safetensors"))?, &path)?;
             best_tensors = load_map(&path.join("best.safetensors"))?;
             tracing::info!(step = st.step, "resumed from checkpoint {}", path.display());
@@ -811,14 +819,19 @@ pub fn train(
                     let sc = model.head.forward(&pooled, Some(&mut **r))?;
                     Ok((units_loss(s.objective, &sc, micro, s.center)? * scale)?)
                 };
-                model.decoder.checkpointed_grads(&ids, &keys, Some(&mut rng), &var_refs, &head)?
+                model
+                    .decoder
+                    .checkpointed_grads(&ids, &keys, Some(&mut rng), &var_refs, &head)?
             } else {
                 let h = model.decoder.hidden(&ids, &keys, None, Some(&mut rng))?;
                 let pooled = pool(&h, &keys, model.head.config.pooling)?;
                 let sc = model.head.forward(&pooled, Some(&mut head_rng))?;
                 let loss = (units_loss(s.objective, &sc, micro, s.center)? * scale)?;
                 let g = loss.backward()?;
-                let grads = var_refs.iter().map(|v| g.get(v.as_tensor()).cloned()).collect();
+                let grads = var_refs
+                    .iter()
+                    .map(|v| g.get(v.as_tensor()).cloned())
+                    .collect();
                 (loss, grads)
             };
             rng = rng.fork(HEAD_FORK);
@@ -968,9 +981,11 @@ pub fn save(
         .vars
         .iter()
         .map(|(k, _)| {
-            tensors.get(k).cloned().map(|t| (k.clone(), t)).ok_or_else(|| {
-                Error::Invalid(format!("the trained tensors have no `{k}`"))
-            })
+            tensors
+                .get(k)
+                .cloned()
+                .map(|t| (k.clone(), t))
+                .ok_or_else(|| Error::Invalid(format!("the trained tensors have no `{k}`")))
         })
         .collect::<Result<_>>()?;
     let in_peft = adapter.is_some() && head.config.kind == HeadKind::Linear;
@@ -1045,7 +1060,12 @@ mod tests {
         let h = model
             .hidden(&ids, &KeyMask::full(1, seq.len()), None, None)
             .unwrap();
-        h.get(0).unwrap().get(seq.len() - 1).unwrap().to_vec1().unwrap()
+        h.get(0)
+            .unwrap()
+            .get(seq.len() - 1)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     }
 
     #[test]
@@ -1059,7 +1079,10 @@ mod tests {
         for side in [Padding::Right, Padding::Left] {
             let (ids, keys) = batch_ids(&refs, eos, side, &Device::Cpu).unwrap();
             let h = model.hidden(&ids, &keys, None, None).unwrap();
-            let pooled = pool(&h, &keys, Pooling::Last).unwrap().to_vec2::<f32>().unwrap();
+            let pooled = pool(&h, &keys, Pooling::Last)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
             for (row, s) in seqs.iter().enumerate() {
                 let want = last_of_alone(&model, s);
                 let d = pooled[row]
@@ -1076,7 +1099,10 @@ mod tests {
                 .zip(&before)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            assert!(d > 1e-3, "{side:?}: the end token's state equals the one before");
+            assert!(
+                d > 1e-3,
+                "{side:?}: the end token's state equals the one before"
+            );
         }
     }
 
@@ -1089,17 +1115,18 @@ mod tests {
         for side in [Padding::Right, Padding::Left] {
             let (ids, keys) = batch_ids(&refs, 0, side, &Device::Cpu).unwrap();
             let h = model.hidden(&ids, &keys, None, None).unwrap();
-            got.push(pool(&h, &keys, Pooling::Mean).unwrap().to_vec2::<f32>().unwrap());
+            got.push(
+                pool(&h, &keys, Pooling::Mean)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap(),
+            );
         }
         let ids = Tensor::from_vec(vec![9u32, 10], (1, 2), &Device::Cpu).unwrap();
-        let h = model.hidden(&ids, &KeyMask::full(1, 2), None, None).unwrap();
-        let alone: Vec<f32> = h
-            .get(0)
-            .unwrap()
-            .mean(0)
-            .unwrap()
-            .to_vec1()
+        let h = model
+            .hidden(&ids, &KeyMask::full(1, 2), None, None)
             .unwrap();
+        let alone: Vec<f32> = h.get(0).unwrap().mean(0).unwrap().to_vec1().unwrap();
         for g in &got {
             let d = g[1]
                 .iter()
@@ -1150,7 +1177,9 @@ mod tests {
             (Objective::Listwise, &list, 1),
             (Objective::Pairwise, &pair, 1),
         ] {
-            let rows: Vec<Vec<f32>> = (0..u.seqs.len()).map(|_| (0..d).map(|_| r()).collect()).collect();
+            let rows: Vec<Vec<f32>> = (0..u.seqs.len())
+                .map(|_| (0..d).map(|_| r()).collect())
+                .collect();
             let flat: Vec<f32> = rows.iter().flatten().copied().collect();
             let t = Tensor::from_vec(flat, (u.seqs.len(), d), &Device::Cpu).unwrap();
             let a = units_loss(obj, &t, &[u], 0.01)
@@ -1169,7 +1198,9 @@ mod tests {
             target: vec![f32::NAN, 1.0],
             margin: 0.0,
         };
-        let e = check_units(Objective::Mse, 2, &[u]).unwrap_err().to_string();
+        let e = check_units(Objective::Mse, 2, &[u])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unit 1") && e.contains("finite"), "{e}");
     }
 }

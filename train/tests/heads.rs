@@ -19,7 +19,10 @@ use pipe_train::Rng;
 use serde_json::Value;
 
 fn fixture() -> Value {
-    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/heads/losses.json");
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/heads/losses.json"
+    );
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
@@ -48,9 +51,8 @@ fn mse_loss_and_gradient_match_pytorch() {
         })
         .collect();
     let refs: Vec<&Unit> = units.iter().collect();
-    let loss = (heads::units_loss(Objective::Mse, s.as_tensor(), &refs, 0.0).unwrap()
-        / n as f64)
-        .unwrap();
+    let loss =
+        (heads::units_loss(Objective::Mse, s.as_tensor(), &refs, 0.0).unwrap() / n as f64).unwrap();
     close(
         loss.to_scalar::<f32>().unwrap() as f64,
         f["loss"].as_f64().unwrap(),
@@ -195,11 +197,31 @@ const FAMILIES: [&str; 7] = [
 fn every_trainable_tensor_of_a_head_model_gets_a_nonzero_gradient() {
     for arch in FAMILIES {
         let cases = [
-            (BaseQuant::None, DType::F32, HeadKind::Linear, Objective::Mse),
-            (BaseQuant::Int8, DType::F32, HeadKind::Mlp, Objective::Listwise),
-            (BaseQuant::Nf4, DType::F32, HeadKind::Linear, Objective::Pairwise),
+            (
+                BaseQuant::None,
+                DType::F32,
+                HeadKind::Linear,
+                Objective::Mse,
+            ),
+            (
+                BaseQuant::Int8,
+                DType::F32,
+                HeadKind::Mlp,
+                Objective::Listwise,
+            ),
+            (
+                BaseQuant::Nf4,
+                DType::F32,
+                HeadKind::Linear,
+                Objective::Pairwise,
+            ),
             (BaseQuant::None, DType::BF16, HeadKind::Mlp, Objective::Mse),
-            (BaseQuant::Nf4, DType::BF16, HeadKind::Linear, Objective::Listwise),
+            (
+                BaseQuant::Nf4,
+                DType::BF16,
+                HeadKind::Linear,
+                Objective::Listwise,
+            ),
         ];
         for (base, dtype, kind, objective) in cases {
             let what = format!("{arch} ({base:?}, {dtype:?}, {kind:?}, {objective:?})");
@@ -263,7 +285,10 @@ fn every_trainable_tensor_of_a_head_model_gets_a_nonzero_gradient() {
                     .unwrap()
                     .to_scalar::<f32>()
                     .unwrap();
-                assert!(norm > 0.0 && norm.is_finite(), "{what}: gradient of {name} is {norm}");
+                assert!(
+                    norm > 0.0 && norm.is_finite(),
+                    "{what}: gradient of {name} is {norm}"
+                );
             }
         }
     }
@@ -278,7 +303,11 @@ impl HeadObserver for StopAt {
     fn cancelled(&self) -> bool {
         self.1.get() >= self.0
     }
-    fn evaluate(&mut self, _step: u64, preds: &[Vec<Vec<f32>>]) -> std::collections::BTreeMap<String, f64> {
+    fn evaluate(
+        &mut self,
+        _step: u64,
+        preds: &[Vec<Vec<f32>>],
+    ) -> std::collections::BTreeMap<String, f64> {
         let mean = preds.iter().map(|p| p[0][0] as f64).sum::<f64>() / preds.len().max(1) as f64;
         [("mean_first_output".to_string(), mean)].into()
     }
@@ -412,12 +441,13 @@ fn a_regression_head_learns_and_reloads_to_the_same_outputs() {
     .unwrap();
     assert_eq!(cfg["task_type"], "SEQ_CLS");
     assert_eq!(cfg["modules_to_save"], serde_json::json!(["score"]));
-    let saved: HashMap<String, Tensor> = candle_core::safetensors::load(
-        dir.path().join("adapter_model.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    assert_eq!(saved[heads::SCORE_KEY].dims(), &[2, m.model.config().hidden_size]);
+    let saved: HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(
+        saved[heads::SCORE_KEY].dims(),
+        &[2, m.model.config().hidden_size]
+    );
     let seqs: Vec<&[u32]> = units.iter().map(|u| u.seqs[0].as_slice()).collect();
     let want = model.predict(&seqs, 5).unwrap();
     let mut fresh = loader::load("tiny:qwen2:2", DType::F32, &Device::Cpu).unwrap();

@@ -10,12 +10,22 @@ use crate::contract::Decision;
 
 /// Mean absolute error (NaN for no items).
 pub fn mae(pred: &[f64], gold: &[f64]) -> f64 {
-    pred.iter().zip(gold).map(|(p, g)| (p - g).abs()).sum::<f64>() / pred.len() as f64
+    pred.iter()
+        .zip(gold)
+        .map(|(p, g)| (p - g).abs())
+        .sum::<f64>()
+        / pred.len() as f64
 }
 
 /// Root mean squared error (NaN for no items).
 pub fn rmse(pred: &[f64], gold: &[f64]) -> f64 {
-    (pred.iter().zip(gold).map(|(p, g)| (p - g).powi(2)).sum::<f64>() / pred.len() as f64).sqrt()
+    (pred
+        .iter()
+        .zip(gold)
+        .map(|(p, g)| (p - g).powi(2))
+        .sum::<f64>()
+        / pred.len() as f64)
+        .sqrt()
 }
 
 /// Pearson correlation; `None` when either side is constant or there are < 2 items.
@@ -152,7 +162,11 @@ pub fn deploy_decision(e: &DeployEvidence, t: &DeployThresholds) -> (Decision, V
     if e.test_mae >= t.deploy_mae {
         review.push(format!("test MAE {:.3} ≥ {}", e.test_mae, t.deploy_mae));
     }
-    let under = e.dim_mae.iter().filter(|(_, m)| *m < t.deploy_dim_mae).count();
+    let under = e
+        .dim_mae
+        .iter()
+        .filter(|(_, m)| *m < t.deploy_dim_mae)
+        .count();
     if under < t.deploy_min_dims.min(e.dim_mae.len()) {
         review.push(format!(
             "{under} of {} dimensions have MAE < {} (need {})",
@@ -161,12 +175,13 @@ pub fn deploy_decision(e: &DeployEvidence, t: &DeployThresholds) -> (Decision, V
             t.deploy_min_dims
         ));
     }
-    let over = e.dim_mae.iter().filter(|(_, m)| *m > t.review_dim_mae).count();
+    let over = e
+        .dim_mae
+        .iter()
+        .filter(|(_, m)| *m > t.review_dim_mae)
+        .count();
     if over >= t.review_dims {
-        review.push(format!(
-            "{over} dimensions have MAE > {}",
-            t.review_dim_mae
-        ));
+        review.push(format!("{over} dimensions have MAE > {}", t.review_dim_mae));
     }
     let gap = (e.val_mae - e.test_mae).abs();
     if gap > t.max_val_test_gap + 1e-12 {
@@ -198,16 +213,25 @@ mod tests {
         let (p, g) = ([1.0, 2.0, 4.0], [1.0, 3.0, 2.0]);
         assert!((mae(&p, &g) - 1.0).abs() < 1e-12);
         assert!((rmse(&p, &g) - (5.0f64 / 3.0).sqrt()).abs() < 1e-12);
-        assert_eq!(average_ranks(&[3.0, 1.0, 3.0, 2.0]), vec![3.5, 1.0, 3.5, 2.0]);
+        assert_eq!(
+            average_ranks(&[3.0, 1.0, 3.0, 2.0]),
+            vec![3.5, 1.0, 3.5, 2.0]
+        );
         // scipy.stats.spearmanr([1, 2, 2, 3], [1, 3, 2, 4]) = 0.9486832980505138
         let s = spearman(&[1.0, 2.0, 2.0, 3.0], &[1.0, 3.0, 2.0, 4.0]).unwrap();
         assert!((s - 0.9486832980505138).abs() < 1e-12, "{s}");
         assert_eq!(pearson(&[1.0, 1.0], &[1.0, 2.0]), None);
-        assert_eq!(near_mean_share(&[5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 9.0], 0.5), 0.9);
+        assert_eq!(
+            near_mean_share(&[5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 9.0], 0.5),
+            0.9
+        );
     }
 
     fn dims(m: &[f64]) -> Vec<(String, f64)> {
-        m.iter().enumerate().map(|(i, v)| (format!("d{i}"), *v)).collect()
+        m.iter()
+            .enumerate()
+            .map(|(i, v)| (format!("d{i}"), *v))
+            .collect()
     }
 
     fn decide(test: f64, val: f64, d: &[f64], share: f64) -> Decision {

@@ -396,7 +396,10 @@ tiers:
         let f = f();
         // Exactly at the bound: not below, no cap.
         let a = f.assess(&[10.0, 5.0, 6.0], None);
-        assert!(a.capped_by.is_empty() && (a.overall - 7.2).abs() < 1e-12, "{a:?}");
+        assert!(
+            a.capped_by.is_empty() && (a.overall - 7.2).abs() < 1e-12,
+            "{a:?}"
+        );
         assert_eq!(a.tier, "impact");
         // Just below: capped at 3.
         let a = f.assess(&[10.0, 4.999, 6.0], None);
@@ -440,17 +443,26 @@ tiers:
                 && e.contains("did you mean `collective_benefit`"),
             "{e}"
         );
-        let e = Filter::parse(&UPLIFTING.replace("at_least: 7", "at_least: 7}, dimension: x")).unwrap_err();
+        let e = Filter::parse(&UPLIFTING.replace("at_least: 7", "at_least: 7}, dimension: x"))
+            .unwrap_err();
         assert!(!e.is_empty());
-        let e = Filter::parse(&UPLIFTING.replace("{name: connection, min: 4}", "{name: connection, min: 7}"))
-            .unwrap_err();
+        let e = Filter::parse(
+            &UPLIFTING.replace("{name: connection, min: 4}", "{name: connection, min: 7}"),
+        )
+        .unwrap_err();
         assert!(e.contains("tiers[1]") && e.contains("overlap"), "{e}");
-        let e = Filter::parse(&UPLIFTING.replace("{name: not_uplifting, min: 0}", "{name: not_uplifting, min: 1}"))
-            .unwrap_err();
+        let e = Filter::parse(&UPLIFTING.replace(
+            "{name: not_uplifting, min: 0}",
+            "{name: not_uplifting, min: 1}",
+        ))
+        .unwrap_err();
         assert!(e.contains("no tier"), "{e}");
         let e = Filter::parse(&UPLIFTING.replace("agency: {weight: 2}", "agency: {weight: two}"))
             .unwrap_err();
-        assert!(e.contains("dimensions") && e.contains("weight") && e.contains(':'), "{e}");
+        assert!(
+            e.contains("dimensions") && e.contains("weight") && e.contains(':'),
+            "{e}"
+        );
         let e = Filter::parse(&UPLIFTING.replace("wonder: {weight: 1}", "wonder: {weight: 0}"))
             .unwrap_err();
         assert!(e.contains("dimensions.wonder.weight"), "{e}");
@@ -465,11 +477,20 @@ tiers:
             (vec![3.0, 7.0, 10.0], Some("news".to_string()))
         );
         let out = serde_json::json!({"agency": 11, "collective_benefit": 1, "wonder": 1});
-        assert!(f.read_reply(&out).unwrap_err().contains("`agency`: 11 is outside"));
+        assert!(f
+            .read_reply(&out)
+            .unwrap_err()
+            .contains("`agency`: 11 is outside"));
         let missing = serde_json::json!({"agency": 1, "wonder": 1});
-        assert!(f.read_reply(&missing).unwrap_err().contains("`collective_benefit`: missing"));
+        assert!(f
+            .read_reply(&missing)
+            .unwrap_err()
+            .contains("`collective_benefit`: missing"));
         let text = serde_json::json!({"agency": "high", "collective_benefit": 1, "wonder": 1});
-        assert!(f.read_reply(&text).unwrap_err().contains("expected a number"));
+        assert!(f
+            .read_reply(&text)
+            .unwrap_err()
+            .contains("expected a number"));
         let schema = f.reply_schema();
         assert_eq!(schema["properties"]["wonder"]["maximum"], 10);
         assert_eq!(schema["required"][1], "agency");
