@@ -231,7 +231,7 @@ fn head_train_killed_mid_run_resumes_to_the_same_losses() {
         serde_json::from_str(&p.ok(&["show", "head_train", "--json"]).stdout).unwrap();
     let from = show["metrics"]["resumed_from"].as_u64().unwrap();
     assert!(
-        from > 0 && from % 4 == 0 && from < steps,
+        from > 0 && from.is_multiple_of(4) && from < steps,
         "resumed from {from}"
     );
     eprintln!(

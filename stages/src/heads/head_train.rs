@@ -229,7 +229,7 @@ impl HeadTrainParams {
             }
         }
         if let Some(t) = self.temperature {
-            if !(t > 0.0) {
+            if t.is_nan() || t <= 0.0 {
                 return Err(ParamError::new(
                     &["temperature"],
                     "expected a positive number",
