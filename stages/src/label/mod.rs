@@ -8,4 +8,5 @@ pub mod batch_label;
 pub mod calibrate;
 mod gate;
 mod report;
+pub mod score_gate;
 pub mod validate;
