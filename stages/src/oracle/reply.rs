@@ -3,8 +3,9 @@
 //! shape (`returns:`) that every reply is parsed and checked against, whatever the
 //! backend.
 //!
-//! Declared types: `string`, `number`, `bool`, `list[string]`, and
-//! `enum[A,B,...]`. A reply may wrap its JSON in prose or a code fence; the
+//! Declared types: `string`, `number`, `bool`, `list[string]`, `enum[A,B,...]`,
+//! and ranges `int[LO,HI]` (an integer within the bounds, e.g. a 0–10 rubric score)
+//! and `number[LO,HI]`. A reply may wrap its JSON in prose or a code fence; the
 //! first balanced `{…}` object is taken. Anything else is a [`ParseFailure`]
 //! with a reason, which the caller retries and then records.
 
@@ -28,6 +29,21 @@ pub enum FieldType {
     StringList,
     /// One of the listed strings (compared case-insensitively, returned as declared).
     Enum(Vec<String>),
+    /// An integer in `[lo, hi]` (`int[0,10]`).
+    IntRange(i64, i64),
+    /// A number in `[lo, hi]` (`number[0,10]`).
+    NumberRange(f64, f64),
+}
+
+fn range_bounds(spec: &str, list: &str) -> Result<(f64, f64), String> {
+    let parts: Vec<&str> = list.split(',').map(str::trim).collect();
+    let nums: Option<Vec<f64>> = parts.iter().map(|p| p.parse::<f64>().ok()).collect();
+    match nums.as_deref() {
+        Some([lo, hi]) if lo <= hi => Ok((*lo, *hi)),
+        _ => Err(format!(
+            "`{spec}`: expected two bounds LO ≤ HI, e.g. `int[0,10]`"
+        )),
+    }
 }
 
 impl FieldType {
@@ -39,6 +55,21 @@ impl FieldType {
             "number" => FieldType::Number,
             "bool" | "boolean" => FieldType::Bool,
             "list[string]" => FieldType::StringList,
+            _ if s.starts_with("int[") || s.starts_with("number[") => {
+                let (kind, rest) = s.split_once('[').expect("checked");
+                let list = rest
+                    .strip_suffix(']')
+                    .ok_or_else(|| format!("`{spec}`: expected `{kind}[LO,HI]`"))?;
+                let (lo, hi) = range_bounds(spec, list)?;
+                if kind == "int" {
+                    if lo.fract() != 0.0 || hi.fract() != 0.0 {
+                        return Err(format!("`{spec}`: integer bounds expected"));
+                    }
+                    FieldType::IntRange(lo as i64, hi as i64)
+                } else {
+                    FieldType::NumberRange(lo, hi)
+                }
+            }
             _ => match s.strip_prefix("enum[").and_then(|r| r.strip_suffix(']')) {
                 Some(list) => {
                     let items: Vec<String> = list.split(',').map(|i| i.trim().to_string()).filter(|i| !i.is_empty()).collect();
@@ -111,6 +142,11 @@ impl OracleTask {
                         serde_json::json!({"type": "array", "items": {"type": "string"}})
                     }
                     FieldType::Enum(values) => serde_json::json!({"enum": values}),
+                    FieldType::IntRange(lo, hi) => {
+                        serde_json::json!({"type": "integer", "minimum": lo, "maximum": hi})
+                    }
+                    // Constrained decoding bounds integers only; the range is checked on parse.
+                    FieldType::NumberRange(..) => serde_json::json!({"type": "number"}),
                 };
                 (name.clone(), s)
             })
@@ -142,6 +178,14 @@ impl OracleTask {
                     .as_str()
                     .and_then(|s| opts.iter().find(|o| o.eq_ignore_ascii_case(s.trim())))
                     .map(|o| Value::String(o.clone())),
+                FieldType::IntRange(lo, hi) => f
+                    .as_f64()
+                    .filter(|x| x.fract() == 0.0 && *x >= *lo as f64 && *x <= *hi as f64)
+                    .map(|x| Value::from(x as i64)),
+                FieldType::NumberRange(lo, hi) => f
+                    .as_f64()
+                    .filter(|x| x >= lo && x <= hi)
+                    .map(Value::from),
             };
             let value = ok.ok_or_else(|| {
                 ParseFailure(format!("`{name}` is not a valid {}: {f}", describe(ty)))
@@ -159,6 +203,8 @@ fn describe(t: &FieldType) -> String {
         FieldType::Bool => "bool".into(),
         FieldType::StringList => "list of strings".into(),
         FieldType::Enum(o) => format!("one of {}", o.join(", ")),
+        FieldType::IntRange(lo, hi) => format!("integer from {lo} to {hi}"),
+        FieldType::NumberRange(lo, hi) => format!("number from {lo} to {hi}"),
     }
 }
 
@@ -224,6 +270,28 @@ mod tests {
         )
         .contains("one of SUPPORTS"));
         assert!(bad("{'answer': 1}").contains("invalid JSON"));
+    }
+
+    #[test]
+    fn ranges_are_checked_per_field_and_bound_the_schema() {
+        let returns = BTreeMap::from([
+            ("agency".to_string(), "int[0,10]".to_string()),
+            ("share".to_string(), "number[0, 1]".to_string()),
+        ]);
+        let t = OracleTask::new("x", &returns).unwrap();
+        assert_eq!(
+            t.parse(r#"{"agency": 10, "share": 0.5}"#).unwrap(),
+            json!({"agency": 10, "share": 0.5})
+        );
+        let bad = |s: &str| t.parse(s).unwrap_err().0;
+        assert!(bad(r#"{"agency": 11, "share": 0.5}"#).contains("`agency` is not a valid integer from 0 to 10"));
+        assert!(bad(r#"{"agency": 2.5, "share": 0.5}"#).contains("integer from 0 to 10"));
+        assert!(bad(r#"{"agency": 1, "share": 1.5}"#).contains("number from 0 to 1"));
+        assert_eq!(bad(r#"{"share": 0.5}"#), "missing `agency`");
+        let schema = t.json_schema();
+        assert_eq!(schema["properties"]["agency"], json!({"type": "integer", "minimum": 0, "maximum": 10}));
+        assert!(FieldType::parse("int[5,1]").is_err());
+        assert!(FieldType::parse("int[0.5,1]").is_err());
     }
 
     #[test]
