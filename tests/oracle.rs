@@ -768,3 +768,78 @@ fn constrained_decoding_makes_every_local_reply_parse_and_serve_enforces_json_sc
     assert_eq!(labels.len(), 6);
     check_shaped(&labels);
 }
+
+#[test]
+fn calibrate_judges_a_rubric_oracle_by_its_decision_matrix() {
+    // 10 on-topic, 10 off-topic and 4 edge-case articles; the scripted oracle scores
+    // on-topic high, off-topic low except one (10% false positives: REVIEW), and first
+    // answers r0 with a score out of range, which is retried.
+    let corpus: String = (0..24)
+        .map(|i| {
+            let stratum = match i {
+                0..=9 => "on",
+                10..=19 => "off",
+                _ => "edge",
+            };
+            format!("{{\"id\": \"r{i}\", \"kind\": \"{stratum}\", \"text\": \"article {i}\"}}\n")
+        })
+        .collect();
+    let server = FakeOpenAi::start(|r| {
+        let i: usize = r.item.trim_start_matches('r').parse().unwrap();
+        let (a, b) = match i {
+            0 if r.seen == 0 => (11, 8),
+            0..=9 => (8, 7),
+            10 => (9, 9),
+            10..=19 => (1, 2),
+            _ => (5, 4),
+        };
+        Reply::Content(format!(
+            "{{\"content_type\": \"news\", \"agency\": {a}, \"benefit\": {b}, \"reasoning\": \"because\"}}"
+        ))
+    });
+    let p = Project::new();
+    p.file("src.jsonl", &corpus);
+    p.file("score.j2", "Score [[{{ id }}]]: {{ text }}\n");
+    p.file(
+        "filter.yaml",
+        "name: toy\ndimensions:\n  agency: {weight: 1}\n  benefit: {weight: 1}\ntiers:\n  - {name: high, min: 5}\n  - {name: low, min: 0}\n",
+    );
+    p.file(
+        "pipe.yaml",
+        &format!(
+            r#"
+name: rubric
+stages:
+  make:
+    run: cp src.jsonl data/corpus.jsonl
+    deps: [src.jsonl]
+    outs: [data/corpus.jsonl]
+  calibrate:
+    uses: calibrate
+    inputs: {{corpus: make.corpus}}
+    with:
+      oracle: {{template: score.j2, returns: {{content_type: string, agency: "int[0,10]", benefit: "int[0,10]", reasoning: string}}, {}}}
+      compare: {{filter: {{file: filter.yaml, on_topic: [on], off_topic: [off]}}}}
+      sample: {{by: kind, per_stratum: 10, seed: 1}}
+"#,
+            openai(&server.url, "")
+        ),
+    );
+    let out = p.pipe(&["run", "pipe.yaml", "--no-progress"]);
+    assert!(out.code == 0 || out.code == 1, "{}", out.stderr);
+    let show: Value = serde_json::from_str(&p.ok(&["show", "calibrate", "--json"]).stdout).unwrap();
+    let m = &show["metrics"];
+    assert_eq!(m["false_positive_rate"], 0.1, "{m} {}", out.stderr);
+    assert_eq!(m["strong_false_positive_rate"], 0.1);
+    assert_eq!(m["false_negative_rate"], 0.0);
+    assert!(m["mean_dimension_variance"].as_f64().unwrap() > 1.0);
+    assert_eq!(
+        m["failure_rate"], 0.0,
+        "r0's out-of-range reply was retried"
+    );
+    assert_eq!(server.counts()["r0"], 2);
+    assert_eq!(m["decision"], "REVIEW", "{show}");
+    p.ok(&["export", "calibrate.report", "report"]);
+    let md = p.read("report/report.md");
+    assert!(md.contains("false positives 10.0% ≥ 10.0%"), "{md}");
+}

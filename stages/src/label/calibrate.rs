@@ -15,8 +15,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::gate::{
-    check_sample, check_thresholds, decide, default_quote, draw, label_sample, measure, signature,
-    Compare, GateSetup, SampleSpec,
+    check_sample, check_thresholds, combine, decide, default_quote, draw, filter_decision,
+    label_sample, load_filter, measure, signature, Compare, GateSetup, SampleSpec,
 };
 use super::report::finish;
 use crate::contract::{Outcome, Signature, Stage, StageContext, StageError};
@@ -30,6 +30,7 @@ struct CalibrateParams {
     #[serde(default)]
     compare: Compare,
     sample: SampleSpec,
+    #[serde(default)]
     pass_if: BTreeMap<String, String>,
     #[serde(default)]
     review_if: BTreeMap<String, String>,
@@ -65,10 +66,10 @@ impl Stage for CalibrateStage {
         let p: CalibrateParams = parse_params(params)?;
         let spec = OracleSpec::from_value(&p.oracle, "oracle")?;
         check_sample(&p.sample)?;
-        if p.pass_if.is_empty() {
+        if p.pass_if.is_empty() && p.compare.filter.is_none() {
             return Err(ParamError::new(
                 &["pass_if"],
-                "a gate needs at least one `pass_if` threshold, e.g. `answer_f1: \">= 0.6\"`",
+                "a gate needs at least one `pass_if` threshold, e.g. `answer_f1: \">= 0.6\"` (or a `compare.filter` rubric, judged by its decision matrix)",
             ));
         }
         check_thresholds("pass_if", &p.pass_if, &p.compare)?;
@@ -90,7 +91,11 @@ impl Stage for CalibrateStage {
                 }
             }
         }
-        Ok(signature(spec.deps()))
+        let mut deps = spec.deps();
+        if let Some(f) = &p.compare.filter {
+            deps.push(f.file.clone());
+        }
+        Ok(signature(deps))
     }
 
     fn key_params(&self, params: &Value) -> Value {
@@ -114,9 +119,13 @@ impl Stage for CalibrateStage {
             id_field: p.id_field,
             max_cost_usd: p.max_cost_usd,
         };
+        let filter = load_filter(ctx, &setup.compare, &spec.returns)?;
         let (labels, stats, spent) = label_sample(ctx, &oracle, &records, &sample, p.max_cost_usd)?;
-        let m = measure(&setup, &records, &sample, &labels);
-        let (decision, reasons) = decide(&m.metrics, &setup.pass_if, &setup.review_if);
+        let m = measure(&setup, &records, &sample, &labels, filter.as_ref());
+        let (decision, reasons) = combine(
+            decide(&m.metrics, &setup.pass_if, &setup.review_if),
+            filter_decision(&setup.compare, &m.metrics),
+        );
         let extra = json!({
             "oracle_spec": spec,
             "template_text": template,

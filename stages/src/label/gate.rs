@@ -51,7 +51,36 @@ pub struct Compare {
     /// A number: `score_mean` and distributions per stratum.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score: Option<ScoreField>,
+    /// A multi-dimensional rubric (a filter file): the overall score of each reply by the
+    /// filter, judged by the decision matrix on on-topic and off-topic strata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<FilterCompare>,
 }
+
+/// The rubric comparison: which strata are on-topic and off-topic (the rest, e.g.
+/// edge cases, are reported but not judged) and the decision matrix.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterCompare {
+    /// The filter file (relative to the workdir).
+    pub file: String,
+    /// Strata whose items should score high.
+    pub on_topic: Vec<String>,
+    /// Strata whose items should score low.
+    pub off_topic: Vec<String>,
+    /// Thresholds of the decision matrix.
+    #[serde(default)]
+    pub matrix: super::score_gate::ScoreGate,
+}
+
+/// The metrics the rubric comparison adds.
+pub(super) const FILTER_METRICS: [&str; 5] = [
+    "false_positive_rate",
+    "strong_false_positive_rate",
+    "false_negative_rate",
+    "mean_dimension_variance",
+    "overall_mean",
+];
 
 impl Compare {
     fn metric_names(&self) -> Vec<&'static str> {
@@ -67,6 +96,9 @@ impl Compare {
         }
         if self.score.is_some() {
             m.push("score_mean");
+        }
+        if self.filter.is_some() {
+            m.extend(FILTER_METRICS);
         }
         m
     }
@@ -328,11 +360,70 @@ pub(super) struct Measured {
     pub(super) worst: Vec<(f64, usize)>,
 }
 
+/// Loads `compare.filter`'s file and checks that the oracle returns every dimension.
+pub(super) fn load_filter(
+    ctx: &StageContext,
+    compare: &Compare,
+    returns: &BTreeMap<String, String>,
+) -> Result<Option<crate::task::filter::Filter>, StageError> {
+    let Some(fc) = &compare.filter else {
+        return Ok(None);
+    };
+    let f = crate::task::filter::Filter::load(&ctx.workdir.join(&fc.file))
+        .map_err(|e| StageError::Failed(format!("with.compare.filter: {e}")))?;
+    for n in f.names() {
+        if !returns.contains_key(n) {
+            return Err(StageError::Failed(format!(
+                "with.compare.filter: dimension `{n}` of {} is not among the oracle's `returns`; declare `{n}: int[0,10]`",
+                fc.file
+            )));
+        }
+    }
+    Ok(Some(f))
+}
+
+/// The rubric comparison's rates and decision from measured metrics.
+pub(super) fn filter_decision(
+    compare: &Compare,
+    metrics: &BTreeMap<String, f64>,
+) -> Option<(Decision, Vec<String>)> {
+    let fc = compare.filter.as_ref()?;
+    let get = |k: &str| metrics.get(k).copied().unwrap_or(f64::NAN);
+    let r = super::score_gate::ScoreRates {
+        false_positive_rate: get("false_positive_rate"),
+        strong_false_positive_rate: get("strong_false_positive_rate"),
+        false_negative_rate: get("false_negative_rate"),
+        mean_dimension_variance: get("mean_dimension_variance"),
+    };
+    Some(super::score_gate::decide(&r, &fc.matrix))
+}
+
+/// The more severe of two decisions, with both sets of reasons.
+pub(super) fn combine(
+    a: (Decision, Vec<String>),
+    b: Option<(Decision, Vec<String>)>,
+) -> (Decision, Vec<String>) {
+    let rank = |d: Decision| match d {
+        Decision::Pass => 0,
+        Decision::Review => 1,
+        Decision::Fail => 2,
+    };
+    match b {
+        None => a,
+        Some((d, mut r)) => {
+            let mut reasons = a.1;
+            reasons.append(&mut r);
+            (if rank(d) > rank(a.0) { d } else { a.0 }, reasons)
+        }
+    }
+}
+
 pub(super) fn measure(
     setup: &GateSetup,
     records: &[Value],
     sample: &[Picked],
     labels: &[Labelled],
+    filter: Option<&crate::task::filter::Filter>,
 ) -> Measured {
     #[derive(Default)]
     struct Acc {
@@ -449,6 +540,50 @@ pub(super) fn measure(
             scores.insert(k.clone(), summary(&a.scores));
         }
     }
+    let mut metrics = finish(&all);
+    let mut per_stratum: BTreeMap<String, BTreeMap<String, f64>> =
+        by.iter().map(|(k, a)| (k.clone(), finish(a))).collect();
+    if let (Some(fc), Some(f)) = (&setup.compare.filter, filter) {
+        let (mut on, mut off, mut dims, mut overall) = (vec![], vec![], vec![], vec![]);
+        let mut by_stratum: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for (i, (p, l)) in sample.iter().zip(labels).enumerate() {
+            let Some(reply) = &l.label else { continue };
+            let Ok((scores, ct)) = f.read_reply(reply) else {
+                item_score[i] = -1.0;
+                continue;
+            };
+            let a = f.assess(&scores, ct.as_deref());
+            if fc.on_topic.contains(&p.stratum) {
+                on.push(a.overall);
+                // An on-topic item scored low is one to look at.
+                item_score[i] = item_score[i].min(a.overall / 10.0);
+            }
+            if fc.off_topic.contains(&p.stratum) {
+                off.push(a.overall);
+                item_score[i] = item_score[i].min(1.0 - a.overall / 10.0);
+            }
+            by_stratum
+                .entry(p.stratum.as_str())
+                .or_default()
+                .push(a.overall);
+            overall.push(a.overall);
+            dims.push(scores);
+        }
+        let r = super::score_gate::rates(&off, &on, &dims, &fc.matrix);
+        metrics.insert("false_positive_rate".into(), r.false_positive_rate);
+        metrics.insert(
+            "strong_false_positive_rate".into(),
+            r.strong_false_positive_rate,
+        );
+        metrics.insert("false_negative_rate".into(), r.false_negative_rate);
+        metrics.insert("mean_dimension_variance".into(), r.mean_dimension_variance);
+        metrics.insert("overall_mean".into(), mean(&overall));
+        for (k, v) in by_stratum {
+            if let Some(m) = per_stratum.get_mut(k) {
+                m.insert("overall_mean".into(), mean(&v));
+            }
+        }
+    }
     let mut worst: Vec<(f64, usize)> = item_score
         .iter()
         .copied()
@@ -458,8 +593,8 @@ pub(super) fn measure(
         .collect();
     worst.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     Measured {
-        metrics: finish(&all),
-        per_stratum: by.iter().map(|(k, a)| (k.clone(), finish(a))).collect(),
+        metrics,
+        per_stratum,
         scores,
         worst,
     }

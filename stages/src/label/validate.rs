@@ -11,8 +11,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::gate::{
-    check_sample, check_thresholds, decide, default_quote, draw, label_sample, measure, signature,
-    GateSetup, SampleSpec,
+    check_sample, check_thresholds, combine, decide, default_quote, draw, filter_decision,
+    label_sample, load_filter, measure, signature, GateSetup, SampleSpec,
 };
 use super::report::finish;
 use crate::contract::{Decision, InputDecl, Outcome, Signature, Stage, StageContext, StageError};
@@ -129,11 +129,25 @@ impl Stage for ValidateStage {
         let sample = draw(&records, &p.sample, &setup.id_field, &cal_ids)?;
         let oracle = Oracle::with_template(&spec, template, ctx)?;
         let (labels, stats, spent) = label_sample(ctx, &oracle, &records, &sample, p.max_cost_usd)?;
-        let m = measure(&setup, &records, &sample, &labels);
-        let (mut decision, mut reasons) = decide(&m.metrics, &setup.pass_if, &setup.review_if);
+        let filter = load_filter(ctx, &setup.compare, &spec.returns)?;
+        let m = measure(&setup, &records, &sample, &labels, filter.as_ref());
+        let (mut decision, mut reasons) = combine(
+            decide(&m.metrics, &setup.pass_if, &setup.review_if),
+            filter_decision(&setup.compare, &m.metrics),
+        );
         let cal_metrics = cal.get("metrics").cloned().unwrap_or(Value::Null);
         let mut drift = BTreeMap::new();
-        for name in setup.pass_if.keys() {
+        let judged: Vec<String> = setup
+            .pass_if
+            .keys()
+            .cloned()
+            .chain(setup.compare.filter.iter().flat_map(|_| {
+                super::gate::FILTER_METRICS[..3]
+                    .iter()
+                    .map(|s| s.to_string())
+            }))
+            .collect();
+        for name in &judged {
             if let (Some(now), Some(then)) = (
                 m.metrics.get(name),
                 cal_metrics.get(name).and_then(Value::as_f64),

@@ -182,10 +182,9 @@ impl OracleTask {
                     .as_f64()
                     .filter(|x| x.fract() == 0.0 && *x >= *lo as f64 && *x <= *hi as f64)
                     .map(|x| Value::from(x as i64)),
-                FieldType::NumberRange(lo, hi) => f
-                    .as_f64()
-                    .filter(|x| x >= lo && x <= hi)
-                    .map(Value::from),
+                FieldType::NumberRange(lo, hi) => {
+                    f.as_f64().filter(|x| x >= lo && x <= hi).map(Value::from)
+                }
             };
             let value = ok.ok_or_else(|| {
                 ParseFailure(format!("`{name}` is not a valid {}: {f}", describe(ty)))
@@ -284,12 +283,16 @@ mod tests {
             json!({"agency": 10, "share": 0.5})
         );
         let bad = |s: &str| t.parse(s).unwrap_err().0;
-        assert!(bad(r#"{"agency": 11, "share": 0.5}"#).contains("`agency` is not a valid integer from 0 to 10"));
+        assert!(bad(r#"{"agency": 11, "share": 0.5}"#)
+            .contains("`agency` is not a valid integer from 0 to 10"));
         assert!(bad(r#"{"agency": 2.5, "share": 0.5}"#).contains("integer from 0 to 10"));
         assert!(bad(r#"{"agency": 1, "share": 1.5}"#).contains("number from 0 to 1"));
         assert_eq!(bad(r#"{"share": 0.5}"#), "missing `agency`");
         let schema = t.json_schema();
-        assert_eq!(schema["properties"]["agency"], json!({"type": "integer", "minimum": 0, "maximum": 10}));
+        assert_eq!(
+            schema["properties"]["agency"],
+            json!({"type": "integer", "minimum": 0, "maximum": 10})
+        );
         assert!(FieldType::parse("int[5,1]").is_err());
         assert!(FieldType::parse("int[0.5,1]").is_err());
     }
