@@ -821,7 +821,14 @@ stages:
       oracle: {{template: score.j2, returns: {{content_type: string, agency: "int[0,10]", benefit: "int[0,10]", reasoning: string}}, {}}}
       compare: {{filter: {{file: filter.yaml, on_topic: [on], off_topic: [off]}}}}
       sample: {{by: kind, per_stratum: 10, seed: 1}}
+  label:
+    uses: batch_label
+    inputs: {{corpus: make.corpus}}
+    with:
+      oracle: {{template: score.j2, returns: {{content_type: string, agency: "int[0,10]", benefit: "int[0,10]", reasoning: string}}, {}}}
+      filter: filter.yaml
 "#,
+            openai(&server.url, ""),
             openai(&server.url, "")
         ),
     );
@@ -842,4 +849,22 @@ stages:
     p.ok(&["export", "calibrate.report", "report"]);
     let md = p.read("report/report.md");
     assert!(md.contains("false positives 10.0% ≥ 10.0%"), "{md}");
+    // batch_label with the filter adds each record's overall score and tier.
+    let labels = jsonl(&p, "label", "labels");
+    assert_eq!(labels.len(), 24);
+    let r10 = labels.iter().find(|r| r["id"] == "r10").unwrap();
+    assert_eq!(
+        (r10["overall"].as_f64(), r10["tier"].as_str()),
+        (Some(9.0), Some("high"))
+    );
+    let r12 = labels.iter().find(|r| r["id"] == "r12").unwrap();
+    assert_eq!(
+        (r12["overall"].as_f64(), r12["tier"].as_str()),
+        (Some(1.5), Some("low"))
+    );
+    let show: Value = serde_json::from_str(&p.ok(&["show", "label", "--json"]).stdout).unwrap();
+    assert_eq!(
+        show["metrics"]["tiers"],
+        serde_json::json!({"high": 11, "low": 13})
+    );
 }

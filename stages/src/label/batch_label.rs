@@ -9,6 +9,11 @@
 //! next run only if the request failed (a parse failure has used its attempts).
 //! `max_cost_usd` is checked before every request; reaching it stops the stage
 //! cleanly with everything answered so far kept.
+//!
+//! With `filter: FILE` (a rubric oracle), each reply's scores are checked per
+//! dimension and the filter's overall score and tier are added to the record as
+//! `overall` and `tier` (what `split` stratifies by and `head_eval` compares with);
+//! a reply the filter rejects goes to the failures with its reason.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -34,6 +39,9 @@ struct BatchLabelParams {
     /// Field of the output records that holds the parsed reply.
     #[serde(default = "default_into")]
     into: String,
+    /// A filter file: add its `overall` score and `tier` to each labelled record.
+    #[serde(default)]
+    filter: Option<String>,
 }
 
 fn default_batch() -> usize {
@@ -68,9 +76,11 @@ impl Stage for BatchLabelStage {
         if p.into.is_empty() {
             return Err(ParamError::new(&["into"], "expected a field name"));
         }
+        let mut deps = spec.deps();
+        deps.extend(p.filter.iter().cloned());
         Ok(Signature {
             inputs: vec![InputDecl::required("corpus")],
-            deps: spec.deps(),
+            deps,
             outputs: vec![
                 OutputDecl::staged("labels", "labels.jsonl"),
                 OutputDecl::staged("failures", "failures.jsonl"),
@@ -95,6 +105,14 @@ impl Stage for BatchLabelStage {
             records.truncate(n);
         }
         let oracle = Oracle::open(&spec, ctx)?;
+        let filter = match &p.filter {
+            Some(f) => Some(
+                crate::task::filter::Filter::load(&ctx.workdir.join(f))
+                    .map_err(|e| StageError::Failed(format!("with.filter: {e}")))?,
+            ),
+            None => None,
+        };
+        let mut tiers: BTreeMap<String, usize> = BTreeMap::new();
         let budget = Budget::new(
             p.max_cost_usd,
             spec.prices.clone(),
@@ -124,11 +142,29 @@ impl Stage for BatchLabelStage {
                 )
             },
         )?;
-        for (r, l) in records.iter().zip(results) {
+        for (r, mut l) in records.iter().zip(results) {
             cost_total += l.cost_usd;
+            let mut assessed = None;
+            if let (Some(f), Some(v)) = (&filter, &l.label) {
+                match f.read_reply(v) {
+                    Ok((scores, ct)) => assessed = Some(f.assess(&scores, ct.as_deref())),
+                    Err(e) => {
+                        l.errors.push(format!("the filter rejects the reply: {e}"));
+                        l.label = None;
+                    }
+                }
+            }
             match &l.label {
                 Some(v) => {
                     let mut rec = r.clone();
+                    if let (Some(a), Some(o)) = (&assessed, rec.as_object_mut()) {
+                        o.insert("overall".into(), json!(a.overall));
+                        o.insert("tier".into(), json!(a.tier));
+                        if !a.capped_by.is_empty() {
+                            o.insert("capped_by".into(), json!(a.capped_by));
+                        }
+                        *tiers.entry(a.tier.clone()).or_default() += 1;
+                    }
                     if let Some(o) = rec.as_object_mut() {
                         o.insert(p.into.clone(), v.clone());
                     } else {
@@ -178,6 +214,9 @@ impl Stage for BatchLabelStage {
         );
         if secs > 0.0 {
             metrics.insert("items_per_s".into(), json!(total as f64 / secs));
+        }
+        if filter.is_some() {
+            metrics.insert("tiers".into(), json!(tiers));
         }
         ctx.log(&format!(
             "{labelled} labelled, {failed} failed ({parse_failed} unparsable), {} requests, {} memoised replies, {:.1}s",
