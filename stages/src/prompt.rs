@@ -8,10 +8,24 @@ use serde_json::Value;
 
 use crate::contract::{StageContext, StageError};
 
+/// The first `n` whitespace-separated words of `text` (the `words(n)` filter: an
+/// article cut to a word limit), joined by single spaces; the text as it is when it
+/// has no more than `n`.
+pub fn first_words(text: &str, n: usize) -> String {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    if words.len() <= n {
+        text.to_string()
+    } else {
+        words[..n].join(" ")
+    }
+}
+
 /// Renders a minijinja template with `record`'s fields as its variables; an undefined
 /// variable is an error, not an empty string. Shared by every stage with a prompt file.
+/// Besides minijinja's filters, `words(n)` keeps the first `n` words.
 pub fn render_template(template: &str, record: &Value) -> Result<String, String> {
     let mut env = minijinja::Environment::new();
+    env.add_filter("words", |s: String, n: usize| first_words(&s, n));
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
     env.add_template("prompt", template)
         .map_err(|e| format!("the template does not parse: {e}"))?;
@@ -75,4 +89,20 @@ pub fn render_each(
                 .map_err(|e| StageError::Failed(format!("{name}: {what} record {}: {e}", i + 1)))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod words_tests {
+    #[test]
+    fn the_words_filter_cuts_to_a_word_limit() {
+        let r = serde_json::json!({"text": "one two  three\nfour"});
+        assert_eq!(
+            super::render_template("{{ text | words(2) }}", &r).unwrap(),
+            "one two"
+        );
+        assert_eq!(
+            super::render_template("{{ text | words(9) }}", &r).unwrap(),
+            "one two  three\nfour"
+        );
+    }
 }
