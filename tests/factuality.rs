@@ -227,6 +227,65 @@ stages:
     keep_figures(&p, "figures", &["margins.png", "loss_curve.png"]);
 }
 
+#[test]
+fn reward_train_with_lora_tunes_the_base_and_saves_a_seq_cls_model() {
+    let p = Project::new();
+    let mut rows = String::new();
+    for i in 0..16 {
+        let rec = format!(
+            r#"{{"id": "q{i}", "question": "Where is place {i}?", "evidence": [{{"id": "c{i}", "text": "Place {i} is in Town{i}."}}], "support": ["c{i}"]}}"#
+        );
+        let good = format!(
+            r#"{{\"answer\": \"Town{i}\", \"citations\": [\"c{i}\"], \"confidence\": 0.9}}"#
+        );
+        let bad = format!(
+            r#"{{\"answer\": \"Nowhere\", \"citations\": [\"c{i}\"], \"confidence\": 0.9}}"#
+        );
+        rows.push_str(&format!(
+            "{{\"id\": \"q{i}\", \"record\": {rec}, \"chosen\": \"{good}\", \"rejected\": \"{bad}\"}}\n"
+        ));
+    }
+    p.file("pairs.jsonl", &rows);
+    p.file("prompt.j2", "Q: {{ question }}");
+    p.file(
+        "pipe.yaml",
+        r#"
+name: rm
+stages:
+  make:
+    run: cp pairs.jsonl data/pairs.jsonl
+    deps: [pairs.jsonl]
+    outs: [data/pairs.jsonl]
+  reward_train:
+    uses: reward_train
+    inputs: {pairs: make.pairs}
+    with:
+      model: "tiny:llama:1"
+      template: prompt.j2
+      lora: {r: 4, alpha: 8, target_modules: all-linear}
+      epochs: 3
+      batch_size: 4
+      eval_every: 3
+      eval_fraction: 0.25
+      lr: 0.01
+"#,
+    );
+    p.ok(&["run", "pipe.yaml", "--no-progress"]);
+    let show: Value =
+        serde_json::from_str(&p.ok(&["show", "reward_train", "--json"]).stdout).unwrap();
+    let m = &show["metrics"];
+    assert_eq!(m["lora"], true);
+    assert_eq!(m["train_pairs"], 12);
+    assert_eq!(m["eval_pairs"], 4);
+    let auc = m["eval_roc_auc"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&auc), "{m}");
+    p.ok(&["export", "reward_train.head", "head"]);
+    let cfg: Value = serde_json::from_str(&p.read("head/adapter_config.json")).unwrap();
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    assert_eq!(cfg["modules_to_save"], serde_json::json!(["score"]));
+    assert!(p.read("head/head_config.json").contains("pairwise"));
+}
+
 /// `PIPE_FIGURE_DIR=DIR` copies a test's figures there, to look at them.
 fn keep_figures(p: &Project, dir: &str, files: &[&str]) {
     if let Some(out) = std::env::var_os("PIPE_FIGURE_DIR") {

@@ -23,8 +23,11 @@
 //! `score.weight` (`[1, hidden]`, the name PEFT's `modules_to_save` gives a sequence-
 //! classification head).
 //!
-//! LoRA on the base is not offered yet: the base is frozen, so its features are
-//! computed once and only the head trains.
+//! Without `lora:` the base is frozen: its features are computed once and only the head
+//! trains. With `lora:` the base is tuned too (pipe-train's sequence heads, pairwise
+//! objective, the same penalised margins): every step runs the base, the adapter and the
+//! head on the chosen and rejected texts, and the head is saved with the adapter in PEFT's
+//! sequence-classification layout (`head/adapter_config.json`, `task_type: SEQ_CLS`).
 
 use std::collections::BTreeMap;
 
@@ -102,6 +105,9 @@ struct RewardParams {
     /// nf4: quantize the block absmaxes too (bitsandbytes' `bnb_4bit_use_double_quant`).
     #[serde(default)]
     double_quant: bool,
+    /// Tune the base with LoRA as well as the head.
+    #[serde(default)]
+    lora: Option<pipe_train::lora::LoraConfig>,
 }
 
 fn default_budget() -> usize {
@@ -241,6 +247,275 @@ pub fn gamed_variants(text: &str, g: &Grounding) -> Vec<(&'static str, String)> 
     out
 }
 
+/// Held-out metrics from penalised rewards `r(k)`: pairwise accuracy, pooled ROC-AUC,
+/// mean margin and the adversarial accuracy.
+fn ranking_metrics(
+    reward: &dyn Fn(usize) -> f64,
+    eval_pairs: &[(usize, usize)],
+    adversarial: &[(usize, usize)],
+) -> BTreeMap<&'static str, f64> {
+    let (mut right, mut margin, mut scores, mut labels) = (0usize, 0.0, Vec::new(), Vec::new());
+    for &(c, r) in eval_pairs {
+        let (rc, rr) = (reward(c), reward(r));
+        if rc > rr {
+            right += 1;
+        }
+        margin += rc - rr;
+        scores.extend([rc, rr]);
+        labels.extend([true, false]);
+    }
+    let adv_right = adversarial
+        .iter()
+        .filter(|(orig, gamed)| reward(*orig) > reward(*gamed))
+        .count();
+    let mut m = BTreeMap::new();
+    let n = eval_pairs.len().max(1) as f64;
+    m.insert("eval_accuracy", right as f64 / n);
+    m.insert("eval_roc_auc", roc_auc(&scores, &labels).unwrap_or(0.5));
+    m.insert("eval_mean_margin", margin / n);
+    if !adversarial.is_empty() {
+        m.insert(
+            "adversarial_accuracy",
+            adv_right as f64 / adversarial.len() as f64,
+        );
+    }
+    m
+}
+
+/// `reward_train` with `lora:`: base + adapter + scalar head trained together on the
+/// pairs (pairwise objective, penalised margins), kept by held-out ROC-AUC.
+#[allow(clippy::too_many_arguments)]
+fn train_with_lora(
+    ctx: &StageContext,
+    p: &RewardParams,
+    cfg: &pipe_train::lora::LoraConfig,
+    loaded: &mut pipe_train::loader::Loaded,
+    seqs: &[Vec<u32>],
+    pens: &[f64],
+    pair_ix: &[(usize, usize)],
+    train_idx: &[usize],
+    eval_idx: &[usize],
+    adversarial: &[(usize, usize)],
+    judge_margin: &dyn Fn(usize) -> f64,
+) -> Result<Outcome, StageError> {
+    use pipe_train::heads::{self, Head, HeadConfig, HeadKind, Objective, Padding, Pooling, Unit};
+    let adapter = pipe_train::lora::attach(
+        &mut loaded.model,
+        cfg,
+        &mut pipe_train::Rng::new(p.seed).fork(0x10A),
+    )
+    .map_err(crate::model::failed("attaching LoRA"))?;
+    let head = Head::new(
+        HeadConfig {
+            pooling: Pooling::Last,
+            kind: HeadKind::Linear,
+            hidden: loaded.config.hidden_size,
+            outputs: 1,
+            dropout: 0.0,
+            out_bias: false,
+        },
+        &mut pipe_train::Rng::new(p.seed).fork(0x4EAD),
+        loaded.model.device(),
+    )
+    .map_err(crate::model::failed("creating the head"))?;
+    let unit = |c: usize, r: usize, margin: f64| Unit {
+        seqs: vec![seqs[c].clone(), seqs[r].clone()],
+        target: vec![],
+        margin: margin as f32,
+    };
+    let train: Vec<Unit> = train_idx
+        .iter()
+        .map(|&i| {
+            let (c, r) = pair_ix[i];
+            unit(c, r, judge_margin(i) + pens[c] - pens[r])
+        })
+        .collect();
+    // Scored at every evaluation: the held-out pairs, then the adversarial pairs.
+    let eval_pairs: Vec<(usize, usize)> = eval_idx.iter().map(|&i| pair_ix[i]).collect();
+    let eval: Vec<Unit> = eval_pairs
+        .iter()
+        .chain(adversarial)
+        .map(|&(c, r)| unit(c, r, pens[c] - pens[r]))
+        .collect();
+    let pad_id = loaded
+        .tokenizer
+        .eos_id()
+        .or(loaded.config.eos_ids().first().copied())
+        .unwrap_or(0);
+    struct Obs<'a> {
+        ctx: &'a StageContext,
+        pens: &'a [f64],
+        eval_pairs: &'a [(usize, usize)],
+        adversarial: &'a [(usize, usize)],
+        history: String,
+    }
+    impl heads::HeadObserver for Obs<'_> {
+        fn on_step(&mut self, m: &heads::HeadStep, total: u64) {
+            self.ctx.progress(
+                m.step,
+                Some(total),
+                &format!("loss {:.4}", m.loss.unwrap_or(f64::NAN)),
+            );
+        }
+        fn cancelled(&self) -> bool {
+            self.ctx.cancel.is_cancelled()
+        }
+        fn evaluate(&mut self, step: u64, preds: &[Vec<Vec<f32>>]) -> BTreeMap<String, f64> {
+            // Text index → head score, from the units' order (pairs, then adversarial).
+            let mut score: std::collections::HashMap<usize, f64> = Default::default();
+            for (u, &(c, r)) in preds
+                .iter()
+                .zip(self.eval_pairs.iter().chain(self.adversarial))
+            {
+                score.insert(c, u[0][0] as f64);
+                score.insert(r, u[1][0] as f64);
+            }
+            let reward = |k: usize| score[&k] - self.pens[k];
+            let m = ranking_metrics(&reward, self.eval_pairs, self.adversarial);
+            self.history
+                .push_str(&(json!({"step": step, "eval": m}).to_string() + "\n"));
+            let names: Vec<String> = m.keys().map(|k| format!("eval.{k}")).collect();
+            let values: Vec<(&str, f64)> = names
+                .iter()
+                .map(String::as_str)
+                .zip(m.values().copied())
+                .collect();
+            self.ctx.scalars(step, &values);
+            m.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+        }
+    }
+    let steps = pipe_train::trainer::TrainSettings::steps_for_epochs(
+        p.epochs as f64,
+        train.len(),
+        p.batch_size,
+        1,
+    );
+    let settings = heads::HeadTrainSettings {
+        objective: Objective::Pairwise,
+        center: p.center,
+        optimizer: pipe_train::optim::AdamWConfig {
+            lr: p.lr,
+            weight_decay: p.weight_decay,
+            ..Default::default()
+        },
+        head_lr: None,
+        warmup_steps: (steps / 10).max(1),
+        decay: pipe_train::optim::Decay::Constant,
+        batch_size: p.batch_size,
+        grad_accum: 1,
+        steps,
+        max_grad_norm: Some(1.0),
+        eval_every: p.eval_every,
+        save_every: p.eval_every,
+        seed: p.seed,
+        gradient_checkpointing: false,
+        keep_best: ("eval_roc_auc".into(), pipe_train::trainer::Goal::Max),
+    };
+    let model = heads::SeqModel {
+        decoder: &loaded.model,
+        head: &head,
+        pad_id,
+        padding: Padding::Right,
+    };
+    let mut obs = Obs {
+        ctx,
+        pens,
+        eval_pairs: &eval_pairs,
+        adversarial,
+        history: String::new(),
+    };
+    let report = heads::train(
+        &model,
+        Some(&adapter),
+        &train,
+        &eval,
+        &settings,
+        Some(&ctx.checkpoint_dir),
+        &mut obs,
+    )
+    .map_err(crate::model::failed("training the reward model"))?;
+    let dir = ctx.out_dir.join("head");
+    let meta = heads::SavedHead {
+        head: head.config.clone(),
+        objective: Objective::Pairwise,
+        outputs: vec!["reward".into()],
+        standardize: vec![],
+        pad_id,
+        base_model: p.model.clone(),
+        lora: true,
+    };
+    heads::save(&dir, Some(&adapter), &head, &report.best_tensors, &meta)
+        .map_err(crate::model::failed("saving the reward model"))?;
+    crate::fsio::write_json_atomic(
+        &dir.join("reward_config.json"),
+        &json!({
+            "base_model_name_or_path": p.model,
+            "base_model_identity": loaded.identity,
+            "head": "LoRA + score.weight [1, hidden] on the last token (PEFT SEQ_CLS)",
+            "penalties": p.penalties,
+            "length_budget": p.length_budget,
+            "template": p.template,
+        }),
+    )
+    .map_err(StageError::io("writing reward_config.json"))?;
+    let mut lines = String::new();
+    for h in &report.history {
+        if let Some(l) = h.loss {
+            lines.push_str(&json!({"step": h.step, "loss": l}).to_string());
+            lines.push('\n');
+            ctx.scalars(h.step, &[("loss", l)]);
+        }
+    }
+    lines.push_str(&obs.history);
+    crate::fsio::write_atomic(&ctx.out_dir.join("metrics.jsonl"), lines.as_bytes())
+        .map_err(StageError::io("writing metrics.jsonl"))?;
+    if p.tensorboard {
+        crate::scalars::write_tfevents(
+            &ctx.out_dir.join("tensorboard"),
+            &crate::scalars::from_jsonl(&lines),
+        )
+        .map_err(StageError::io("writing the TensorBoard event file"))?;
+    }
+    let kept_step = report.best.map(|b| b.1).unwrap_or(report.steps);
+    let kept = report
+        .history
+        .iter()
+        .find(|h| h.step == kept_step && !h.metrics.is_empty());
+    let figures = ctx.out_dir.join("figures");
+    std::fs::create_dir_all(&figures).map_err(StageError::io("creating figures/"))?;
+    let loss_pts: Vec<(f64, f64)> = report
+        .history
+        .iter()
+        .filter_map(|h| Some((h.step as f64, h.loss?)))
+        .collect();
+    crate::figure::Figure::Lines {
+        title: "Reward model (LoRA + head) training loss".into(),
+        x: "optimizer step".into(),
+        y: "pairwise logistic loss".into(),
+        series: vec![("train loss".into(), loss_pts)],
+    }
+    .save(&figures.join("loss_curve.png"))
+    .map_err(StageError::io("writing figures/loss_curve.png"))?;
+    let mut metrics = BTreeMap::new();
+    metrics.insert("train_pairs".into(), json!(train.len()));
+    metrics.insert("eval_pairs".into(), json!(eval_pairs.len()));
+    metrics.insert("adversarial_pairs".into(), json!(adversarial.len()));
+    metrics.insert("lora".into(), json!(true));
+    metrics.insert("kept_step".into(), json!(kept_step));
+    if let Some(l) = report.history.last().and_then(|h| h.loss) {
+        metrics.insert("final_loss".into(), json!(l));
+    }
+    if let Some(k) = kept {
+        for (name, v) in &k.metrics {
+            metrics.insert(name.clone(), json!(v));
+        }
+    }
+    Ok(Outcome {
+        metrics,
+        ..Outcome::default()
+    })
+}
+
 /// The reward model trainer.
 pub struct RewardTrainStage;
 
@@ -254,7 +529,7 @@ impl Stage for RewardTrainStage {
     }
 
     fn summary(&self) -> &'static str {
-        "reward model: frozen base + scalar head, Bradley-Terry on judged pairs with anti-gaming penalties; ROC-AUC and adversarial eval"
+        "reward model: frozen (or LoRA-tuned) base + scalar head, Bradley-Terry on judged pairs with anti-gaming penalties; ROC-AUC and adversarial eval"
     }
 
     fn declare(&self, params: &Value) -> Result<Signature, ParamError> {
@@ -365,8 +640,6 @@ impl Stage for RewardTrainStage {
             }
             seqs.push(ids);
         }
-        let feats = pipe_train::reward::last_hidden(&loaded.model, &seqs, 8)
-            .map_err(crate::model::failed("featurising"))?;
         let pens: Vec<f64> = texts
             .iter()
             .map(|(row, t)| {
@@ -386,6 +659,25 @@ impl Stage for RewardTrainStage {
                 0.0
             }
         };
+        if let Some(cfg) = &p.lora {
+            let mut loaded = loaded;
+            let adv: Vec<(usize, usize)> = adversarial.iter().map(|(_, o, g)| (*o, *g)).collect();
+            return train_with_lora(
+                ctx,
+                &p,
+                cfg,
+                &mut loaded,
+                &seqs,
+                &pens,
+                &pair_ix,
+                train_idx,
+                eval_idx,
+                &adv,
+                &|i| judge_margin(i),
+            );
+        }
+        let feats = pipe_train::reward::last_hidden(&loaded.model, &seqs, 8)
+            .map_err(crate::model::failed("featurising"))?;
         let train: Vec<pipe_train::reward::FeaturePair> = train_idx
             .iter()
             .map(|&i| {
