@@ -790,7 +790,7 @@ fn calibrate_judges_a_rubric_oracle_by_its_decision_matrix() {
             0 if r.seen == 0 => (11, 8),
             0..=9 => (8, 7),
             10 => (9, 9),
-            10..=19 => (1, 2),
+            11..=19 => (1, 2),
             _ => (5, 4),
         };
         Reply::Content(format!(
