@@ -113,3 +113,45 @@ mod tests {
         assert!(err.message.contains("expected u64"), "{}", err.message);
     }
 }
+
+/// The learning-rate schedule of a training stage (`schedule:` of `sft`, `head_train`):
+/// linear warmup for `warmup_steps`, or `warmup_ratio` of the steps when that is 0,
+/// then `decay`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// Warmup steps.
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Warmup as a share of the steps (used when `warmup_steps` is 0), e.g. 0.03.
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    /// Decay after warmup.
+    #[serde(default = "cosine")]
+    pub decay: pipe_train::optim::Decay,
+}
+
+fn cosine() -> pipe_train::optim::Decay {
+    pipe_train::optim::Decay::Cosine
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule {
+            warmup_steps: 0,
+            warmup_ratio: 0.0,
+            decay: cosine(),
+        }
+    }
+}
+
+impl Schedule {
+    /// Warmup steps for a run of `steps`.
+    pub fn warmup(&self, steps: u64) -> u64 {
+        if self.warmup_steps > 0 {
+            self.warmup_steps
+        } else {
+            (self.warmup_ratio * steps as f64).ceil() as u64
+        }
+    }
+}

@@ -31,19 +31,19 @@
 //! [`crate::trainer`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::io::{read_json, save_safetensors, write_atomic, write_json};
+use crate::io::{read_json, save_safetensors, write_json};
 use crate::lora::Adapter;
 use crate::model::{Decoder, KeyMask};
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig, Decay};
 use crate::rng::Rng;
-use crate::trainer::Goal;
+use crate::trainer::{latest, load_map, Goal};
 
 /// How a sequence's hidden states become one vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -230,31 +230,12 @@ impl Head {
 
     /// The weights by name (f32 copies).
     pub fn tensors(&self) -> Result<HashMap<String, Tensor>> {
-        let mut m = HashMap::new();
-        for (k, v) in &self.vars {
-            m.insert(k.clone(), v.as_tensor().to_dtype(DType::F32)?.copy()?);
-        }
-        Ok(m)
+        crate::io::named_tensors(&self.vars)
     }
 
     /// Copies values from a map by name, checking every name and shape.
     pub fn restore(&self, tensors: &HashMap<String, Tensor>, source: &Path) -> Result<()> {
-        for (k, v) in &self.vars {
-            let t = tensors.get(k).ok_or_else(|| Error::Tensor {
-                name: k.clone(),
-                path: source.to_path_buf(),
-                message: "missing from the head".into(),
-            })?;
-            if t.dims() != v.dims() {
-                return Err(Error::Tensor {
-                    name: k.clone(),
-                    path: source.to_path_buf(),
-                    message: format!("expected shape {:?}, found {:?}", v.dims(), t.dims()),
-                });
-            }
-            v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?)?;
-        }
-        Ok(())
+        crate::io::restore_named(&self.vars, tensors, source, "the head")
     }
 }
 
@@ -681,23 +662,9 @@ pub fn train(
     }
     let mut vars: Vec<(String, Var)> = adapter.map(|a| a.vars.clone()).unwrap_or_default();
     vars.extend(model.head.vars.iter().cloned());
-    let snapshot = |vars: &[(String, Var)]| -> Result<HashMap<String, Tensor>> {
-        let mut m = HashMap::new();
-        for (k, v) in vars {
-            m.insert(k.clone(), v.as_tensor().to_dtype(DType::F32)?.copy()?);
-        }
-        Ok(m)
-    };
-    let restore = |vars: &[(String, Var)], t: &HashMap<String, Tensor>, src: &Path| -> Result<()> {
-        for (k, v) in vars {
-            let x = t.get(k).ok_or_else(|| Error::Tensor {
-                name: k.clone(),
-                path: src.to_path_buf(),
-                message: "missing from the checkpoint".into(),
-            })?;
-            v.set(&x.to_dtype(v.dtype())?.to_device(v.device())?)?;
-        }
-        Ok(())
+    let snapshot = crate::io::named_tensors;
+    let restore = |vars: &[(String, Var)], t: &HashMap<String, Tensor>, src: &Path| {
+        crate::io::restore_named(vars, t, src, "the checkpoint")
     };
     let mut opt = AdamW::new(vars.clone(), s.optimizer.clone())?;
     if let Some(h) = s.head_lr {
@@ -896,22 +863,6 @@ pub fn train(
     })
 }
 
-fn load_map(path: &Path) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .map_err(|e| Error::format(path, format!("cannot read checkpoint tensors: {e}")))
-}
-
-fn latest(dir: &Path) -> Result<Option<(State, PathBuf)>> {
-    let Ok(name) = std::fs::read_to_string(dir.join("LATEST")) else {
-        return Ok(None);
-    };
-    let path = dir.join(name.trim());
-    let v = read_json(&path.join("state.json"))?;
-    let st: State = serde_json::from_value(v)
-        .map_err(|e| Error::format(path.join("state.json"), e.to_string()))?;
-    Ok(Some((st, path)))
-}
-
 fn save_checkpoint(
     dir: &Path,
     st: &State,
@@ -919,26 +870,17 @@ fn save_checkpoint(
     opt: &AdamW,
     best: &HashMap<String, Tensor>,
 ) -> Result<()> {
-    let name = format!("step-{:07}", st.step);
-    let path = dir.join(&name);
-    save_safetensors(&path.join("trainable.safetensors"), trainable)?;
-    save_safetensors(&path.join("optimizer.safetensors"), &opt.state()?)?;
-    save_safetensors(&path.join("best.safetensors"), best)?;
-    write_json(
-        &path.join("state.json"),
-        &serde_json::to_value(st).expect("state serialises"),
-    )?;
-    write_atomic(&dir.join("LATEST"), name.as_bytes())?;
-    for entry in std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .flatten()
-    {
-        let n = entry.file_name().to_string_lossy().to_string();
-        if n.starts_with("step-") && n != name {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-    Ok(())
+    let moments = opt.state()?;
+    crate::trainer::write_checkpoint(
+        dir,
+        st.step,
+        st,
+        &[
+            ("trainable.safetensors", trainable),
+            ("optimizer.safetensors", &moments),
+            ("best.safetensors", best),
+        ],
+    )
 }
 
 /// What `head_config.json` records beside the weights.

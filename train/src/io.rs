@@ -1,5 +1,6 @@
-//! Atomic file writes (temp file in the same folder, fsync, rename) and safetensors
-//! with the `format: pt` metadata that `transformers` and `peft` expect.
+//! Atomic file writes (temp file in the same folder, fsync, rename), safetensors
+//! with the `format: pt` metadata that `transformers` and `peft` expect, and named
+//! variables to and from tensor maps (what adapters, heads and checkpoints save).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -56,4 +57,44 @@ pub fn save_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Resul
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::format(path, format!("invalid JSON: {e}")))
+}
+
+/// f32 copies of named variables (a copy: `Var::set` writes in place, so a shared
+/// tensor would change under the caller).
+pub fn named_tensors(vars: &[(String, candle_core::Var)]) -> Result<HashMap<String, Tensor>> {
+    let mut m = HashMap::new();
+    for (k, v) in vars {
+        m.insert(
+            k.clone(),
+            v.as_tensor().to_dtype(candle_core::DType::F32)?.copy()?,
+        );
+    }
+    Ok(m)
+}
+
+/// Sets named variables from a map by name (a checkpoint, a saved model), checking
+/// that every name is there with the variable's shape; `what` names the map's owner
+/// in the error (`the adapter`, `the head`).
+pub fn restore_named(
+    vars: &[(String, candle_core::Var)],
+    tensors: &HashMap<String, Tensor>,
+    source: &Path,
+    what: &str,
+) -> Result<()> {
+    for (k, v) in vars {
+        let t = tensors.get(k).ok_or_else(|| crate::Error::Tensor {
+            name: k.clone(),
+            path: source.to_path_buf(),
+            message: format!("missing from {what}"),
+        })?;
+        if t.dims() != v.dims() {
+            return Err(crate::Error::Tensor {
+                name: k.clone(),
+                path: source.to_path_buf(),
+                message: format!("expected shape {:?}, found {:?}", v.dims(), t.dims()),
+            });
+        }
+        v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?)?;
+    }
+    Ok(())
 }

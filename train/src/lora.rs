@@ -235,12 +235,7 @@ impl Adapter {
 
     /// The weights as a map by PEFT key (f32).
     pub fn tensors(&self) -> Result<HashMap<String, Tensor>> {
-        let mut m = HashMap::new();
-        for (k, v) in &self.vars {
-            // A copy: `Var::set` writes in place, so a shared tensor would change under us.
-            m.insert(k.clone(), v.as_tensor().to_dtype(DType::F32)?.copy()?);
-        }
-        Ok(m)
+        crate::io::named_tensors(&self.vars)
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir`.
@@ -319,22 +314,7 @@ impl Adapter {
 
     /// Copies values from a map by PEFT key (a checkpoint), checking every key.
     pub fn restore(&self, tensors: &HashMap<String, Tensor>, source: &Path) -> Result<()> {
-        for (k, v) in &self.vars {
-            let t = tensors.get(k).ok_or_else(|| Error::Tensor {
-                name: k.clone(),
-                path: source.to_path_buf(),
-                message: "missing from the adapter".into(),
-            })?;
-            if t.dims() != v.dims() {
-                return Err(Error::Tensor {
-                    name: k.clone(),
-                    path: source.to_path_buf(),
-                    message: format!("expected shape {:?}, found {:?}", v.dims(), t.dims()),
-                });
-            }
-            v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?)?;
-        }
-        Ok(())
+        crate::io::restore_named(&self.vars, tensors, source, "the adapter")
     }
 }
 

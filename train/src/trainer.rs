@@ -526,48 +526,41 @@ fn keep(
     Ok(())
 }
 
-fn load_map(path: &Path) -> Result<HashMap<String, Tensor>> {
+/// Tensors of a checkpoint file, on the CPU.
+pub(crate) fn load_map(path: &Path) -> Result<HashMap<String, Tensor>> {
     candle_core::safetensors::load(path, &candle_core::Device::Cpu)
         .map_err(|e| Error::format(path, format!("cannot read checkpoint tensors: {e}")))
 }
 
-fn latest(dir: &Path) -> Result<Option<(State, PathBuf)>> {
+/// The state and folder of the checkpoint `LATEST` names in `dir`, if any.
+pub(crate) fn latest<S: serde::de::DeserializeOwned>(dir: &Path) -> Result<Option<(S, PathBuf)>> {
     let pointer = dir.join("LATEST");
     let Ok(name) = std::fs::read_to_string(&pointer) else {
         return Ok(None);
     };
     let path = dir.join(name.trim());
     let v = read_json(&path.join("state.json"))?;
-    let st: State = serde_json::from_value(v)
+    let st: S = serde_json::from_value(v)
         .map_err(|e| Error::format(path.join("state.json"), e.to_string()))?;
     Ok(Some((st, path)))
 }
 
-fn save_checkpoint(
+/// Writes checkpoint `step-NNNNNNN/` in `dir`: `files` (tensor maps by file name) and
+/// `state.json`, then names it in `LATEST` (atomically) and removes older folders.
+pub(crate) fn write_checkpoint<S: Serialize>(
     dir: &Path,
-    st: &State,
-    adapter: &Adapter,
-    opt: &AdamW,
-    best: &HashMap<String, Tensor>,
-    kept: &[Option<HashMap<String, Tensor>>],
+    step: u64,
+    state: &S,
+    files: &[(&str, &HashMap<String, Tensor>)],
 ) -> Result<()> {
-    let name = format!("step-{:07}", st.step);
+    let name = format!("step-{step:07}");
     let path = dir.join(&name);
-    save_safetensors(&path.join("adapter.safetensors"), &adapter.tensors()?)?;
-    let mut ostate = HashMap::new();
-    for (k, v) in opt.state()? {
-        ostate.insert(k, v);
-    }
-    save_safetensors(&path.join("optimizer.safetensors"), &ostate)?;
-    save_safetensors(&path.join("best.safetensors"), best)?;
-    for (i, k) in kept.iter().enumerate() {
-        if let Some(t) = k {
-            save_safetensors(&path.join(format!("kept-{i}.safetensors")), t)?;
-        }
+    for (file, tensors) in files {
+        save_safetensors(&path.join(file), tensors)?;
     }
     write_json(
         &path.join("state.json"),
-        &serde_json::to_value(st).expect("state serialises"),
+        &serde_json::to_value(state).expect("state serialises"),
     )?;
     write_atomic(&dir.join("LATEST"), name.as_bytes())?;
     for entry in std::fs::read_dir(dir)
@@ -579,8 +572,34 @@ fn save_checkpoint(
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
-    tracing::debug!(step = st.step, "checkpoint saved");
+    tracing::debug!(step, "checkpoint saved");
     Ok(())
+}
+
+fn save_checkpoint(
+    dir: &Path,
+    st: &State,
+    adapter: &Adapter,
+    opt: &AdamW,
+    best: &HashMap<String, Tensor>,
+    kept: &[Option<HashMap<String, Tensor>>],
+) -> Result<()> {
+    let trained = adapter.tensors()?;
+    let moments = opt.state()?;
+    let kept_names: Vec<String> = (0..kept.len())
+        .map(|i| format!("kept-{i}.safetensors"))
+        .collect();
+    let mut files: Vec<(&str, &HashMap<String, Tensor>)> = vec![
+        ("adapter.safetensors", &trained),
+        ("optimizer.safetensors", &moments),
+        ("best.safetensors", best),
+    ];
+    for (name, k) in kept_names.iter().zip(kept) {
+        if let Some(t) = k {
+            files.push((name.as_str(), t));
+        }
+    }
+    write_checkpoint(dir, st.step, st, &files)
 }
 
 /// Metrics as JSON lines.

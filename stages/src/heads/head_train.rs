@@ -25,7 +25,7 @@ use pipe_train::heads::{
     self, Head, HeadConfig, HeadKind, HeadTrainSettings, Objective, Padding, Pooling,
 };
 use pipe_train::lora::LoraConfig;
-use pipe_train::optim::{AdamWConfig, Decay};
+use pipe_train::optim::AdamWConfig;
 use pipe_train::trainer::Goal;
 use pipe_train::Rng;
 use serde::Deserialize;
@@ -35,31 +35,6 @@ use super::{DataSpec, Truncate};
 use crate::contract::{InputDecl, Outcome, OutputDecl, Signature, Stage, StageContext, StageError};
 use crate::model;
 use crate::params::{parse_params, ParamError};
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Schedule {
-    #[serde(default)]
-    warmup_steps: u64,
-    #[serde(default)]
-    warmup_ratio: f64,
-    #[serde(default = "cosine")]
-    decay: Decay,
-}
-
-fn cosine() -> Decay {
-    Decay::Cosine
-}
-
-impl Default for Schedule {
-    fn default() -> Self {
-        Schedule {
-            warmup_steps: 0,
-            warmup_ratio: 0.0,
-            decay: cosine(),
-        }
-    }
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,7 +82,7 @@ pub(crate) struct HeadTrainParams {
     #[serde(default)]
     head_lr: Option<f64>,
     #[serde(default)]
-    schedule: Schedule,
+    schedule: crate::params::Schedule,
     #[serde(default = "four")]
     batch_size: usize,
     #[serde(default = "one")]
@@ -503,11 +478,7 @@ impl Stage for HeadTrainStage {
             center: p.center,
             optimizer: p.optimizer.clone(),
             head_lr: p.head_lr,
-            warmup_steps: if p.schedule.warmup_steps > 0 {
-                p.schedule.warmup_steps
-            } else {
-                (p.schedule.warmup_ratio * steps as f64).ceil() as u64
-            },
+            warmup_steps: p.schedule.warmup(steps),
             decay: p.schedule.decay,
             batch_size: p.batch_size,
             grad_accum: p.grad_accum,

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use pipe_train::data::{Formatter, LossMask, Record};
 use pipe_train::lora::LoraConfig;
-use pipe_train::optim::{AdamWConfig, Decay};
+use pipe_train::optim::AdamWConfig;
 use pipe_train::trainer::{self, Observer, StepMetrics, TrainSettings};
 use pipe_train::Rng;
 use serde::Deserialize;
@@ -20,32 +20,6 @@ use serde_json::{json, Value};
 use crate::contract::{InputDecl, Outcome, OutputDecl, Signature, Stage, StageContext, StageError};
 use crate::model;
 use crate::params::{parse_params, ParamError};
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Schedule {
-    #[serde(default)]
-    warmup_steps: u64,
-    /// Warmup as a share of the steps (used when `warmup_steps` is 0), e.g. 0.03.
-    #[serde(default)]
-    warmup_ratio: f64,
-    #[serde(default = "default_decay")]
-    decay: Decay,
-}
-
-fn default_decay() -> Decay {
-    Decay::Cosine
-}
-
-impl Default for Schedule {
-    fn default() -> Self {
-        Schedule {
-            warmup_steps: 0,
-            warmup_ratio: 0.0,
-            decay: default_decay(),
-        }
-    }
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,7 +34,7 @@ struct SftParams {
     #[serde(default)]
     optimizer: AdamWConfig,
     #[serde(default)]
-    schedule: Schedule,
+    schedule: crate::params::Schedule,
     #[serde(default = "default_batch")]
     batch_size: usize,
     #[serde(default = "one")]
@@ -608,11 +582,7 @@ impl Stage for SftStage {
             .unwrap_or(0);
         let settings = TrainSettings {
             optimizer: p.optimizer.clone(),
-            warmup_steps: if p.schedule.warmup_steps > 0 {
-                p.schedule.warmup_steps
-            } else {
-                (p.schedule.warmup_ratio * steps as f64).ceil() as u64
-            },
+            warmup_steps: p.schedule.warmup(steps),
             decay: p.schedule.decay,
             batch_size: p.batch_size,
             grad_accum: p.grad_accum,

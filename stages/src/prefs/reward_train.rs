@@ -699,35 +699,9 @@ impl Stage for RewardTrainStage {
         };
         let mut history = String::new();
         let mut last_eval = BTreeMap::new();
-        let evaluate = |w: &[f32]| -> BTreeMap<&'static str, f64> {
-            let (mut right, mut margin, mut scores, mut labels) =
-                (0usize, 0.0, Vec::new(), Vec::new());
-            for &i in eval_idx {
-                let (c, r) = pair_ix[i];
-                let (rc, rr) = (reward(w, c), reward(w, r));
-                if rc > rr {
-                    right += 1;
-                }
-                margin += rc - rr;
-                scores.extend([rc, rr]);
-                labels.extend([true, false]);
-            }
-            let adv_right = adversarial
-                .iter()
-                .filter(|(_, orig, gamed)| reward(w, *orig) > reward(w, *gamed))
-                .count();
-            let mut m = BTreeMap::new();
-            m.insert("eval_accuracy", right as f64 / eval_idx.len() as f64);
-            m.insert("eval_roc_auc", roc_auc(&scores, &labels).unwrap_or(0.5));
-            m.insert("eval_mean_margin", margin / eval_idx.len() as f64);
-            if !adversarial.is_empty() {
-                m.insert(
-                    "adversarial_accuracy",
-                    adv_right as f64 / adversarial.len() as f64,
-                );
-            }
-            m
-        };
+        let eval_pairs: Vec<(usize, usize)> = eval_idx.iter().map(|&i| pair_ix[i]).collect();
+        let adv_pairs: Vec<(usize, usize)> = adversarial.iter().map(|(_, o, g)| (*o, *g)).collect();
+        let evaluate = |w: &[f32]| ranking_metrics(&|k| reward(w, k), &eval_pairs, &adv_pairs);
         let settings = pipe_train::reward::HeadSettings {
             lr: p.lr,
             weight_decay: p.weight_decay,
