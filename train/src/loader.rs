@@ -204,6 +204,15 @@ impl Loaded {
         eos.dedup();
         eos
     }
+
+    /// The padding id batches use: the tokenizer's end token, else the config's first
+    /// EOS id, else 0 (padding is masked, so any id works; this one is a real token).
+    pub fn pad_id(&self) -> u32 {
+        self.tokenizer
+            .eos_id()
+            .or(self.config.eos_ids().first().copied())
+            .unwrap_or(0)
+    }
 }
 
 /// A loaded model with everything a stage needs.

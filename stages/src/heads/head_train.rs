@@ -430,11 +430,7 @@ impl Stage for HeadTrainStage {
         } else {
             1
         };
-        let pad_id = loaded
-            .tokenizer
-            .eos_id()
-            .or(loaded.config.eos_ids().first().copied())
-            .unwrap_or(0);
+        let pad_id = loaded.pad_id();
         let adapter = match &p.lora {
             Some(cfg) => Some(
                 pipe_train::lora::attach(&mut loaded.model, cfg, &mut Rng::new(p.seed).fork(0x10A))
@@ -622,7 +618,7 @@ impl Stage for HeadTrainStage {
                 metrics.insert(k, v);
             }
         }
-        if let Some(Value::Object(o)) = Some(kept_json(initial)) {
+        if let Value::Object(o) = kept_json(initial) {
             if let Some(v) = o.get(keep_best.0.as_str()) {
                 metrics.insert(format!("initial_{}", keep_best.0), v.clone());
             }

@@ -575,11 +575,7 @@ impl Stage for SftStage {
                 p.grad_accum,
             )
         });
-        let pad_id = loaded
-            .tokenizer
-            .eos_id()
-            .or(loaded.config.eos_ids().first().copied())
-            .unwrap_or(0);
+        let pad_id = loaded.pad_id();
         let settings = TrainSettings {
             optimizer: p.optimizer.clone(),
             warmup_steps: p.schedule.warmup(steps),

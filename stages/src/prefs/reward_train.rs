@@ -337,11 +337,7 @@ fn train_with_lora(
         .chain(adversarial)
         .map(|&(c, r)| unit(c, r, pens[c] - pens[r]))
         .collect();
-    let pad_id = loaded
-        .tokenizer
-        .eos_id()
-        .or(loaded.config.eos_ids().first().copied())
-        .unwrap_or(0);
+    let pad_id = loaded.pad_id();
     struct Obs<'a> {
         ctx: &'a StageContext,
         pens: &'a [f64],
